@@ -1,0 +1,16 @@
+# The two commands a newcomer needs:  make demo   (the main job)   and   make test
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: setup demo test
+setup: $(VENV)/.installed
+$(VENV)/.installed: setup.py requirements.txt scripts/setup-env.sh
+	bash scripts/setup-env.sh $(VENV)
+	touch $@
+
+demo: setup
+	$(VENV)/bin/b2t-demo $(DEMO_ARGS)
+
+test: setup
+	$(PY) -m pytest -ra tests $(PYTEST_ARGS)

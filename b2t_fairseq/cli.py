@@ -1,0 +1,79 @@
+"""Console commands: fairseq's own, with the plugin loaded.
+
+``b2t-train ARGS`` is ``fairseq-train --user-dir <this package> ARGS``, and so on for generate,
+interactive, validate and hydra-train. The plugin directory is passed as ``--user-dir`` (not just
+imported) so that fairseq records it and spawned workers load it too. Errors the plugin raises
+for bad flags are printed as one line, not a traceback.
+"""
+
+import os
+import sys
+
+PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _with_user_dir(argv, hydra=False):
+    """Return argv with the plugin's --user-dir; another copy of b2t_fairseq given there is replaced."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        value = None
+        if a == "--user-dir" and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        elif a.startswith("--user-dir="):
+            value, i = a.split("=", 1)[1], i + 1
+        elif hydra and a.startswith("common.user_dir="):
+            value, i = a.split("=", 1)[1], i + 1
+        else:
+            out.append(a)
+            i += 1
+            continue
+        if os.path.basename(os.path.normpath(value)) != "b2t_fairseq":
+            raise SystemExit(f"error: --user-dir {value}: the b2t commands load the b2t_fairseq plugin themselves and "
+                             "fairseq takes one --user-dir; use fairseq-train for other plugins")
+        if os.path.realpath(value) != os.path.realpath(PLUGIN_DIR):
+            print(f"b2t: note: using the installed plugin {PLUGIN_DIR}, not --user-dir {value}", file=sys.stderr)
+    return (["common.user_dir=" + PLUGIN_DIR] if hydra else ["--user-dir", PLUGIN_DIR]) + out
+
+
+def run_fairseq(main, argv=None, hydra=False, prog=None):
+    """Run a fairseq entry point with the plugin; turn the plugin's config errors into one line."""
+    from . import errors
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or os.path.basename(sys.argv[0])
+    if not hydra:
+        errors.check_args_before_fairseq(argv, prog)
+    sys.argv = [prog] + _with_user_dir(argv, hydra=hydra)
+    with errors.one_line_errors(prog):
+        return main()
+
+
+def train(argv=None):
+    from fairseq_cli.train import cli_main
+
+    return run_fairseq(cli_main, argv, prog="b2t-train")
+
+
+def generate(argv=None):
+    from fairseq_cli.generate import cli_main
+
+    return run_fairseq(cli_main, argv, prog="b2t-generate")
+
+
+def interactive(argv=None):
+    from fairseq_cli.interactive import cli_main
+
+    return run_fairseq(cli_main, argv, prog="b2t-interactive")
+
+
+def validate(argv=None):
+    from fairseq_cli.validate import cli_main
+
+    return run_fairseq(cli_main, argv, prog="b2t-validate")
+
+
+def hydra_train(argv=None):
+    from fairseq_cli.hydra_train import cli_main
+
+    return run_fairseq(cli_main, argv, hydra=True, prog="b2t-hydra-train")
