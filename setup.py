@@ -16,6 +16,13 @@ setup(
             "b2t-interactive = b2t_fairseq.cli:interactive",
             "b2t-validate = b2t_fairseq.cli:validate",
             "b2t-hydra-train = b2t_fairseq.cli:hydra_train",
+            "b2t-demo = b2t_fairseq.demo:main",
+            "b2t-grad-norms = b2t_fairseq.grad_norms:main",
+            "b2t-bench = b2t_fairseq.bench:main",
+            "b2t-average-checkpoints = b2t_fairseq.average_checkpoints:main",
+            "b2t-wmt-prepare = b2t_fairseq.wmt.prepare:main",
+            "b2t-wmt-evaluate = b2t_fairseq.wmt.evaluate:main",
+            "b2t-results-table = b2t_fairseq.wmt.results_table:main",
         ],
     },
 )
