@@ -1,0 +1,218 @@
+"""Tatoeba English-German for the demo: find or download the zip, split, sentencepiece, binarize.
+
+Every step writes under a temporary name and renames when complete, so an interrupted run
+redoes at most the step it was in, and a finished step is reused by the next run. Nothing made
+here belongs in the repository (the corpus is CC BY 2.0 FR third-party data, see its NOTICE).
+
+Split: pairs are grouped by their English sentence (one English sentence may have several German
+translations); the groups are shuffled with a fixed seed and dealt to test, valid, then train, so
+no English sentence is in two splits. The joint sentencepiece model is learned on train only.
+"""
+
+import collections
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from .errors import B2TError
+
+DEFAULT_URL = "https://www.manythings.org/anki/deu-eng.zip"
+SPLITS = ("train", "valid", "test")
+LANGS = ("en", "de")
+
+
+def find_corpus(corpus=None, cache_dir=None, log=print):
+    """The zip to use: --corpus, else $B2T_TATOEBA_ZIP, else a download into cache_dir."""
+    path = corpus or os.environ.get("B2T_TATOEBA_ZIP")
+    if path:
+        if not Path(path).is_file():
+            source = "--corpus" if corpus else "B2T_TATOEBA_ZIP"
+            raise B2TError(f"Tatoeba corpus {path} (from {source}) does not exist; pass --corpus PATH/deu-eng.zip "
+                           "or set B2T_TATOEBA_ZIP to the zip from manythings.org/anki")
+        return Path(path)
+    return download(Path(cache_dir or "."), log=log)
+
+
+def download(cache_dir, log=print, timeout=15):
+    """Fetch the current deu-eng.zip (URL overridable with $B2T_TATOEBA_URL for tests and mirrors)."""
+    url = os.environ.get("B2T_TATOEBA_URL", DEFAULT_URL)
+    dest = cache_dir / "download" / "deu-eng.zip"
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {url} (no --corpus and no B2T_TATOEBA_ZIP given)")
+    part = dest.with_suffix(".zip.part")
+    try:
+        req = urllib.request.Request(url, headers={"User-Agent": "b2t-fairseq-demo/0.1"})
+        with urllib.request.urlopen(req, timeout=timeout) as r, open(part, "wb") as f:
+            shutil.copyfileobj(r, f)
+        zipfile.ZipFile(part).testzip()
+    except Exception as e:  # network down, HTTP error, not a zip: all the same fix
+        part.unlink(missing_ok=True)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise B2TError(f"could not download the Tatoeba corpus from {url} ({reason}); pass --corpus PATH/deu-eng.zip "
+                       "or set B2T_TATOEBA_ZIP to a local copy") from None
+    os.replace(part, dest)
+    return dest
+
+
+def read_pairs(zip_path):
+    """(english, german) pairs from the zip's deu.txt (later releases add a third attribution column)."""
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            name = next((n for n in z.namelist() if n.endswith("deu.txt")), None)
+            if name is None:
+                raise B2TError(f"{zip_path} has no deu.txt; pass the deu-eng.zip from manythings.org/anki")
+            text = io.TextIOWrapper(z.open(name), encoding="utf-8")
+            pairs = []
+            for line in text:
+                cols = line.rstrip("\n").split("\t")
+                if len(cols) >= 2 and cols[0].strip() and cols[1].strip():
+                    pairs.append((" ".join(cols[0].split()), " ".join(cols[1].split())))
+    except zipfile.BadZipFile:
+        raise B2TError(f"{zip_path} is not a zip file; pass the deu-eng.zip from manythings.org/anki") from None
+    return pairs
+
+
+def split_pairs(pairs, n_valid, n_test, max_train=None, seed=1):
+    """Deal whole English-sentence groups to test, valid and train; deterministic for a given file."""
+    groups = collections.defaultdict(list)
+    for en, de in pairs:
+        groups[en].append((en, de))
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    out = {s: [] for s in SPLITS}
+    for key in keys:
+        split = "test" if len(out["test"]) < n_test else "valid" if len(out["valid"]) < n_valid else "train"
+        if split == "train" and max_train is not None and len(out["train"]) >= max_train:
+            break
+        out[split].extend(groups[key])
+    return out
+
+
+def file_digest(path, n=16):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:n]
+
+
+def _write_lines(path, lines):
+    with open(path, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line + "\n")
+
+
+def _step(final, make):
+    """Run make(tmp) into a temporary sibling of final, then rename it into place (once)."""
+    final = Path(final)
+    if final.exists():
+        return final
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    make(tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def _make_raw(pairs_by_split):
+    def make(tmp):
+        tmp.mkdir(parents=True)
+        for split, pairs in pairs_by_split.items():
+            _write_lines(tmp / f"{split}.en", (en for en, _ in pairs))
+            _write_lines(tmp / f"{split}.de", (de for _, de in pairs))
+    return make
+
+
+def _make_spm(raw, vocab_size, seed):
+    def make(tmp):
+        import sentencepiece as spm
+
+        tmp.mkdir(parents=True)
+        spm.SentencePieceTrainer.train(
+            input=[str(raw / "train.en"), str(raw / "train.de")], model_prefix=str(tmp / "spm"),
+            vocab_size=vocab_size, model_type="unigram", character_coverage=1.0,
+            input_sentence_size=200000, shuffle_input_sentence=True, seed_sentencepiece_size=200000,
+            num_threads=min(2, os.cpu_count() or 1), minloglevel=2,
+            # ids for fairseq's own symbols are not needed: fairseq builds its dictionary from pieces
+            bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1)
+        proc = spm.SentencePieceProcessor(model_file=str(tmp / "spm.model"))
+        for split in SPLITS:
+            for lang in LANGS:
+                with open(raw / f"{split}.{lang}", encoding="utf-8") as f:
+                    lines = [l.rstrip("\n") for l in f]
+                pieces = proc.encode(lines, out_type=str)
+                _write_lines(tmp / f"{split}.{lang}", (" ".join(p) for p in pieces))
+    return make
+
+
+def _make_bin(sp):
+    def make(tmp):
+        cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", "en", "--target-lang", "de",
+               "--trainpref", str(sp / "train"), "--validpref", str(sp / "valid"), "--testpref", str(sp / "test"),
+               "--destdir", str(tmp), "--joined-dictionary", "--workers", str(min(2, os.cpu_count() or 1))]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise B2TError(f"fairseq-preprocess failed ({p.stderr.strip().splitlines()[-1:]}); "
+                           f"delete {tmp.parent} and run again")
+    return make
+
+
+def unigram_xent_bits(sp):
+    """Cross-entropy (bits/token, eos counted) of valid.de under the add-one unigram model of train.de.
+
+    The level a model reaches by learning word frequencies only: a run whose valid nll_loss is not
+    below it has learned nothing from the source (the demo calls that diverged).
+    """
+    counts = collections.Counter()
+    with open(sp / "train.de", encoding="utf-8") as f:
+        for line in f:
+            counts.update(line.split() + ["</s>"])
+    total, vocab = sum(counts.values()), len(counts) + 1
+    bits, n = 0.0, 0
+    with open(sp / "valid.de", encoding="utf-8") as f:
+        for line in f:
+            for tok in line.split() + ["</s>"]:
+                bits -= math.log2((counts[tok] + 1) / (total + vocab))
+                n += 1
+    return bits / max(n, 1)
+
+
+def prepare(zip_path, cache_dir, *, vocab_size=4000, n_valid=1000, n_test=1000, max_train=None, seed=1,
+            log=print):
+    """Prepare (or reuse) the binarized corpus; returns the folder holding raw/, spm/, bin/, meta.json."""
+    digest = file_digest(zip_path)
+    tag = f"tatoeba-{digest}-v{vocab_size}-va{n_valid}-te{n_test}-tr{max_train or 'all'}-s{seed}"
+    root = Path(cache_dir) / tag
+    meta_path = root / "meta.json"
+    if meta_path.is_file():
+        log(f"data: reusing {root}")
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "raw").exists():
+        log(f"data: splitting {zip_path} (grouped by English sentence)")
+        _step(root / "raw", _make_raw(split_pairs(read_pairs(zip_path), n_valid, n_test, max_train, seed)))
+    if not (root / "spm").exists():
+        log(f"data: learning a joint sentencepiece vocabulary ({vocab_size}) on train")
+        _step(root / "spm", _make_spm(root / "raw", vocab_size, seed))
+    if not (root / "bin").exists():
+        log("data: binarizing with fairseq-preprocess --joined-dictionary")
+        _step(root / "bin", _make_bin(root / "spm"))
+    counts = {s: sum(1 for _ in open(root / "raw" / f"{s}.en", encoding="utf-8")) for s in SPLITS}
+    meta = {"zip": str(zip_path), "zip_sha256_16": digest, "pairs": counts, "vocab_size": vocab_size,
+            "seed": seed, "unigram_valid_xent_bits": unigram_xent_bits(root / "spm")}
+    tmp = meta_path.with_name("meta.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, meta_path)
+    return root
