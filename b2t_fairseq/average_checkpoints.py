@@ -1,0 +1,141 @@
+"""``b2t-average-checkpoints``: average the parameters of several fairseq checkpoints.
+
+The pip package of fairseq ships no ``scripts/average_checkpoints.py``; this is the project's own.
+Pick the inputs explicitly (``--inputs a.pt b.pt``) or from a folder: the last N epoch checkpoints
+(``checkpointE.pt``, ``--num-epoch-checkpoints N``) or the last N update checkpoints
+(``checkpoint_E_U.pt``, ``--num-update-checkpoints N``), optionally at or below ``--checkpoint-upper-bound``.
+Floating-point parameters are summed in float64 and divided by N, then stored in their own dtype;
+everything else (config, training state) comes from the newest input, as fairseq's script does.
+Checkpoints are read with torch's safe (weights_only) loader: importing b2t_fairseq allows the few
+globals that fairseq checkpoints pickle.
+"""
+
+import argparse
+import collections
+import os
+import re
+import sys
+
+import torch
+
+import b2t_fairseq  # noqa: F401  (safe globals for torch.load of fairseq checkpoints)
+from b2t_fairseq.errors import B2TError
+
+EPOCH_RE = re.compile(r"^checkpoint(\d+)\.pt$")
+UPDATE_RE = re.compile(r"^checkpoint_\d+_(\d+)\.pt$")
+
+
+def last_checkpoints(folder, n, by_update=False, upper_bound=None):
+    """Paths of the newest n epoch (or update) checkpoints in folder, newest first."""
+    if not os.path.isdir(folder):
+        raise B2TError(f"checkpoint folder {folder} does not exist; pass the --save-dir of a training run")
+    pattern = UPDATE_RE if by_update else EPOCH_RE
+    found = []
+    for name in os.listdir(folder):
+        m = pattern.match(name)
+        if m and (upper_bound is None or int(m.group(1)) <= upper_bound):
+            found.append((int(m.group(1)), os.path.join(folder, name)))
+    found.sort(reverse=True)
+    kind = "update" if by_update else "epoch"
+    if len(found) < n:
+        raise B2TError(f"{folder} has {len(found)} {kind} checkpoint(s), {n} needed; lower "
+                       f"--num-{kind}-checkpoints or train longer (or save more: --keep-last-epochs, "
+                       "--save-interval-updates)")
+    return [path for _, path in found[:n]]
+
+
+def load(path):
+    if not os.path.isfile(path):
+        raise B2TError(f"checkpoint {path} does not exist; check the path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, wrong magic, unpickling errors ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise B2TError(f"cannot read checkpoint {path} ({type(e).__name__}: {first[:200]}); it is truncated or "
+                       "corrupt: delete it and average other checkpoints") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise B2TError(f"{path} is not a fairseq checkpoint (no 'model' state dict); pass checkpoints written "
+                       "by b2t-train / fairseq-train")
+    return state
+
+
+def average(paths):
+    """The newest checkpoint's state with its 'model' replaced by the average over paths."""
+    sums, newest, keys = collections.OrderedDict(), None, None
+    for path in paths:
+        state = load(path)
+        params = state["model"]
+        if keys is None:
+            keys, newest = list(params), state
+        elif set(params) != set(keys):
+            diff = sorted(set(params) ^ set(keys))[:3]
+            raise B2TError(f"{path} has other parameters than {paths[0]} (e.g. {', '.join(diff)}); average "
+                           "checkpoints of one training run only")
+        for k, p in params.items():
+            if not torch.is_floating_point(p):
+                sums.setdefault(k, p)
+                continue
+            if k in sums and sums[k].shape != p.shape:
+                raise B2TError(f"{path}: parameter {k} has shape {tuple(p.shape)}, expected "
+                               f"{tuple(sums[k].shape)}; average checkpoints of one training run only")
+            sums[k] = sums[k] + p.double() if k in sums else p.double().clone()
+    n = len(paths)
+    out = collections.OrderedDict()
+    for k in keys:
+        p = newest["model"][k]
+        out[k] = (sums[k] / n).to(p.dtype) if torch.is_floating_point(p) else p
+    newest["model"] = out
+    return newest
+
+
+def save(state, output):
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = output + ".partial"
+    torch.save(state, tmp)
+    os.replace(tmp, output)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="b2t-average-checkpoints", description=__doc__.split("\n\n")[0])
+    p.add_argument("--inputs", nargs="+", required=True,
+                   help="checkpoint files, or one folder with --num-epoch/update-checkpoints")
+    p.add_argument("--output", required=True, help="where to write the averaged checkpoint")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--num-epoch-checkpoints", type=int, help="average the last N epoch checkpoints of the folder")
+    g.add_argument("--num-update-checkpoints", type=int, help="average the last N update checkpoints")
+    p.add_argument("--checkpoint-upper-bound", type=int,
+                   help="only checkpoints at or below this epoch (or update) number")
+    return p.parse_args(argv)
+
+
+def select_inputs(args):
+    n = args.num_epoch_checkpoints or args.num_update_checkpoints
+    if n is None:
+        if args.checkpoint_upper_bound is not None:
+            raise B2TError("--checkpoint-upper-bound needs --num-epoch-checkpoints or --num-update-checkpoints")
+        return args.inputs
+    if n < 1:
+        raise B2TError("--num-epoch/update-checkpoints must be >= 1")
+    if len(args.inputs) != 1:
+        raise B2TError("with --num-epoch/update-checkpoints give one folder as --inputs")
+    return last_checkpoints(args.inputs[0], n, by_update=args.num_update_checkpoints is not None,
+                            upper_bound=args.checkpoint_upper_bound)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        paths = select_inputs(args)
+        state = average(paths)
+        save(state, args.output)
+    except B2TError as e:
+        print(f"b2t-average-checkpoints: error: {e}", file=sys.stderr)
+        return 2
+    print(f"averaged {len(paths)} checkpoint(s) into {args.output}:")
+    for path in paths:
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

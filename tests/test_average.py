@@ -1,0 +1,84 @@
+"""b2t-average-checkpoints: selection of the last N checkpoints, the average itself, clear errors."""
+
+import argparse
+
+import pytest
+import torch
+
+from b2t_fairseq import average_checkpoints as avg
+from conftest import run
+
+
+def _ckpt(path, value, epoch=1, extra_key=False):
+    model = {"w": torch.full((2, 3), float(value)), "h": torch.full((2,), float(value)).half(),
+             "steps": torch.tensor([epoch])}
+    if extra_key:
+        model["other"] = torch.zeros(1)
+    # fairseq checkpoints pickle an argparse.Namespace: torch>=2.6's safe loader refuses it unless allowed
+    torch.save({"model": model, "args": argparse.Namespace(arch="transformer_b2t"), "extra_state": {"epoch": epoch},
+                "optimizer_history": [], "last_optimizer_state": None}, path)
+    return path
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    for e in range(1, 6):
+        _ckpt(tmp_path / f"checkpoint{e}.pt", e, epoch=e)
+        _ckpt(tmp_path / f"checkpoint_{e}_{e * 100}.pt", 10 * e, epoch=e)
+    _ckpt(tmp_path / "checkpoint_last.pt", 99, epoch=5)
+    _ckpt(tmp_path / "checkpoint_best.pt", 98, epoch=5)
+    return tmp_path
+
+
+def test_last_epoch_checkpoints_are_averaged(run_dir):
+    out = run_dir / "avg.pt"
+    p = run(["b2t-average-checkpoints", "--inputs", run_dir, "--num-epoch-checkpoints", "3", "--output", out])
+    assert "checkpoint5.pt" in p.stdout and "checkpoint3.pt" in p.stdout and "checkpoint2.pt" not in p.stdout
+    state = torch.load(out, weights_only=True)
+    assert torch.allclose(state["model"]["w"], torch.full((2, 3), 4.0))  # mean of 3, 4, 5
+    assert state["model"]["h"].dtype == torch.float16 and float(state["model"]["h"][0]) == 4.0
+    assert state["extra_state"]["epoch"] == 5  # the rest comes from the newest input
+    assert not (run_dir / "avg.pt.partial").exists()
+
+
+def test_update_checkpoints_and_upper_bound(run_dir):
+    paths = avg.last_checkpoints(str(run_dir), 2, by_update=True, upper_bound=300)
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["checkpoint_3_300.pt", "checkpoint_2_200.pt"]
+    state = avg.average(paths)
+    assert torch.allclose(state["model"]["w"], torch.full((2, 3), 25.0))
+
+
+def test_explicit_inputs(run_dir):
+    state = avg.average([str(run_dir / "checkpoint1.pt"), str(run_dir / "checkpoint2.pt")])
+    assert torch.allclose(state["model"]["w"], torch.full((2, 3), 1.5))
+
+
+def _main(args, capsys):
+    rc = avg.main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def test_too_few_checkpoints_is_one_line(run_dir, capsys):
+    rc, err = _main(["--inputs", run_dir, "--num-epoch-checkpoints", "10", "--output", run_dir / "o.pt"], capsys)
+    assert rc == 2
+    assert err.strip().count("\n") == 0 and "has 5 epoch checkpoint(s), 10 needed" in err
+
+
+def test_truncated_checkpoint_is_one_line(run_dir, capsys):
+    good = (run_dir / "checkpoint5.pt").read_bytes()
+    (run_dir / "checkpoint5.pt").write_bytes(good[: len(good) // 2])
+    rc, err = _main(["--inputs", run_dir, "--num-epoch-checkpoints", "2", "--output", run_dir / "o.pt"], capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert err.startswith("b2t-average-checkpoints: error: cannot read checkpoint") and "truncated" in err
+    assert err.strip().count("\n") == 0
+    assert not (run_dir / "o.pt").exists()
+
+
+def test_not_a_checkpoint_and_mismatched_runs(run_dir, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint\n")
+    with pytest.raises(avg.B2TError, match="truncated or corrupt"):
+        avg.average([str(junk)])
+    other = _ckpt(tmp_path / "other.pt", 1, extra_key=True)
+    with pytest.raises(avg.B2TError, match="other parameters"):
+        avg.average([str(run_dir / "checkpoint1.pt"), str(other)])
