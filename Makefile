@@ -2,6 +2,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 2
+# the demo's corpus: the shared Tatoeba copy when it is there (otherwise b2t-demo downloads it)
+SHARED_ZIP := $(abspath ../shared/data/tatoeba-deu-eng-2018-05-13/deu-eng.zip)
+ifneq ($(wildcard $(SHARED_ZIP)),)
+export B2T_TATOEBA_ZIP ?= $(SHARED_ZIP)
+endif
 
 .PHONY: setup demo test
 setup: $(VENV)/.installed

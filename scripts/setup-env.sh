@@ -25,7 +25,7 @@ if ! have torch; then
   # shellcheck disable=SC2086
   pip install -q $TORCH_SPEC
 fi
-pip install -q "numpy<2.4" "cython<3.2" ninja
+pip install -q numpy==2.3.5 Cython==3.1.8 ninja
 if ! have fairseq; then
   echo "[setup] building $FAIRSEQ_SPEC from source (about 2-3 minutes on 2 cores)"
   pip install -q --no-build-isolation "$FAIRSEQ_SPEC"
