@@ -139,3 +139,12 @@ def test_fp16_training_on_gpu(toy_data_bin, tmp_path, arch):
     p = run(["b2t-train", *args, "--fp16"])
     losses = train_losses(p.stdout + p.stderr)
     assert max(losses) == 20 and all(v == v for v in losses.values()) and losses[20] < losses[1]
+
+
+def test_checkpoints_load_under_weights_only_torch_once_the_plugin_is_imported(trained):
+    ckpt = trained["transformer_b2t_tiny"][0] / "checkpoint_last.pt"
+    load = f"import torch; s = torch.load(r'{ckpt}', map_location='cpu'); print(sorted(s)[:3])"
+    bare = run([sys.executable, "-c", load], check=False)
+    assert bare.returncode != 0 and "weights_only" in bare.stderr  # torch >= 2.6 refuses fairseq checkpoints
+    fixed = run([sys.executable, "-c", "import b2t_fairseq; " + load])
+    assert "cfg" in fixed.stdout or "args" in fixed.stdout
