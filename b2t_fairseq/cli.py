@@ -2,8 +2,9 @@
 
 ``b2t-train ARGS`` is ``fairseq-train --user-dir <this package> ARGS``, and so on for generate,
 interactive, validate and hydra-train. The plugin directory is passed as ``--user-dir`` (not just
-imported) so that fairseq records it and spawned workers load it too. Errors the plugin raises
-for bad flags are printed as one line, not a traceback.
+imported) so that fairseq records it and spawned workers load it too. Known failures (bad flags,
+missing data, broken checkpoints, an fp16 collapse: see errors.py) are printed as one line, not a
+traceback, and checkpoint copies are made atomic (safe_checkpoint.py).
 """
 
 import os
@@ -38,13 +39,14 @@ def _with_user_dir(argv, hydra=False):
 
 def run_fairseq(main, argv=None, hydra=False, prog=None):
     """Run a fairseq entry point with the plugin; turn the plugin's config errors into one line."""
-    from . import errors
+    from . import errors, safe_checkpoint
 
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or os.path.basename(sys.argv[0])
     if not hydra:
         errors.check_args_before_fairseq(argv, prog)
     sys.argv = [prog] + _with_user_dir(argv, hydra=hydra)
+    safe_checkpoint.install()
     with errors.one_line_errors(prog):
         return main()
 
@@ -70,6 +72,11 @@ def interactive(argv=None):
 def validate(argv=None):
     from fairseq_cli.validate import cli_main
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--task" or a.startswith("--task=") for a in argv):
+        # fairseq-validate has no default task and fails with "KeyError: None"; the plugin's
+        # models are translation models
+        argv = ["--task", "translation"] + argv
     return run_fairseq(cli_main, argv, prog="b2t-validate")
 
 
