@@ -1,0 +1,630 @@
+"""b2t-bench: what the B2T connection costs against stock fairseq, in speed and memory.
+
+Builds five models with identical sizes, seed and batches, each exactly as ``fairseq-train``
+would (fairseq's option parser, ``tasks.setup_task``, ``task.build_model``, ``Trainer``):
+
+    stock_post_ln   fairseq ``transformer`` (``--arch transformer_wmt_en_de``), Post-LN
+    stock_pre_ln    the same with ``--encoder-normalize-before --decoder-normalize-before``
+    plugin_post_ln  ``transformer_b2t --ln-position post``
+    plugin_pre_ln   ``transformer_b2t --ln-position pre``
+    plugin_b2t      ``transformer_b2t --ln-position b2t``
+
+and times complete updates through ``Trainer.train_step`` (forward, backward, gradient scaling,
+clipping, Adam step, lr schedule; ``--fp16`` on a GPU), interleaving the variants round by round
+so that machine drift hits all of them alike. Batches are synthetic but shaped like fairseq's:
+WMT-like sentence lengths, bucketed by ``fairseq.data.data_utils.batch_by_size`` under
+``--max-tokens``, left-padded sources, random (fixed) token ids.
+
+Reported per depth and variant: target tokens per second (median over rounds), its ratio to
+stock Post-LN, peak memory (CUDA: ``torch.cuda.max_memory_allocated`` over the variant's build
+and first updates, minus what the other variants hold; CPU: peak of live tensor bytes from the
+same start, from torch.profiler's allocator events) and the bytes autograd saves for backward.
+``--profile PATH`` also profiles one stock Post-LN update: kernel time against gaps, the largest
+kernels, and the achieved fraction of the device's measured matrix-multiply peak.
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
+PROG = "b2t-bench"
+
+VARIANTS = {
+    "stock_post_ln": ["--arch", "transformer_wmt_en_de"],
+    "stock_pre_ln": ["--arch", "transformer_wmt_en_de", "--encoder-normalize-before", "--decoder-normalize-before"],
+    "plugin_post_ln": ["--arch", "transformer_b2t", "--ln-position", "post"],
+    "plugin_pre_ln": ["--arch", "transformer_b2t", "--ln-position", "pre"],
+    "plugin_b2t": ["--arch", "transformer_b2t", "--ln-position", "b2t"],
+}
+BASELINE = "stock_post_ln"
+
+# width, FFN width, heads, vocabulary (joined dictionary, shared embeddings)
+SIZES = {
+    "quick": dict(dim=32, ffn=64, heads=2, vocab=256),
+    "cpu": dict(dim=128, ffn=512, heads=4, vocab=4000),
+    "paper": dict(dim=512, ffn=2048, heads=8, vocab=32768),  # transformer_wmt_en_de, 32k joint BPE
+}
+# per size: default --max-tokens, --rounds, --warmup, --batches (updates per round and variant)
+DEFAULTS = {
+    "quick": dict(max_tokens=[64], rounds=2, warmup=0, batches=1, layers=[2, 4]),
+    "cpu": dict(max_tokens=[512], rounds=7, warmup=1, batches=2, layers=[6, 18]),
+    "paper": dict(max_tokens=[3584, 8192, 32768], rounds=5, warmup=3, batches=4, layers=[6, 18]),
+}
+
+# sentence lengths in subword tokens, roughly those of WMT En-De with 32k BPE
+LEN_MEDIAN, LEN_SIGMA, LEN_MAX, TGT_RATIO = 24.0, 0.6, 250, 1.08
+
+MATMUL_KERNEL = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|matmul|Kernel2", re.I)
+
+
+class BenchError(Exception):
+    """Bad input; the message names the problem and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# building variants the way fairseq-train does
+
+
+def write_dictionary(folder, vocab):
+    """A joined dictionary of `vocab` entries (4 specials + words) as dict.src.txt / dict.tgt.txt."""
+    from fairseq.data import Dictionary
+
+    words = vocab - len(Dictionary())
+    if words < 4:
+        raise BenchError(f"vocabulary of {vocab} is too small; use at least 8")
+    text = "".join(f"w{i} {1000 + words - i}\n" for i in range(words))
+    for lang in ("src", "tgt"):
+        with open(os.path.join(folder, f"dict.{lang}.txt"), "w") as f:
+            f.write(text)
+    return folder
+
+
+def fairseq_argv(variant, data_dir, size, layers, max_tokens, device, dtype, seed=1, save_dir=None):
+    """The fairseq-train command line of one variant (the paper's optimizer and criterion)."""
+    s = SIZES[size] if isinstance(size, str) else size
+    argv = [data_dir, "--task", "translation", "--source-lang", "src", "--target-lang", "tgt",
+            "--user-dir", PLUGIN_DIR, *VARIANTS[variant], "--share-all-embeddings",
+            "--encoder-layers", layers, "--decoder-layers", layers,
+            "--encoder-embed-dim", s["dim"], "--decoder-embed-dim", s["dim"],
+            "--encoder-ffn-embed-dim", s["ffn"], "--decoder-ffn-embed-dim", s["ffn"],
+            "--encoder-attention-heads", s["heads"], "--decoder-attention-heads", s["heads"],
+            "--dropout", "0.3",
+            "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "0.1",
+            "--lr", "0.001", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000",
+            "--warmup-init-lr", "1e-07", "--weight-decay", "0.0",
+            "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+            "--max-tokens", max_tokens, "--seed", seed, "--distributed-world-size", "1",
+            "--no-progress-bar", "--save-dir", save_dir or os.path.join(data_dir, "checkpoints")]
+    if variant.startswith("plugin_"):
+        argv += ["--word-dropout-src", "0", "--word-dropout-tgt", "0"]
+    argv += ["--cpu"] if device == "cpu" else (["--fp16"] if dtype == "fp16" else [])
+    return [str(a) for a in argv]
+
+
+def build_trainer(argv):
+    """cfg, task, model, criterion and Trainer as fairseq_cli/train.py builds them."""
+    from fairseq import options, tasks, utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, input_args=argv)
+    cfg = convert_namespace_to_omegaconf(args)
+    utils.import_user_module(cfg.common)
+    np.random.seed(cfg.common.seed)
+    utils.set_torch_seed(cfg.common.seed)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    trainer = Trainer(cfg, task, model, criterion)
+    trainer.begin_epoch(1)
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic batches
+
+
+def sentence_lengths(n, rng):
+    src = np.clip(np.round(rng.lognormal(math.log(LEN_MEDIAN), LEN_SIGMA, n)), 2, LEN_MAX).astype(np.int64)
+    tgt = np.clip(np.round(src * rng.lognormal(math.log(TGT_RATIO), 0.15, n)), 2, LEN_MAX).astype(np.int64)
+    return src, tgt
+
+
+def make_batches(dictionary, max_tokens, n_batches, seed=1):
+    """`n_batches` fairseq-style batches (fixed for a seed): bucketed lengths, padding, random ids."""
+    from fairseq.data import data_utils
+
+    rng = np.random.RandomState(seed)
+    n = max(4000, 200 * max_tokens // int(LEN_MEDIAN))
+    src, tgt = sentence_lengths(n, rng)
+    order = rng.permutation(n).astype(np.int64)  # as LanguagePairDataset.ordered_indices
+    order = order[np.argsort(tgt[order], kind="mergesort")]
+    order = order[np.argsort(src[order], kind="mergesort")]
+    sizes = np.maximum(src, tgt)
+    order = order[sizes[order] <= max_tokens]  # a corpus for this --max-tokens holds no longer sentence
+    if len(order) < n // 2:
+        raise BenchError(f"--max-tokens {max_tokens} is shorter than most sentences; use at least {LEN_MAX}")
+    batches = data_utils.batch_by_size(order, lambda i: sizes[i], num_tokens_vec=sizes[order],
+                                       max_tokens=max_tokens, required_batch_size_multiple=8)
+    picked = rng.choice(len(batches), size=min(n_batches, len(batches)), replace=False)
+    return [collate(dictionary, src[batches[i]], tgt[batches[i]], rng) for i in picked]
+
+
+def collate(d, src_lens, tgt_lens, rng):
+    """One sample dict, as LanguagePairDataset's collater returns it."""
+    from fairseq.data import data_utils
+
+    def sent(n):
+        return torch.from_numpy(np.append(rng.randint(d.nspecial, len(d), n - 1), d.eos()).astype(np.int64))
+
+    src = [sent(n) for n in src_lens]
+    tgt = [sent(n) for n in tgt_lens]
+    return {
+        "id": torch.arange(len(src)),
+        "nsentences": len(src),
+        "ntokens": int(sum(tgt_lens)),
+        "net_input": {
+            "src_tokens": data_utils.collate_tokens(src, d.pad(), d.eos(), left_pad=True),
+            "src_lengths": torch.tensor(src_lens, dtype=torch.long),
+            "prev_output_tokens": data_utils.collate_tokens(tgt, d.pad(), d.eos(), move_eos_to_beginning=True),
+        },
+        "target": data_utils.collate_tokens(tgt, d.pad(), d.eos()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_updates(trainer, batches, device):
+    """Seconds for one update per batch (fairseq's Trainer.train_step, update_freq 1)."""
+    sync(device)
+    t0 = time.perf_counter()
+    for sample in batches:
+        trainer.train_step([sample])
+    sync(device)
+    return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def cuda_peaks():
+    """Collect torch.cuda.max_memory_allocated() each time fairseq's Trainer resets it (once per update)."""
+    peaks, real = [], torch.cuda.reset_peak_memory_stats
+
+    def reset(*a, **k):
+        peaks.append(torch.cuda.max_memory_allocated())
+        real(*a, **k)
+
+    torch.cuda.synchronize()
+    real()
+    torch.cuda.reset_peak_memory_stats = reset
+    try:
+        yield peaks
+    finally:
+        torch.cuda.reset_peak_memory_stats = real
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated())
+
+
+def peak_cpu_tensor_bytes(trace_file):
+    """Peak of the running sum of CPU allocations minus frees in a torch.profiler chrome trace."""
+    with open(trace_file) as f:
+        events = json.load(f)["traceEvents"]
+    mem = sorted((e["ts"], e["args"]["Bytes"]) for e in events
+                 if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0)
+    live = peak = 0
+    for _, nbytes in mem:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def build_and_measure_memory(argv, batches, device, workdir):
+    """Build one variant and run one update per batch; return (trainer, peak bytes it needed).
+
+    CUDA: max_memory_allocated over the build and the updates, minus what was allocated before
+    (the other variants). CPU: the peak of live tensor bytes over the same span, from the
+    allocator events torch.profiler records (the CPU analogue of max_memory_allocated).
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with cuda_peaks() as peaks:
+            trainer = build_trainer(argv)
+            run_updates(trainer, batches, device)
+        return trainer, max(peaks) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer = build_trainer(argv)
+        run_updates(trainer, batches, device)
+    trace = os.path.join(workdir, "mem-trace.json")
+    prof.export_chrome_trace(trace)
+    peak = peak_cpu_tensor_bytes(trace)
+    os.remove(trace)
+    return trainer, peak
+
+
+@contextlib.contextmanager
+def _quiet_profiler():
+    """The profiler warns once per free of a block allocated before it started; hide that noise."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def saved_activation_bytes(trainer, sample):
+    """Bytes of distinct non-parameter storages autograd saves for backward in one training forward."""
+    model, criterion = trainer.model, trainer.criterion
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    sample, _ = trainer._prepare_sample(sample)
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _, _ = criterion(model, sample)
+    del loss
+    trainer.zero_grad()
+    return sum(seen.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# one configuration: all variants at one depth and max-tokens, interleaved
+
+
+def bench_config(variants, size, layers, max_tokens, opts, device, dtype, workdir):
+    from fairseq.data import Dictionary
+
+    dictionary = Dictionary.load(os.path.join(workdir, "dict.src.txt"))
+    batches = make_batches(dictionary, max_tokens, opts.batches, seed=opts.seed)
+    ntokens = sum(b["ntokens"] for b in batches)
+    trainers, peak_mem, saved = {}, {}, {}
+    for v in variants:
+        argv = fairseq_argv(v, workdir, size, layers, max_tokens, device, dtype, opts.seed)
+        trainers[v], peak_mem[v] = build_and_measure_memory(argv, batches, device, workdir)
+        saved[v] = saved_activation_bytes(trainers[v], max(batches, key=lambda b: b["target"].numel()))
+    for v in variants:
+        for _ in range(opts.warmup):
+            run_updates(trainers[v], batches, device)
+    seconds = {v: [] for v in variants}
+    for r in range(opts.rounds):
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:  # rotate the start
+            seconds[v].append(run_updates(trainers[v], batches, device))
+        log(f"  {layers}L max-tokens {max_tokens}: round {r + 1}/{opts.rounds} done")
+    profile = None
+    if opts.profile and BASELINE in trainers and layers == opts.layers[0] and max_tokens == opts.max_tokens[0]:
+        profile = profile_update(trainers[BASELINE], batches, device, dtype, workdir)
+        profile.update(layers=layers, max_tokens=max_tokens, variant=BASELINE)
+    params = {v: sum(p.numel() for p in trainers[v].model.parameters()) for v in variants}
+    del trainers
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return records(variants, layers, max_tokens, ntokens, len(batches), seconds, peak_mem, saved, params), profile
+
+
+def records(variants, layers, max_tokens, ntokens, n_batches, seconds, peak_mem, saved, params):
+    tps = {v: [ntokens / s for s in seconds[v]] for v in variants}
+    base = BASELINE if BASELINE in variants else variants[0]
+    out = []
+    for v in variants:
+        med = statistics.median(tps[v])
+        paired = [a / b for a, b in zip(tps[v], tps[base])]
+        out.append({
+            "variant": v, "layers": layers, "max_tokens": max_tokens,
+            "tokens_per_s": med,
+            "ratio_to_stock_post_ln": med / statistics.median(tps[base]),
+            "paired_ratio_median": statistics.median(paired),
+            "paired_ratio_min": min(paired), "paired_ratio_max": max(paired),
+            "tokens_per_s_rounds": tps[v],
+            "ms_per_update": 1000 * statistics.median(seconds[v]) / n_batches,
+            "peak_mem_bytes": int(peak_mem[v]),
+            "mem_ratio_to_stock_post_ln": peak_mem[v] / peak_mem[base],
+            "saved_activation_bytes": int(saved[v]),
+            "saved_activation_ratio_to_stock_post_ln": saved[v] / saved[base],
+            "parameters": params[v],
+            "target_tokens_per_round": ntokens, "updates_per_round": n_batches,
+        })
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# profile of one update
+
+
+def matmul_peak_flops(device, dtype):
+    """Measured FLOP/s of a large square matrix product on this device (fp16 8192^3 on CUDA)."""
+    n, reps = (8192, 10) if device == "cuda" else (1024, 5)
+    dt = torch.float16 if dtype == "fp16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0), f"{n}x{n}x{n} {dt}"
+
+
+def count_flops(trainer, sample):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as fc:
+            trainer.train_step([sample])
+        return fc.get_total_flops()
+    except Exception as e:  # the count is a nicety; never let it sink the benchmark
+        log(f"  flop count failed: {e!r}")
+        return None
+
+
+def union_length(intervals, lo, hi):
+    total, end = 0.0, lo
+    for s, e in sorted(intervals):
+        s, e = max(s, end), min(e, hi)
+        if e > s:
+            total += e - s
+            end = e
+    return total
+
+
+def summarize_trace(trace_file, device, top=10):
+    with open(trace_file) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    mark = [e for e in events if e.get("name") == "b2t_bench_update"]
+    lo = min(e["ts"] for e in mark)
+    cpu_end = max(e["ts"] + e["dur"] for e in mark)
+    if device == "cuda":
+        work = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    else:  # leaf-level CPU ops: time inside aten operators, against Python and framework glue
+        work = [e for e in events if e.get("cat") == "cpu_op" and e["name"].startswith("aten::")]
+    hi = max([cpu_end] + [e["ts"] + e["dur"] for e in work])
+    busy = union_length([(e["ts"], e["ts"] + e["dur"]) for e in work], lo, hi)
+    by_name = {}
+    for e in work:
+        t = by_name.setdefault(e["name"], [0.0, 0])
+        t[0] += e["dur"]
+        t[1] += 1
+    # on CPU, aten ops nest (matmul -> mm): the union above handles that; the top list may double count
+    kernel_sum = sum(t for t, _ in by_name.values())
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    matmul = sum(t for name, (t, _) in by_name.items() if MATMUL_KERNEL.search(name) or name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"))
+    return {
+        "window_ms": (hi - lo) / 1000,
+        "busy_ms": busy / 1000,
+        "gap_ms": (hi - lo - busy) / 1000,
+        "busy_fraction": busy / (hi - lo),
+        "busy_what": "union of GPU kernels, memcpy, memset" if device == "cuda" else "union of aten operators",
+        "matmul_ms": matmul / 1000,
+        "matmul_share_of_work": matmul / kernel_sum if kernel_sum else None,
+        "kernel_count": sum(c for _, c in by_name.values()),
+        "top": [{"name": n[:160], "ms": t / 1000, "calls": c, "share_of_work": t / kernel_sum}
+                for n, (t, c) in ranked],
+    }
+
+
+def profile_update(trainer, batches, device, dtype, workdir):
+    """Where one update's time goes: kernels vs gaps, top kernels, achieved matrix throughput."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    sample = max(batches, key=lambda b: b["ntokens"])
+    walls = [run_updates(trainer, [sample], device) for _ in range(3)]
+    wall = statistics.median(walls)
+    flops = count_flops(trainer, sample)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with _quiet_profiler(), profile(activities=acts) as prof:
+        with record_function("b2t_bench_update"):
+            trainer.train_step([sample])
+        sync(device)
+    trace = os.path.join(workdir, "profile-trace.json")
+    prof.export_chrome_trace(trace)
+    summary = summarize_trace(trace, device)
+    os.remove(trace)
+    peak, peak_what = matmul_peak_flops(device, dtype)
+    achieved = flops / wall if flops else None
+    summary.update({
+        "device": device, "dtype": dtype, "target_tokens": sample["ntokens"],
+        "update_ms_unprofiled": 1000 * wall, "tokens_per_s_unprofiled": sample["ntokens"] / wall,
+        "flops_per_update": flops, "achieved_flops_per_s": achieved,
+        "matmul_peak_flops_per_s": peak, "matmul_peak_measured_on": peak_what,
+        "achieved_fraction_of_matmul_peak": achieved / peak if achieved else None,
+        "matmul_kernel_flops_per_s": flops / (summary["matmul_ms"] / 1000) if flops and summary["matmul_ms"] else None,
+    })
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def machine(device):
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    info["cpu_cores"] = os.cpu_count()
+    try:
+        import fairseq
+
+        info["fairseq"] = fairseq.__version__
+    except Exception:  # pragma: no cover
+        pass
+    return info
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch-size", choices=("cpu", "paper"), default=None,
+                   help="model sizes: cpu = 128/512/4 heads, 4k vocab (default on CPU); "
+                        "paper = transformer_wmt_en_de 512/2048/8 heads, 32k vocab (default on CUDA)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few updates: proves it runs (CI)")
+    p.add_argument("--layers", type=int, nargs="+", help="encoder = decoder depths (default 6 18)")
+    p.add_argument("--max-tokens", type=int, nargs="+", help="fairseq --max-tokens per batch (one run each)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--rounds", type=int, help="timed rounds (all variants, interleaved, per round)")
+    p.add_argument("--warmup", type=int, help="untimed rounds per variant before timing")
+    p.add_argument("--batches", type=int, help="updates (different batches) per round and variant")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "fp32", "fp16"), default="auto",
+                   help="fp16 = fairseq --fp16 (CUDA only); auto: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    p.add_argument("--profile", metavar="PATH",
+                   help="also profile one stock Post-LN update (first depth and max-tokens) and write its JSON")
+    return p.parse_args(argv)
+
+
+def settle(opts):
+    """Resolve device, dtype, sizes and defaults; refuse impossible combinations."""
+    cuda = torch.cuda.is_available()
+    if opts.device == "cuda" and not cuda:
+        raise BenchError("--device cuda: no CUDA device is visible; drop --device or run on a GPU machine")
+    opts.device = "cuda" if opts.device == "auto" and cuda else ("cpu" if opts.device == "auto" else opts.device)
+    if opts.dtype == "auto":
+        opts.dtype = "fp16" if opts.device == "cuda" else "fp32"
+    if opts.dtype == "fp16" and opts.device == "cpu":
+        raise BenchError("--dtype fp16 needs CUDA (fairseq --fp16 does not run on CPU); use --dtype fp32")
+    opts.size = "quick" if opts.quick else (opts.arch_size or ("paper" if opts.device == "cuda" else "cpu"))
+    for key, value in DEFAULTS[opts.size].items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
+    for key in ("rounds", "batches"):
+        if getattr(opts, key) < 1:
+            raise BenchError(f"--{key} must be at least 1")
+    if opts.warmup < 0 or min(opts.layers) < 1 or min(opts.max_tokens) < 1:
+        raise BenchError("--warmup, --layers and --max-tokens must be positive")
+    if len(set(opts.variants)) != len(opts.variants):
+        raise BenchError("--variants lists a variant twice; name each once")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    return opts
+
+
+def print_table(recs, device_desc):
+    print(f"\n{PROG}: {device_desc}")
+    head = f"{'layers':>6} {'max_tok':>7} {'variant':<15} {'tokens/s':>10} {'ratio':>6} {'paired':>6} " \
+           f"{'ms/upd':>8} {'peak MiB':>9} {'mem':>6} {'saved MiB':>9} {'saved':>6}"
+    print(head)
+    for r in recs:
+        print(f"{r['layers']:>6} {r['max_tokens']:>7} {r['variant']:<15} {r['tokens_per_s']:>10.0f} "
+              f"{r['ratio_to_stock_post_ln']:>6.3f} {r['paired_ratio_median']:>6.3f} {r['ms_per_update']:>8.1f} "
+              f"{r['peak_mem_bytes'] / 2**20:>9.1f} {r['mem_ratio_to_stock_post_ln']:>6.3f} "
+              f"{r['saved_activation_bytes'] / 2**20:>9.1f} {r['saved_activation_ratio_to_stock_post_ln']:>6.3f}")
+    for r in recs:
+        if r["variant"] == "plugin_b2t" and BASELINE in {x["variant"] for x in recs}:
+            ok_t = r["ratio_to_stock_post_ln"] >= 0.99
+            ok_m = r["mem_ratio_to_stock_post_ln"] <= 1.01
+            print(f"target {r['layers']}L max-tokens {r['max_tokens']}: B2T throughput "
+                  f"{r['ratio_to_stock_post_ln']:.3f}x (>= 0.99: {'met' if ok_t else 'MISSED'}), "
+                  f"peak memory {r['mem_ratio_to_stock_post_ln']:.3f}x (<= 1.01: {'met' if ok_m else 'MISSED'})")
+
+
+def quiet():
+    """fairseq's info logs and torch's deprecation warnings would bury the table."""
+    import warnings
+
+    for name in ("fairseq", "hydra"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*mismatched key_padding_mask and attn_mask.*")
+
+
+def run(opts):
+    quiet()
+    info = machine(opts.device)
+    desc = f"{info.get('gpu', info['cpu'])}, {opts.device} {opts.dtype}, {info['threads']} threads, " \
+           f"sizes {opts.size} {SIZES[opts.size]}"
+    log(f"{PROG}: {desc}")
+    recs, profile = [], None
+    with tempfile.TemporaryDirectory(prefix="b2t-bench-") as workdir:
+        write_dictionary(workdir, SIZES[opts.size]["vocab"])
+        for max_tokens in opts.max_tokens:
+            for layers in opts.layers:
+                new, prof = bench_config(opts.variants, opts.size, layers, max_tokens, opts, opts.device,
+                                         opts.dtype, workdir)
+                profile = profile or prof
+                for r in new:
+                    r.update(device=opts.device, dtype=opts.dtype, size=opts.size, **SIZES[opts.size],
+                             rounds=opts.rounds, warmup_rounds=opts.warmup,
+                             mem_measure="cuda_max_memory_allocated" if opts.device == "cuda"
+                             else "cpu_live_tensor_bytes_peak", machine=info)
+                recs += new
+    print_table(recs, desc)
+    if opts.json:
+        write_json(opts.json, recs)
+    if opts.profile and profile:
+        profile["machine"] = info
+        write_json(opts.profile, profile)
+        print_profile(profile)
+    return recs, profile
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+def print_profile(p):
+    frac = p["achieved_fraction_of_matmul_peak"]
+    print(f"\nprofile: one {p['variant']} update, {p['layers']}L, {p['target_tokens']} target tokens, "
+          f"{p['device']} {p['dtype']}: {p['update_ms_unprofiled']:.1f} ms unprofiled; "
+          f"{p['busy_what']} {p['busy_ms']:.1f} ms of a {p['window_ms']:.1f} ms window "
+          f"({100 * p['busy_fraction']:.0f}% busy, {p['gap_ms']:.1f} ms gaps); "
+          f"achieved {'%.1f%%' % (100 * frac) if frac is not None else 'n/a'} of the measured "
+          f"{p['matmul_peak_flops_per_s'] / 1e12:.2f} TFLOP/s matmul peak")
+    for t in p["top"][:5]:
+        print(f"  {t['ms']:8.2f} ms {t['calls']:5d}x  {t['name'][:90]}")
+
+
+def main(argv=None):
+    try:
+        opts = settle(parse_args(sys.argv[1:] if argv is None else argv))
+        run(opts)
+    except BenchError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
