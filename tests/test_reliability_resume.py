@@ -1,0 +1,148 @@
+"""A training run killed with SIGKILL resumes exactly; a kill while a checkpoint is written loses nothing.
+
+The kills are real SIGKILLs, placed deterministically by a ``sitecustomize`` module put on the
+PYTHONPATH of the training process only (see KILL_HOOK): after update N, or in the middle of
+writing a checkpoint file.
+"""
+
+import json
+import re
+import signal
+
+import pytest
+import torch
+
+from conftest import run
+
+KILL_HOOK = r'''
+import os, signal
+_at = int(os.environ.get("B2T_TEST_KILL_AT", "0"))
+_where = os.environ.get("B2T_TEST_KILL_IN", "step")
+
+def _half_then_die(data, f):
+    f.write(data[: len(data) // 2])
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if _at:
+    import io, shutil, torch
+    import fairseq.trainer
+    _updates = [0]
+    _step = fairseq.trainer.Trainer.train_step
+
+    def train_step(self, *a, **kw):
+        out = _step(self, *a, **kw)
+        _updates[0] = self.get_num_updates()
+        if _where == "step" and _updates[0] >= _at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    fairseq.trainer.Trainer.train_step = train_step
+    _copyfile = shutil.copyfile
+
+    def copyfile(src, dst, *a, **kw):  # "copy:NAME": die halfway through copying onto NAME (or NAME.tmp)
+        if _where.startswith("copy:") and _updates[0] >= _at and os.path.basename(dst).startswith(_where[5:]):
+            with open(src, "rb") as s, open(dst, "wb") as d:
+                _half_then_die(s.read(), d)
+        return _copyfile(src, dst, *a, **kw)
+
+    shutil.copyfile = copyfile
+    _save = torch.save
+
+    def save(obj, f, *a, **kw):  # "save": die halfway through torch.save of a checkpoint
+        if _where == "save" and _updates[0] >= _at:
+            buf = io.BytesIO()
+            _save(obj, buf, *a, **kw)
+            if hasattr(f, "write"):
+                _half_then_die(buf.getvalue(), f)
+            with open(f, "wb") as d:
+                _half_then_die(buf.getvalue(), d)
+        return _save(obj, f, *a, **kw)
+
+    torch.save = save
+'''
+
+# 400 toy pairs at --max-tokens 200: 16 updates an epoch; checkpoints every 5 updates
+TRAIN = ["--arch", "transformer_b2t_tiny", "--share-all-embeddings", "--optimizer", "adam", "--lr", "0.001",
+         "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--max-tokens", "200",
+         "--save-interval-updates", "5", "--seed", "1", "--num-workers", "0", "--log-format", "json",
+         "--log-interval", "1", "--no-progress-bar", "--cpu"]
+
+
+@pytest.fixture(scope="module")
+def kill_hook(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kill_hook")
+    (folder / "sitecustomize.py").write_text(KILL_HOOK)
+    return folder
+
+
+def train(data, save_dir, max_update, kill=None, hook=None, check=True):
+    env = {}
+    if kill:
+        env = {"PYTHONPATH": str(hook), "B2T_TEST_KILL_AT": str(kill[0]), "B2T_TEST_KILL_IN": kill[1]}
+    return run(["b2t-train", data, *TRAIN, "--max-update", max_update, "--save-dir", save_dir], check=check, env=env)
+
+
+def losses(log):
+    """{update: loss} from fairseq's json log (--log-interval 1)."""
+    out = {}
+    for line in log.splitlines():
+        if "train_inner" in line and "{" in line:
+            rec = json.loads(line[line.index("{"):])
+            out[int(rec["num_updates"])] = float(rec["loss"])
+    return out
+
+
+def loaded_from(log):
+    m = re.search(r"Loaded checkpoint (\S+) \(epoch (\d+) @ (\d+) updates\)", log)
+    return m and (m.group(1), int(m.group(2)), int(m.group(3)))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_killed(p):
+    assert p.returncode == -signal.SIGKILL, f"the kill hook did not fire:\n{p.stderr[-3000:]}"
+
+
+def test_sigkill_mid_epoch_then_same_command_resumes_exactly(toy_data_bin, tmp_path, kill_hook):
+    whole = train(toy_data_bin, tmp_path / "whole", 30)
+    killed = train(toy_data_bin, tmp_path / "run", 30, kill=(13, "step"), hook=kill_hook, check=False)
+    assert_killed(killed)
+    # killed right after update 13 (before fairseq logs it): epoch 1 has 16 updates, the last checkpoint is at 10
+    assert max(losses(killed.stderr)) == 12
+    resumed = train(toy_data_bin, tmp_path / "run", 30)
+
+    _, epoch, update = loaded_from(resumed.stderr)
+    assert (epoch, update) == (1, 10)
+    ref, got = losses(whole.stderr), losses(resumed.stderr)
+    assert sorted(got) == list(range(11, 31))  # mid-epoch: continues at update 11, not at an epoch start
+    worst = max(abs(got[u] - ref[u]) for u in got)
+    assert worst <= 1e-3, f"losses after resume differ by up to {worst} (log precision 1e-3)"
+    a, b = load(tmp_path / "whole/checkpoint_last.pt")["model"], load(tmp_path / "run/checkpoint_last.pt")["model"]
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert diff <= 1e-6, f"final weights differ by {diff}"  # measured: 0.0 (bitwise equal)
+
+
+def test_kill_while_copying_checkpoint_last_keeps_previous_one(toy_data_bin, tmp_path, kill_hook):
+    """fairseq copies the saved checkpoint onto checkpoint_last.pt; die halfway through that copy."""
+    save = tmp_path / "ck"
+    killed = train(toy_data_bin, save, 30, kill=(10, "copy:checkpoint_last.pt"), hook=kill_hook, check=False)
+    assert_killed(killed)
+    assert (save / "checkpoint_1_10.pt").exists()  # the kill came after update 10 was saved
+    state = load(save / "checkpoint_last.pt")  # without the atomic copy: a half file that cannot load
+    assert state["extra_state"]["train_iterator"]["iterations_in_epoch"] == 5
+    resumed = train(toy_data_bin, save, 12)
+    assert loaded_from(resumed.stderr)[2] == 5
+    assert sorted(losses(resumed.stderr)) == list(range(6, 13))
+
+
+def test_kill_while_saving_checkpoint_keeps_previous_ones(toy_data_bin, tmp_path, kill_hook):
+    """fairseq's own save writes NAME.tmp and renames it: a kill inside torch.save leaves the old files."""
+    save = tmp_path / "ck"
+    killed = train(toy_data_bin, save, 30, kill=(10, "save"), hook=kill_hook, check=False)
+    assert_killed(killed)
+    assert (save / "checkpoint_1_10.pt.tmp").exists() and not (save / "checkpoint_1_10.pt").exists()
+    for name in ("checkpoint_1_5.pt", "checkpoint_last.pt", "checkpoint_best.pt"):
+        assert load(save / name)["optimizer_history"][-1]["num_updates"] == 5, name
