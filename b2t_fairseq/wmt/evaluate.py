@@ -1,0 +1,169 @@
+"""``b2t-wmt-evaluate``: translate newstest2010-2016 with one checkpoint and score it, the paper's way.
+
+For every year: beam 4, length penalty 0.6 on newstest2014 and 1.0 on the other years, BPE removed,
+Moses-detokenized (sacremoses), then
+- SacreBLEU (13a tokenization, case-sensitive) against the raw references kept by the prepare step
+  (DATA/refs/newstestYYYY.de; no network), per year and averaged over 2010-2016, with its signature;
+- tokenized BLEU with compound splitting (the ``##AT##`` trick; multi-bleu.perl style, i.e. sacreBLEU
+  with tokenize='none') on the Moses-tokenized output against DATA/refs/newstestYYYY.tok.de.
+One JSON file per run; ``b2t-results-table`` puts them beside the paper's numbers.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import B2TError
+from . import TEST_YEAR, YEARS
+
+PROG = "b2t-wmt-evaluate"
+TOK_LABEL = "tokenized BLEU, Moses -a tokens, ##AT## compound splitting (multi-bleu style)"
+SACRE_LABEL = "SacreBLEU, 13a, case-sensitive, detokenized"
+
+
+def lenpen_for(year, lenpen_test=0.6, lenpen_other=1.0):
+    return lenpen_test if year == TEST_YEAR else lenpen_other
+
+
+def generate(data, checkpoint, subset, lenpen, args, workdir):
+    """fairseq generation of one subset in this process; returns the tokenized hypotheses in input order."""
+    from fairseq import options
+    from fairseq_cli.generate import main as generate_main
+
+    from ..cli import PLUGIN_DIR
+
+    out = Path(workdir) / subset
+    argv = [str(data), "--user-dir", PLUGIN_DIR, "--path", str(checkpoint), "--gen-subset", subset,
+            "--beam", str(args.beam), "--lenpen", str(lenpen), "--remove-bpe", "--max-tokens", str(args.max_tokens),
+            "--results-path", str(out), "--source-lang", "en", "--target-lang", "de", "--seed", "1",
+            # fairseq-fixed (upstream main) drops the last batch when its size is not a multiple of
+            # --required-batch-size-multiple (default 8): up to 7 test sentences would go untranslated
+            "--required-batch-size-multiple", "1"]
+    argv += ["--cpu"] if args.cpu else (["--fp16"] if args.fp16 else [])
+    argv += shlex.split(args.generate_args or "")
+    parser = options.get_generation_parser()
+    gen_args = options.parse_args_and_arch(parser, argv)
+    generate_main(gen_args)
+    hyps = {}
+    with open(out / f"generate-{subset}.txt", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("H-"):
+                head, _score, *text = line.rstrip("\n").split("\t")
+                hyps[int(head[2:])] = text[0] if text else ""
+    return [hyps[i] for i in sorted(hyps)]
+
+
+def read_refs(data, year):
+    refs = Path(data) / "refs"
+    try:
+        raw = (refs / f"newstest{year}.de").read_text(encoding="utf-8").split("\n")[:-1]
+        tok = (refs / f"newstest{year}.tok.de").read_text(encoding="utf-8").split("\n")[:-1]
+    except FileNotFoundError as e:
+        raise B2TError(f"reference {e.filename} is missing; run b2t-wmt-prepare (it keeps the references in "
+                       "DATA/refs) or pass the right --data") from None
+    return raw, tok
+
+
+def score_year(hyps_tok, refs_raw, refs_tok):
+    """(sacreBLEU score object, tokenized compound-split BLEU score object)."""
+    from sacrebleu.metrics import BLEU
+
+    from .text import compound_split, detokenize_line
+
+    detok = [detokenize_line(h, "de") for h in hyps_tok]
+    sacre = BLEU(tokenize="13a")
+    s = sacre.corpus_score(detok, [refs_raw])
+    t = BLEU(tokenize="none", force=True).corpus_score([compound_split(h) for h in hyps_tok],
+                                                     [[compound_split(r) for r in refs_tok]])
+    return s, t, sacre.get_signature(), detok
+
+
+def evaluate(args):
+    data, ckpt = Path(args.data), Path(args.checkpoint)
+    if not ckpt.is_file():
+        raise B2TError(f"checkpoint {ckpt} does not exist; train first or pass --checkpoint")
+    subsets_file = data / "subsets.json"
+    if not subsets_file.exists():
+        raise B2TError(f"{subsets_file} is missing; --data must be a folder written by b2t-wmt-prepare")
+    subsets = {int(y): s for y, s in json.loads(subsets_file.read_text()).items()}
+    years = args.years or list(YEARS)
+    result = {"name": args.name or ckpt.parent.name, "checkpoint": str(ckpt), "data": str(data),
+              "generate_args": args.generate_args or "",
+              "generation": {"beam": args.beam, "lenpen": {str(y): lenpen_for(y, args.lenpen_test, args.lenpen_other)
+                                                           for y in years}, "remove_bpe": "subword_nmt (@@ )",
+                             "detokenizer": "sacremoses MosesDetokenizer(de)"},
+              "labels": {"sacrebleu": SACRE_LABEL, "tok_bleu": TOK_LABEL}, "years": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for year in years:
+            if year not in subsets:
+                raise B2TError(f"newstest{year} is not in {subsets_file}; choose --years from {sorted(subsets)}")
+            lp = lenpen_for(year, args.lenpen_test, args.lenpen_other)
+            hyps = generate(data, ckpt, subsets[year], lp, args, tmp)
+            refs_raw, refs_tok = read_refs(data, year)
+            if len(hyps) != len(refs_raw) or len(refs_raw) != len(refs_tok):
+                raise B2TError(f"newstest{year}: {len(hyps)} translations for {len(refs_raw)} references; the "
+                               "binarized data and DATA/refs disagree: run b2t-wmt-prepare again")
+            sacre, tok, signature, detok = score_year(hyps, refs_raw, refs_tok)
+            result["years"][str(year)] = {"subset": subsets[year], "lenpen": lp, "sentences": len(hyps),
+                                          "sacrebleu": round(sacre.score, 2), "tok_bleu": round(tok.score, 2)}
+            result["sacrebleu_signature"] = str(signature)
+            print(f"newstest{year} ({subsets[year]}, lenpen {lp}): SacreBLEU {sacre.score:.2f}  "
+                  f"tokenized+compound BLEU {tok.score:.2f}", flush=True)
+            if args.keep_outputs:
+                out = Path(args.keep_outputs)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / f"newstest{year}.tok.de").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+                (out / f"newstest{year}.de").write_text("".join(h + "\n" for h in detok), encoding="utf-8")
+    if set(YEARS) <= {int(y) for y in result["years"]}:
+        result["average_2010_2016"] = {k: round(sum(result["years"][str(y)][k] for y in YEARS) / len(YEARS), 2)
+                                       for k in ("sacrebleu", "tok_bleu")}
+        print(f"average 2010-2016: SacreBLEU {result['average_2010_2016']['sacrebleu']:.2f}  "
+              f"tokenized+compound BLEU {result['average_2010_2016']['tok_bleu']:.2f}")
+    print(f"SacreBLEU signature: {result.get('sacrebleu_signature')}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(out.name + ".partial")
+    tmp_out.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp_out, out)
+    return result
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="the folder b2t-wmt-prepare wrote (with refs/ and subsets.json)")
+    p.add_argument("--checkpoint", required=True, help="e.g. the output of b2t-average-checkpoints")
+    p.add_argument("--out", required=True, help="result JSON file")
+    p.add_argument("--name", help="run name in the table (default: the checkpoint's folder name)")
+    p.add_argument("--years", type=int, nargs="+", choices=YEARS)
+    p.add_argument("--beam", type=int, default=4)
+    p.add_argument("--lenpen-test", type=float, default=0.6, help=f"length penalty on newstest{TEST_YEAR}")
+    p.add_argument("--lenpen-other", type=float, default=1.0, help="length penalty on the other years")
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--generate-args", help="more fairseq generation flags, one string (e.g. '--max-len-b 50')")
+    p.add_argument("--keep-outputs", help="also write the translations (tokenized and detokenized) here")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.cpu and not args.fp16:
+        import torch
+
+        args.cpu = not torch.cuda.is_available()
+        args.fp16 = torch.cuda.is_available()
+    try:
+        evaluate(args)
+    except B2TError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

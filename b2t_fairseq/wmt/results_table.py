@@ -1,0 +1,88 @@
+"""``b2t-results-table RESULTS...``: every run's JSON (from b2t-wmt-evaluate) as markdown beside the paper.
+
+RESULTS are JSON files or folders holding them. The first table is SacreBLEU (the paper's metric) with
+the paper's 18L-18L rows (Takase et al. 2023, Table; reference section 3); the second is tokenized BLEU
+with compound splitting, which the paper does not report (labelled, for comparison with older papers).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import YEARS
+
+PROG = "b2t-results-table"
+# SacreBLEU, newstest2010..2016 and their average, 18L-18L (reference section 3)
+PAPER = (
+    ("paper: Pre-LN 18L", (24.07, 21.98, 22.40, 26.28, 27.36, 29.74, 34.16, 26.57)),
+    ("paper: B2T 18L (2022 code)", (24.62, 22.51, 22.86, 26.74, 28.48, 30.99, 34.93, 27.30)),
+    ("paper: B2T 18L (2023 code)", (25.27, 22.67, 23.49, 27.25, 28.25, 30.60, 35.09, 27.52)),
+    ("paper: Post-LN 18L", None),
+)
+
+
+def load_results(paths):
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.glob("*.json"))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise SystemExit(f"{PROG}: error: {p} does not exist; pass result JSON files or folders")
+    runs = []
+    for f in files:
+        try:
+            r = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SystemExit(f"{PROG}: error: {f} is not valid JSON ({e}); delete it or re-run the evaluation")
+        if isinstance(r, dict) and "years" in r:
+            runs.append(r)
+    return runs
+
+
+def _cell(x):
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _row(name, values):
+    return "| " + " | ".join([name] + [_cell(v) for v in values]) + " |"
+
+
+def run_values(run, key):
+    vals = [run["years"].get(str(y), {}).get(key) for y in YEARS]
+    avg = run.get("average_2010_2016", {}).get(key)
+    return vals + [avg]
+
+
+def render(runs, paper=True):
+    head = "| run | " + " | ".join(str(y) for y in YEARS) + " | avg |\n|" + "---|" * (len(YEARS) + 2)
+    out = ["### SacreBLEU (13a, case-sensitive, detokenized), newstest2010-2016", "", head]
+    if paper:
+        for name, vals in PAPER:
+            out.append(_row(name, vals) if vals else f"| {name} | " + " | ".join(["diverged"] * (len(YEARS) + 1)) + " |")
+    out += [_row(r["name"], run_values(r, "sacrebleu")) for r in runs]
+    sigs = sorted({r.get("sacrebleu_signature") for r in runs if r.get("sacrebleu_signature")})
+    if sigs:
+        out += ["", "SacreBLEU signature: " + "; ".join(f"`{s}`" for s in sigs)]
+    out += ["", "### Tokenized BLEU with compound splitting (##AT##), not reported in the paper", "", head]
+    out += [_row(r["name"], run_values(r, "tok_bleu")) for r in runs]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", help="result JSON files or folders")
+    p.add_argument("--out", help="also write the markdown here")
+    p.add_argument("--no-paper", action="store_true", help="leave out the paper's rows")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    text = render(load_results(args.results), paper=not args.no_paper)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
