@@ -1,0 +1,332 @@
+"""``b2t-grad-norms``: per-layer gradient norms of Post-LN, Pre-LN and B2T transformers.
+
+For each model (an architecture at fresh initialization, or a trained checkpoint) it runs
+forward and backward on K real batches in fp32 and records, for the encoder and the decoder:
+
+- per layer: the norm of the gradient of all the layer's parameters;
+- per sub-layer: self-attention, its LayerNorm, cross-attention, its LayerNorm, FFN, its LayerNorm;
+- the points the paper analyses inside a Post-LN layer: the gradient with respect to the input
+  of each LayerNorm (the residual sum before it) and its output, taken with hooks on the
+  layer's LayerNorm modules (the layer classes are not changed).
+
+The loss is fairseq's criterion divided by its sample size (what the trainer backpropagates);
+dropout is off (eval mode) so the numbers depend only on the weights and the batches. Each
+number is the mean over the K batches of the per-batch norm. Layers are listed lowest first.
+
+    b2t-grad-norms DATA-BIN --layers 18 --json gn.json --csv gn.csv --png gn.png
+    b2t-grad-norms DATA-BIN --checkpoint b2t=runs/b2t-18L/checkpoint_last.pt --json gn.json
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from .errors import B2TError, fail
+
+DEFAULT_ARCHS = ("post_ln", "pre_ln", "b2t")
+SUBLAYERS = {  # parameter-name prefix inside a layer -> sub-layer name
+    "self_attn_layer_norm": "self_attn_ln", "self_attn": "self_attn",
+    "encoder_attn_layer_norm": "cross_attn_ln", "encoder_attn": "cross_attn",
+    "fc1": "ffn", "fc2": "ffn", "final_layer_norm": "ffn_ln",
+}
+LN_MODULES = {"self_attn_layer_norm": "self_attn_ln", "encoder_attn_layer_norm": "cross_attn_ln",
+              "final_layer_norm": "ffn_ln"}
+LABELS = {"post_ln": "Post-LN", "pre_ln": "Pre-LN", "b2t": "B2T"}
+
+
+def set_threads():
+    """Use the machine's cores unless OMP_NUM_THREADS says otherwise."""
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+
+
+def _check_data(data):
+    if not (Path(data) / "dict.en.txt").is_file():
+        raise B2TError(f"{data} is not a fairseq data-bin folder (no dict.en.txt); pass the folder "
+                       "fairseq-preprocess wrote (b2t-demo keeps it under its cache folder, in bin/)")
+
+
+def build_fresh(data, arch, layers=None, model_args=(), seed=1):
+    """(task, model, criterion) for --arch at fresh initialization, parsed as b2t-train would."""
+    import torch
+    from fairseq import options, tasks
+
+    from . import cli  # noqa: F401  (registers the plugin)
+
+    argv = [str(data), "--arch", arch, "--share-all-embeddings", "--cpu", "--seed", str(seed),
+            "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+            "--source-lang", "en", "--target-lang", "de"]
+    if layers:
+        argv += ["--encoder-layers", str(layers), "--decoder-layers", str(layers)]
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, argv + list(model_args))
+    torch.manual_seed(seed)
+    task = tasks.setup_task(args)
+    return task, task.build_model(args), task.build_criterion(args)
+
+
+def load_checkpoint(path, data):
+    """(task, model, criterion) from a checkpoint trained with the plugin, reading batches from data."""
+    from fairseq import checkpoint_utils
+
+    from . import cli  # noqa: F401
+
+    if not Path(path).is_file():
+        raise B2TError(f"checkpoint {path} does not exist; pass a checkpoint_*.pt written by b2t-train")
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": str(data)})
+    return task, models[0], task.build_criterion(cfg.criterion)
+
+
+def batches(task, split, k, max_tokens, seed=1):
+    """K shuffled batches of split (the same ones for every model with the same data and seed)."""
+    task.load_dataset(split)
+    ds = task.dataset(split)
+    it = task.get_batch_iterator(ds, max_tokens=max_tokens, seed=seed, ignore_invalid_inputs=True)
+    out = []
+    for b in it.next_epoch_itr(shuffle=True):
+        out.append(b)
+        if len(out) == k:
+            break
+    if not out:
+        raise B2TError(f"no batches in split '{split}' of {task.cfg.data}; pick another --split")
+    return out
+
+
+def _layer_groups(stack):
+    """{layer index: {sub-layer: [params]}} for one stack."""
+    groups = []
+    for layer in stack.layers:
+        subs = {}
+        for name, p in layer.named_parameters():
+            key = next((v for k, v in SUBLAYERS.items() if name.startswith(k + ".")), "other")
+            subs.setdefault(key, []).append(p)
+        groups.append(subs)
+    return groups
+
+
+def _norm(tensors):
+    import torch
+
+    sq = sum(float(t.detach().double().pow(2).sum()) for t in tensors if t is not None)
+    return math.sqrt(sq) if math.isfinite(sq) else float("nan")
+
+
+def _ln_hooks(stack, side, store):
+    """Forward hooks on each layer's LayerNorms recording the gradient norm of their input and output."""
+    handles = []
+    for i, layer in enumerate(stack.layers):
+        for attr, short in LN_MODULES.items():
+            mod = getattr(layer, attr, None)
+            if mod is None:
+                continue
+
+            def hook(module, inputs, output, key=(side, i, short)):
+                for where, t in (("in", inputs[0]), ("out", output)):
+                    if t.requires_grad:
+                        t.register_hook(lambda g, k=key + (where,): store.setdefault(k, []).append(_norm([g])))
+
+            handles.append(mod.register_forward_hook(hook))
+    return handles
+
+
+def measure(model, criterion, batch_list):
+    """Gradient norms of one model over the batches (see the module docstring)."""
+    import torch
+
+    model.eval()  # dropout off; gradients still flow
+    stacks = {"encoder": model.encoder, "decoder": model.decoder}
+    groups = {side: _layer_groups(stack) for side, stack in stacks.items()}
+    per_batch = {side: [] for side in stacks}
+    points = {}
+    handles = [h for side, stack in stacks.items() for h in _ln_hooks(stack, side, points)]
+    try:
+        for batch in batch_list:
+            model.zero_grad(set_to_none=True)
+            loss, sample_size, _ = criterion(model, batch)
+            (loss / max(float(sample_size), 1.0)).backward()
+            for side in stacks:
+                per_batch[side].append([{k: _norm([p.grad for p in ps]) for k, ps in subs.items()} |
+                                        {"layer": _norm([p.grad for ps in subs.values() for p in ps])}
+                                        for subs in groups[side]])
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    out = {}
+    for side in stacks:
+        n_layers = len(groups[side])
+        subs = [{k: _mean(b[i][k] for b in per_batch[side]) for k in per_batch[side][0][i]} for i in range(n_layers)]
+        out[side] = [s.pop("layer") for s in subs]
+        out[f"{side}_sublayers"] = subs
+        out[f"{side}_ln_points"] = [
+            {f"{short}.{where}": _mean(points[(side, i, short, where)])
+             for short in LN_MODULES.values() for where in ("in", "out") if (side, i, short, where) in points}
+            for i in range(n_layers)]
+    return out
+
+
+def _mean(values):
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def run_models(data, specs, *, layers=None, model_args=(), k=4, max_tokens=2048, split="train", seed=1, log=print):
+    """specs: [(name, arch or None, checkpoint or None)] -> {name: results}."""
+    _check_data(data)
+    results = {}
+    for name, arch, ckpt in specs:
+        log(f"grad-norms: {name} ({ckpt or arch + ', fresh init'}) on {k} batches of {split}")
+        if ckpt:
+            task, model, crit = load_checkpoint(ckpt, data)
+        else:
+            task, model, crit = build_fresh(data, arch, layers, model_args, seed)
+        model = model.float()
+        res = measure(model, crit, batches(task, split, k, max_tokens, seed))
+        res.update({"source": str(ckpt) if ckpt else "fresh init", "arch": arch or getattr(model.cfg, "arch", None),
+                    "ln_position": getattr(model.cfg, "ln_position", None) if hasattr(model, "cfg") else None,
+                    "layers": {"encoder": len(model.encoder.layers), "decoder": len(model.decoder.layers)},
+                    "batches": k, "split": split})
+        results[name] = res
+    return results
+
+
+def bottom_top_ratio(norms, n=3):
+    """mean of the lowest n layers' norms / mean of the top n layers' norms."""
+    return _mean(norms[:n]) / _mean(norms[-n:])
+
+
+def write_json(results, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, path)
+
+
+def write_csv(results, path):
+    """One row a (model, stack, layer, quantity): layer = parameter gradient norm of the whole layer."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "stack", "layer", "quantity", "grad_norm"])
+        for name, res in results.items():
+            for side in ("encoder", "decoder"):
+                for i, v in enumerate(res[side]):
+                    w.writerow([name, side, i, "layer", v])
+                    for k, v2 in res[f"{side}_sublayers"][i].items():
+                        w.writerow([name, side, i, f"param:{k}", v2])
+                    for k, v2 in res[f"{side}_ln_points"][i].items():
+                        w.writerow([name, side, i, f"activation:{k}", v2])
+
+
+def plot(results, path, title=None):
+    """Three panels: encoder and decoder per-layer norms, and the LayerNorm points of the top decoder layer."""
+    import logging
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, side in zip(axes[:2], ("encoder", "decoder")):
+        for name, res in results.items():
+            ax.plot(range(1, len(res[side]) + 1), res[side], marker="o", ms=3, label=LABELS.get(name, name))
+        ax.set_yscale("log")
+        ax.set_xlabel(f"{side} layer (1 = lowest)")
+        ax.set_ylabel("gradient norm of the layer's parameters")
+        ax.set_title(side)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax = axes[2]
+    keys = [f"{s}.{w}" for s in LN_MODULES.values() for w in ("in", "out")]
+    width = 0.8 / max(len(results), 1)
+    for j, (name, res) in enumerate(results.items()):
+        top = res["decoder_ln_points"][-1]
+        ax.bar([i + j * width for i in range(len(keys))], [top.get(k, float("nan")) for k in keys], width,
+               label=LABELS.get(name, name))
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
+    ax.set_xticklabels([k.replace("_ln.", " LN ") for k in keys], rotation=30, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_title("top decoder layer: grad w.r.t. LN input (sum) / output")
+    ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_specs(args):
+    specs = []
+    for c in args.checkpoint or []:
+        name, _, path = c.rpartition("=")
+        specs.append((name or Path(path).parent.name, None, path))
+    if not specs or args.arch:
+        for a in args.arch or DEFAULT_ARCHS:
+            arch = a if a.startswith("transformer") else f"transformer_{a}_{args.size}"
+            name = a if not a.startswith("transformer") else a
+            specs.append((name, arch, None))
+    return specs
+
+
+def get_parser():
+    p = argparse.ArgumentParser(prog="b2t-grad-norms", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="fairseq data-bin folder with a joined dictionary (e.g. b2t-demo's cache .../bin)")
+    p.add_argument("--arch", action="append", metavar="ARCH",
+                   help="post_ln, pre_ln, b2t (-> transformer_<x>_<size>) or a full --arch name; repeatable "
+                        "(default: all three unless only --checkpoint is given)")
+    p.add_argument("--size", default="tiny", choices=("tiny", "18l", "base"),
+                   help="architecture family for the short names: tiny (width 64) or the paper's sizes")
+    p.add_argument("--checkpoint", action="append", metavar="[NAME=]PATH", help="a trained checkpoint; repeatable")
+    p.add_argument("--layers", type=int, help="encoder and decoder layers for fresh models (default: the arch's)")
+    p.add_argument("--model-args", default="", help="extra fairseq model flags for fresh models, one string, "
+                                                    "e.g. '--encoder-embed-dim 128 --decoder-embed-dim 128'")
+    p.add_argument("--batches", type=int, default=4, metavar="K", help="batches to average over (default 4)")
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--split", default="train")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", metavar="PATH", help="write {model: {encoder: [...], decoder: [...], ...}}")
+    p.add_argument("--csv", metavar="PATH")
+    p.add_argument("--png", metavar="PATH")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.size == "base":
+        args.size = ""
+    if not (args.json or args.csv or args.png):
+        fail("b2t-grad-norms", "nothing to write; pass --json PATH, --csv PATH and/or --png PATH")
+    set_threads()
+    try:
+        specs = [(n, a.rstrip("_") if a else a, c) for n, a, c in parse_specs(args)]
+        results = run_models(args.data, specs, layers=args.layers, model_args=args.model_args.split(),
+                             k=args.batches, max_tokens=args.max_tokens, split=args.split, seed=args.seed,
+                             log=lambda m: print(m, file=sys.stderr))
+    except B2TError as e:
+        fail("b2t-grad-norms", str(e))
+    if args.json:
+        write_json(results, args.json)
+    if args.csv:
+        write_csv(results, args.csv)
+    if args.png:
+        plot(results, args.png)
+    for name, res in results.items():
+        print(f"{name}: decoder lowest/top-3 grad-norm ratio {bottom_top_ratio(res['decoder']):.3g}, "
+              f"encoder {bottom_top_ratio(res['encoder']):.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
