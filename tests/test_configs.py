@@ -1,0 +1,109 @@
+"""configs/*.yaml agree with `scripts/train.sh --dry-run`, and one of them trains through fairseq-hydra-train."""
+
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from b2t_fairseq.wmt import train as recipe
+from conftest import REPO, run
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+SETTINGS = [(a, n) for a in recipe.ARCH_FAMILIES for n in (6, 18)]
+SECTION_NAME_FLAG = {"model": "--arch", "criterion": "--criterion", "optimizer": "--optimizer",
+                     "lr_scheduler": "--lr-scheduler", "task": "--task"}
+NOT_HYPERPARAMETERS = {"--save-dir", "--log-format", "--log-interval", "--log-file", "--task"}
+
+
+def yaml_flags(path):
+    """A hydra config as {fairseq flag: value} (True for switches)."""
+    flags = {}
+    for section, body in yaml.safe_load(Path(path).read_text()).items():
+        for key, value in body.items():
+            if key == "_name":
+                flags[SECTION_NAME_FLAG[section]] = str(value)
+                continue
+            if isinstance(value, list):
+                (value,) = value
+            flags["--" + key.replace("_", "-")] = value if isinstance(value, bool) else str(value)
+    flags.pop("--data", None)
+    return flags
+
+
+def dry_run_flags(cmd_line):
+    flags, words, i = {}, shlex.split(cmd_line), 0
+    words = words[words.index(next(w for w in words if w.startswith("--"))):]
+    while i < len(words):
+        if i + 1 < len(words) and not words[i + 1].startswith("--"):
+            flags[words[i]], i = words[i + 1], i + 2
+        else:
+            flags[words[i]], i = True, i + 1
+    return flags
+
+
+def _same(a, b):
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a.replace(" ", "") == b.replace(" ", "")
+
+
+def test_six_configs_exist():
+    assert sorted(p.stem for p in CONFIGS) == sorted(f"{a}_{n}l" for a, n in SETTINGS)
+
+
+@pytest.mark.parametrize("arch,layers", SETTINGS)
+def test_config_agrees_with_train_sh(arch, layers, capsys):
+    assert recipe.main([arch, str(layers), "--gpus", "8", "--max-tokens", "3584", "--dry-run"]) == 0
+    cli = {k: v for k, v in dry_run_flags(capsys.readouterr().out).items() if k not in NOT_HYPERPARAMETERS}
+    cfg = {k: v for k, v in yaml_flags(REPO / "configs" / f"{arch}_{layers}l.yaml").items()
+           if k not in NOT_HYPERPARAMETERS}
+    assert set(cfg) == set(cli), f"only in yaml: {set(cfg) - set(cli)}; only in train.sh: {set(cli) - set(cfg)}"
+    diff = {k: (cfg[k], cli[k]) for k in cfg if not _same(cfg[k], cli[k])}
+    assert not diff, f"configs/{arch}_{layers}l.yaml and train.sh disagree (yaml, train.sh): {diff}"
+    assert cli["--update-freq"] == "16" and cli["--distributed-world-size"] == "8"
+
+
+def test_the_comparison_can_fail(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "configs/transformer_b2t_18l.yaml").read_text().replace("warmup_updates: 4000",
+                                                                                  "warmup_updates: 8000"))
+    assert yaml_flags(bad)["--warmup-updates"] == "8000"
+    assert not _same(yaml_flags(bad)["--warmup-updates"], "4000")
+
+
+@pytest.fixture(scope="module")
+def hydra_run(toy_data_bin, tmp_path_factory):
+    save = tmp_path_factory.mktemp("hydra")
+    p = run(["fairseq-hydra-train", "--config-dir", REPO / "configs", "--config-name", "transformer_b2t_18l",
+             f"common.user_dir={REPO / 'b2t_fairseq'}", f"task.data={toy_data_bin}",
+             "model._name=transformer_b2t_tiny", "common.fp16=false", "common.cpu=true",
+             "distributed_training.distributed_world_size=1", "optimization.update_freq=[1]",
+             "optimization.max_update=3", "dataset.max_tokens=512", f"checkpoint.save_dir={save}",
+             "checkpoint.no_epoch_checkpoints=true", "common.log_interval=1"])
+    return save, p.stdout + p.stderr
+
+
+def test_hydra_config_trains_on_toy_data(hydra_run):
+    save, log = hydra_run
+    assert '"num_updates": "3"' in log or '"train_num_updates": "3"' in log
+    state = torch.load(save / "checkpoint_last.pt", weights_only=True)
+    model_cfg = state["cfg"]["model"]
+    assert model_cfg["_name"] == "transformer_b2t_tiny" and model_cfg["ln_position"] == "b2t"
+    assert state["cfg"]["optimization"]["max_update"] == 3 and state["cfg"]["criterion"]["label_smoothing"] == 0.1
+
+
+@pytest.mark.xfail(strict=True, reason="transformer_b2t.build_model gets a DictConfig under hydra; fairseq's "
+                   "TransformerConfig.from_namespace copies extra keys with vars(), which misses ln_position and "
+                   "word dropout on a DictConfig, so Post-LN layers are built (fix belongs in transformer_b2t.py)")
+def test_hydra_config_builds_b2t_layers(hydra_run):
+    import b2t_fairseq  # noqa: F401
+    from fairseq import checkpoint_utils
+
+    save, _ = hydra_run
+    models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task([str(save / "checkpoint_last.pt")])
+    assert type(models[0].encoder.layers[0]).__name__ == "B2TEncoderLayer"
