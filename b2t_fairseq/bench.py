@@ -25,6 +25,7 @@ kernels, and the achieved fraction of the device's measured matrix-multiply peak
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -61,7 +62,7 @@ SIZES = {
 DEFAULTS = {
     "quick": dict(max_tokens=[64], rounds=2, warmup=0, batches=1, layers=[2, 4]),
     "cpu": dict(max_tokens=[512], rounds=7, warmup=1, batches=2, layers=[6, 18]),
-    "paper": dict(max_tokens=[3584, 8192, 32768], rounds=5, warmup=3, batches=4, layers=[6, 18]),
+    "paper": dict(max_tokens=[3584, 8192, 32768], rounds=5, warmup=2, batches=3, layers=[6, 18]),
 }
 
 # sentence lengths in subword tokens, roughly those of WMT En-De with 32k BPE
@@ -319,11 +320,12 @@ def bench_config(variants, size, layers, max_tokens, opts, device, dtype, workdi
             seconds[v].append(run_updates(trainers[v], batches, device))
         log(f"  {layers}L max-tokens {max_tokens}: round {r + 1}/{opts.rounds} done")
     profile = None
-    if opts.profile and BASELINE in trainers and layers == opts.layers[0] and max_tokens == opts.max_tokens[0]:
+    if opts.profile and BASELINE in trainers and (layers, max_tokens) == (opts.profile_layers, opts.profile_max_tokens):
         profile = profile_update(trainers[BASELINE], batches, device, dtype, workdir)
         profile.update(layers=layers, max_tokens=max_tokens, variant=BASELINE)
     params = {v: sum(p.numel() for p in trainers[v].model.parameters()) for v in variants}
     del trainers
+    gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     return records(variants, layers, max_tokens, ntokens, len(batches), seconds, peak_mem, saved, params), profile
@@ -436,7 +438,7 @@ def profile_update(trainer, batches, device, dtype, workdir):
     from torch.profiler import ProfilerActivity, profile, record_function
 
     sample = max(batches, key=lambda b: b["ntokens"])
-    walls = [run_updates(trainer, [sample], device) for _ in range(3)]
+    walls = [run_updates(trainer, [sample], device) for _ in range(5)]
     wall = statistics.median(walls)
     flops = count_flops(trainer, sample)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -508,7 +510,10 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     p.add_argument("--profile", metavar="PATH",
-                   help="also profile one stock Post-LN update (first depth and max-tokens) and write its JSON")
+                   help="also profile one stock Post-LN update and write its JSON")
+    p.add_argument("--profile-layers", type=int, help="depth of the profiled update (default: the first --layers)")
+    p.add_argument("--profile-max-tokens", type=int,
+                   help="--max-tokens of the profiled update (default: the first --max-tokens)")
     return p.parse_args(argv)
 
 
@@ -533,6 +538,12 @@ def settle(opts):
         raise BenchError("--warmup, --layers and --max-tokens must be positive")
     if len(set(opts.variants)) != len(opts.variants):
         raise BenchError("--variants lists a variant twice; name each once")
+    opts.profile_layers = opts.profile_layers or opts.layers[0]
+    opts.profile_max_tokens = opts.profile_max_tokens or opts.max_tokens[0]
+    if opts.profile and (opts.profile_layers not in opts.layers or opts.profile_max_tokens not in opts.max_tokens):
+        raise BenchError("--profile-layers/--profile-max-tokens must be among --layers/--max-tokens")
+    if opts.profile and BASELINE not in opts.variants:
+        raise BenchError(f"--profile profiles {BASELINE}: add it to --variants")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     return opts
@@ -580,19 +591,19 @@ def run(opts):
             for layers in opts.layers:
                 new, prof = bench_config(opts.variants, opts.size, layers, max_tokens, opts, opts.device,
                                          opts.dtype, workdir)
-                profile = profile or prof
                 for r in new:
                     r.update(device=opts.device, dtype=opts.dtype, size=opts.size, **SIZES[opts.size],
                              rounds=opts.rounds, warmup_rounds=opts.warmup,
                              mem_measure="cuda_max_memory_allocated" if opts.device == "cuda"
                              else "cpu_live_tensor_bytes_peak", machine=info)
                 recs += new
+                if opts.json:  # after every configuration, so a run cut short keeps what it measured
+                    write_json(opts.json, recs)
+                if prof:
+                    profile = dict(prof, machine=info)
+                    write_json(opts.profile, profile)
     print_table(recs, desc)
-    if opts.json:
-        write_json(opts.json, recs)
-    if opts.profile and profile:
-        profile["machine"] = info
-        write_json(opts.profile, profile)
+    if profile:
         print_profile(profile)
     return recs, profile
 

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Every GPU check of b2t-fairseq in one short run (about 8 minutes on one H100):
+#   1. fp16 training smoke of each named architecture through b2t-train on a toy corpus
+#   2. b2t-bench at the paper's sizes (transformer_wmt_en_de, 32k vocabulary), max-tokens
+#      3584 / 8192 / 32768, 6 and 18 layers, all five variants interleaved, --fp16
+#   3. a profile of one stock fairseq Post-LN update (6 layers, max-tokens 8192): kernel time
+#      against gaps, the largest kernels, achieved fraction of the measured fp16 matmul peak
+# Results go to $OUT if set (the device tool), else results/gpu/: env.txt, train-smoke.tsv,
+# train-smoke.log, bench-gpu.json, bench-gpu.txt, profile-gpu.json (six files).
+#
+# Usage
+#   here (pip reaches PyPI):  scripts/gpu-checks.sh --fetch-wheels [DIR]   # default DIR: .whl
+#   on the GPU machine:       scripts/gpu-checks.sh
+# A GPU machine without fairseq installs it from the wheels in $B2T_WHEELS (default .whl, built
+# for CPython 3.12 by --fetch-wheels) into a scratch folder; nothing else is installed.
+# Environment: PYTHON (default python3), B2T_WHEELS, B2T_BENCH_ARGS (extra b2t-bench flags),
+# B2T_SKIP_SMOKE=1 / B2T_SKIP_BENCH=1 to run only part.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PY=${PYTHON:-python3}
+WHEELS=${B2T_WHEELS:-.whl}
+
+die() { echo "gpu-checks: error: $*" >&2; exit 2; }
+
+fetch_wheels() {  # run where pip reaches PyPI; the GPU machine reaches none
+    local dir=${1:-.whl} plat=()
+    for p in manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
+        plat+=(--platform "$p")
+    done
+    mkdir -p "$dir"
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        "${plat[@]}" -d "$dir" fairseq-fixed==0.12.3.1 hydra-core==1.3.2 omegaconf==2.3.0 bitarray==3.12.3
+    "$PY" -m pip wheel -q --no-deps -w "$dir" antlr4-python3-runtime==4.9.3  # source only on PyPI
+    ls -1 "$dir"
+    echo "gpu-checks: wheels in $dir; for the device tool, keep that folder inside the checkout, out of git" \
+         "(echo /.whl/ >> .git/info/exclude), and name it in carry"
+}
+
+if [[ ${1:-} == --fetch-wheels ]]; then
+    [[ -n ${PYTHON:-} || ! -x .venv/bin/python ]] || PY=.venv/bin/python  # any python with pip will do
+    fetch_wheels "${2:-.whl}"
+    exit 0
+fi
+[[ $# -eq 0 ]] || die "unknown argument '$1'; run without arguments on the GPU machine, or --fetch-wheels [DIR] here"
+
+RES=${OUT:-$REPO/results/gpu}
+mkdir -p "$RES"
+WORK=$(mktemp -d /tmp/b2t-gpu-checks.XXXXXX)
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+
+# --- environment ---------------------------------------------------------------------------
+if ! "$PY" -c 'import fairseq' 2>/dev/null; then
+    compgen -G "$WHEELS/*.whl" >/dev/null || die "fairseq is not installed and there are no wheels in $WHEELS; run 'scripts/gpu-checks.sh --fetch-wheels' where pip works, then carry that folder"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" "$WHEELS"/*.whl
+    export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # the plugin from this checkout
+"$PY" -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null || die "no CUDA device visible to $PY; run this on the GPU machine"
+{
+    date -u +%FT%TZ
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    "$PY" -c 'import sys, torch, fairseq; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "fairseq", fairseq.__version__)'
+    git -C "$REPO" log -1 --format='commit %h %s' 2>/dev/null || true
+} | tee "$RES/env.txt"
+
+status=0
+
+# --- 1. fp16 training smoke of each architecture ------------------------------------------------
+smoke() {
+    "$PY" - "$WORK/raw" <<'EOF'
+import random, sys, pathlib
+en = "the a cat dog house tree red blue big small runs sees eats".split()
+de = dict(zip(en, "der ein katze hund haus baum rot blau gross klein rennt sieht isst".split()))
+rng, out = random.Random(0), pathlib.Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
+for split, n in (("train", 2000), ("valid", 100)):
+    with open(out / f"{split}.en", "w") as fe, open(out / f"{split}.de", "w") as fd:
+        for _ in range(n):
+            s = [rng.choice(en) for _ in range(rng.randint(3, 12))]
+            fe.write(" ".join(s) + "\n"); fd.write(" ".join(de[w] for w in s) + "\n")
+EOF
+    "$PY" -m fairseq_cli.preprocess --source-lang en --target-lang de --trainpref "$WORK/raw/train" \
+        --validpref "$WORK/raw/valid" --destdir "$WORK/bin" --joined-dictionary --workers 4 >"$WORK/prep.log" 2>&1 \
+        || { cat "$WORK/prep.log"; return 1; }
+    local pids=() archs=()
+    for ln in b2t post_ln pre_ln; do
+        for suffix in "" _18l _tiny; do
+            arch=transformer_${ln}${suffix}
+            archs+=("$arch")
+            timeout 300 "$PY" -c 'import sys; from b2t_fairseq.cli import train; train(sys.argv[1:])' "$WORK/bin" \
+                --arch "$arch" --share-all-embeddings --fp16 --optimizer adam --adam-betas '(0.9, 0.98)' \
+                --clip-norm 0.1 --lr 0.0005 --lr-scheduler inverse_sqrt --warmup-updates 20 --warmup-init-lr 1e-07 \
+                --criterion label_smoothed_cross_entropy --label-smoothing 0.1 --max-tokens 1024 \
+                --max-update 60 --log-format simple --log-interval 10 --no-save --disable-validation \
+                --seed 1 --num-workers 0 >"$WORK/train-$arch.log" 2>&1 &
+            pids+=($!)
+        done
+    done
+    local rc ok=0
+    printf 'arch\texit\tfirst_loss\tlast_loss\tupdates\tfp16_loss_scale\n' >"$RES/train-smoke.tsv"
+    for i in "${!pids[@]}"; do
+        rc=0; wait "${pids[$i]}" || rc=$?
+        arch=${archs[$i]}
+        "$PY" - "$WORK/train-$arch.log" "$arch" "$rc" >>"$RES/train-smoke.tsv" <<'EOF'
+import math, re, sys
+log, arch, rc = open(sys.argv[1]).read(), sys.argv[2], sys.argv[3]
+losses = [float(x) for x in re.findall(r"(?<![a-z_])loss[ =]([0-9.]+|nan|inf)", log)]
+ups = re.findall(r"num_updates[ =](\d+)", log)
+scale = re.findall(r"(?<![a-z_])loss_scale[ =]([0-9.]+)", log)
+print("\t".join([arch, rc, f"{losses[0]:.3f}" if losses else "-", f"{losses[-1]:.3f}" if losses else "-",
+                 ups[-1] if ups else "-", scale[-1] if scale else "-"]))
+EOF
+        { echo "===== $arch (exit $rc)"; tail -n 25 "$WORK/train-$arch.log"; } >>"$RES/train-smoke.log"
+        [[ $rc -eq 0 ]] || ok=1
+    done
+    column -t "$RES/train-smoke.tsv" || cat "$RES/train-smoke.tsv"
+    # every run must finish its 60 updates with a finite loss, and all but the 18-layer ones
+    # (dropout 0.5, deep) with a lower loss than at update 10
+    "$PY" - "$RES/train-smoke.tsv" <<'EOF' || ok=1
+import math, sys
+bad = []
+for row in list(open(sys.argv[1]))[1:]:
+    arch, rc, first, last, ups, scale = row.rstrip("\n").split("\t")
+    finite = last != "-" and math.isfinite(float(last))
+    learned = finite and (arch.endswith("_18l") or float(last) < float(first))
+    if rc != "0" or ups != "60" or not learned:
+        bad.append(arch)
+if bad:
+    sys.exit("gpu-checks: training smoke failed for " + ", ".join(bad))
+EOF
+    return $ok
+}
+
+if [[ ${B2T_SKIP_SMOKE:-0} != 1 ]]; then
+    echo "== 1. fp16 training smoke (9 architectures, in parallel)"
+    smoke || status=1
+fi
+
+# --- 2 and 3. benchmark at the paper's sizes, and the profile ---------------------------------
+if [[ ${B2T_SKIP_BENCH:-0} != 1 ]]; then
+    echo "== 2. b2t-bench, paper sizes, fp16; 3. profile of one stock Post-LN update"
+    # shellcheck disable=SC2086
+    timeout 420 "$PY" -m b2t_fairseq.bench --arch-size paper --layers 6 18 --max-tokens 3584 8192 32768 \
+        --json "$RES/bench-gpu.json" --profile "$RES/profile-gpu.json" --profile-layers 6 --profile-max-tokens 8192 \
+        ${B2T_BENCH_ARGS:-} 2>"$WORK/bench.err" | tee "$RES/bench-gpu.txt" || { status=1; tail -n 40 "$WORK/bench.err"; }
+    grep -v USDT "$WORK/bench.err" | tail -n 5 >>"$RES/bench-gpu.txt" || true
+fi
+
+echo "gpu-checks: results in $RES (status $status)"
+exit $status
