@@ -30,8 +30,10 @@ def _with_user_dir(argv, hydra=False):
             i += 1
             continue
         if os.path.basename(os.path.normpath(value)) != "b2t_fairseq":
-            raise SystemExit(f"error: --user-dir {value}: the b2t commands load the b2t_fairseq plugin themselves and "
-                             "fairseq takes one --user-dir; use fairseq-train for other plugins")
+            from .errors import B2TError
+
+            raise B2TError(f"--user-dir {value}: the b2t commands load the b2t_fairseq plugin themselves and "
+                           "fairseq takes one --user-dir; use fairseq-train for other plugins")
         if os.path.realpath(value) != os.path.realpath(PLUGIN_DIR):
             print(f"b2t: note: using the installed plugin {PLUGIN_DIR}, not --user-dir {value}", file=sys.stderr)
     return (["common.user_dir=" + PLUGIN_DIR] if hydra else ["--user-dir", PLUGIN_DIR]) + out
@@ -45,9 +47,9 @@ def run_fairseq(main, argv=None, hydra=False, prog=None):
     prog = prog or os.path.basename(sys.argv[0])
     if not hydra:
         errors.check_args_before_fairseq(argv, prog)
-    sys.argv = [prog] + _with_user_dir(argv, hydra=hydra)
-    safe_checkpoint.install()
     with errors.one_line_errors(prog):
+        sys.argv = [prog] + _with_user_dir(argv, hydra=hydra)
+        safe_checkpoint.install()
         return main()
 
 
