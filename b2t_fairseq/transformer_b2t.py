@@ -5,6 +5,10 @@
 plus the bottom-to-top connection (layers.py) and, by default, the authors' initialization.
 """
 
+import argparse
+
+from omegaconf import OmegaConf
+
 from fairseq.distributed import fsdp_wrap
 from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY, register_model, register_model_architecture
 from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerEncoderBase, TransformerModel
@@ -122,6 +126,11 @@ class TransformerB2TModel(TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
+        if OmegaConf.is_config(args):
+            # fairseq-hydra-train (and hydra-era checkpoints) hand legacy models a DictConfig, whose
+            # extra keys TransformerConfig.from_namespace cannot see: without this, ln_position and
+            # word dropout would be dropped silently and Post-LN layers built
+            args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
         resolve_layer_type(args)
         model = super().build_model(args, task)
         if args.b2t_rescale_init:

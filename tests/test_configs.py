@@ -84,7 +84,7 @@ def hydra_run(toy_data_bin, tmp_path_factory):
              "model._name=transformer_b2t_tiny", "common.fp16=false", "common.cpu=true",
              "distributed_training.distributed_world_size=1", "optimization.update_freq=[1]",
              "optimization.max_update=3", "dataset.max_tokens=512", f"checkpoint.save_dir={save}",
-             "checkpoint.no_epoch_checkpoints=true", "common.log_interval=1"])
+             "checkpoint.no_epoch_checkpoints=true", "common.log_interval=1"], cwd=save)
     return save, p.stdout + p.stderr
 
 
@@ -97,13 +97,12 @@ def test_hydra_config_trains_on_toy_data(hydra_run):
     assert state["cfg"]["optimization"]["max_update"] == 3 and state["cfg"]["criterion"]["label_smoothing"] == 0.1
 
 
-@pytest.mark.xfail(strict=True, reason="transformer_b2t.build_model gets a DictConfig under hydra; fairseq's "
-                   "TransformerConfig.from_namespace copies extra keys with vars(), which misses ln_position and "
-                   "word dropout on a DictConfig, so Post-LN layers are built (fix belongs in transformer_b2t.py)")
 def test_hydra_config_builds_b2t_layers(hydra_run):
     import b2t_fairseq  # noqa: F401
     from fairseq import checkpoint_utils
 
-    save, _ = hydra_run
+    save, log = hydra_run
+    assert "B2TEncoderLayer" in log and "B2TDecoderLayer" in log  # the model fairseq-hydra-train trained
     models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task([str(save / "checkpoint_last.pt")])
     assert type(models[0].encoder.layers[0]).__name__ == "B2TEncoderLayer"
+    assert models[0].encoder.cfg.word_dropout_src == 0.1  # the 18-layer config's word dropout survives
