@@ -179,6 +179,9 @@ def _mean(values):
 def run_models(data, specs, *, layers=None, model_args=(), k=4, max_tokens=2048, split="train", seed=1, log=print):
     """specs: [(name, arch or None, checkpoint or None)] -> {name: results}."""
     _check_data(data)
+    import logging
+
+    logging.getLogger("fairseq").setLevel(logging.WARNING)  # keep the progress lines readable
     results = {}
     for name, arch, ckpt in specs:
         log(f"grad-norms: {name} ({ckpt or arch + ', fresh init'}) on {k} batches of {split}")
