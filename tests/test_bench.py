@@ -12,7 +12,8 @@ from conftest import run
 QUICK_LAYERS = bench.DEFAULTS["quick"]["layers"]
 FIELDS = {"variant": str, "layers": int, "tokens_per_s": float, "peak_mem_bytes": int,
           "ratio_to_stock_post_ln": float, "mem_ratio_to_stock_post_ln": float,
-          "saved_activation_bytes": int, "max_tokens": int, "ms_per_update": float}
+          "saved_activation_bytes": int, "max_tokens": int, "ms_per_update": float,
+          "cpu_time_tokens_per_s": float, "cpu_time_ratio_to_stock_post_ln": float}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,8 @@ def test_quick_run_ratios_are_computed_from_the_records(quick_run):
             assert r["ratio_to_stock_post_ln"] == pytest.approx(r["tokens_per_s"] / base["tokens_per_s"], rel=1e-12)
             assert r["mem_ratio_to_stock_post_ln"] == pytest.approx(r["peak_mem_bytes"] / base["peak_mem_bytes"],
                                                                     rel=1e-12)
+            assert r["cpu_time_ratio_to_stock_post_ln"] == pytest.approx(
+                r["cpu_time_tokens_per_s"] / base["cpu_time_tokens_per_s"], rel=1e-12)
             rounds = sorted(r["tokens_per_s_rounds"])
             assert rounds[0] <= r["tokens_per_s"] <= rounds[-1]
         # the same architecture built two ways holds the same parameters; pre-LN adds two final LayerNorms
