@@ -202,7 +202,8 @@ def run_updates(trainer, batches, device, cpu_time=False):
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     for sample in batches:
-        trainer.train_step([sample])
+        if trainer.train_step([sample]) is None:  # fairseq skipped it: fp16 overflow, or out of memory
+            trainer.b2t_bench_skipped = getattr(trainer, "b2t_bench_skipped", 0) + 1
     sync(device)
     wall = time.perf_counter() - t0
     return (wall, time.process_time() - c0) if cpu_time else wall
@@ -318,6 +319,8 @@ def bench_config(variants, size, layers, max_tokens, opts, device, dtype, workdi
             run_updates(trainers[v], batches, device)
     seconds = {v: [] for v in variants}
     cpu_seconds = {v: [] for v in variants}
+    for t in trainers.values():
+        t.b2t_bench_skipped = 0
     for r in range(opts.rounds):
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:  # rotate the start
             wall, cpu = run_updates(trainers[v], batches, device, cpu_time=True)
@@ -329,11 +332,16 @@ def bench_config(variants, size, layers, max_tokens, opts, device, dtype, workdi
         profile = profile_update(trainers[BASELINE], batches, device, dtype, workdir)
         profile.update(layers=layers, max_tokens=max_tokens, variant=BASELINE)
     params = {v: sum(p.numel() for p in trainers[v].model.parameters()) for v in variants}
+    skipped = {v: trainers[v].b2t_bench_skipped for v in variants}
+    if any(skipped.values()):
+        log(f"  warning: fairseq skipped timed updates (fp16 overflow or out of memory): {skipped}")
     del trainers
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
     recs = records(variants, layers, max_tokens, ntokens, len(batches), seconds, peak_mem, saved, params)
+    for r in recs:
+        r["skipped_updates"] = skipped[r["variant"]]
     if device == "cpu":
         add_cpu_time(recs, ntokens, cpu_seconds)
     return recs, profile

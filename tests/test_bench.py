@@ -33,6 +33,7 @@ def test_quick_run_writes_a_record_per_variant_and_depth(quick_run):
         assert r["tokens_per_s"] > 0 and r["peak_mem_bytes"] > 0 and r["saved_activation_bytes"] > 0
         assert len(r["tokens_per_s_rounds"]) == bench.DEFAULTS["quick"]["rounds"]
         assert r["device"] == "cpu" and r["mem_measure"] == "cpu_live_tensor_bytes_peak"
+        assert r["skipped_updates"] == 0
     for n in QUICK_LAYERS:
         assert f"target {n}L max-tokens" in stdout
 
