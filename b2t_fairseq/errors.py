@@ -23,7 +23,7 @@ def fail(prog, msg, code=2):
 
 # --- checks made before fairseq starts ---------------------------------------------------------
 
-def _flag_value(argv, flag):
+def flag_value(argv, flag):
     """The value of the last ``--flag VALUE`` or ``--flag=VALUE`` in argv, or None."""
     value = None
     for i, a in enumerate(argv):
@@ -36,7 +36,7 @@ def _flag_value(argv, flag):
 
 def check_args_before_fairseq(argv, prog):
     """Checks that are cheap to make before fairseq starts."""
-    restore = _flag_value(argv, "--restore-file")
+    restore = flag_value(argv, "--restore-file")
     if prog.endswith("train") and restore not in (None, "checkpoint_last.pt") and not os.path.exists(restore):
         # fairseq would log "No existing checkpoint found" and silently train from scratch
         fail(prog, f"--restore-file {restore} does not exist; fix the path (it is used as given, not relative "

@@ -9,14 +9,21 @@ and, on a machine without CUDA, the ones that CPU training needs (gloo, legacy_d
 on CPU refuses the device_ids fairseq passes). Flags given on the command line win.
 
 If a worker dies, torchrun stops the others and exits non-zero (within a few seconds, see
-tests/test_reliability_distributed.py); without torchrun, ``--heartbeat-timeout`` bounds how long
-a survivor waits in a collective before it gives up.
+tests/test_reliability_distributed.py). A worker that hangs instead (stopped, deadlocked, a lost
+node) is not noticed by torchrun, and the others wait in their next collective for the process
+group's timeout (torch's default: 30 minutes). fairseq's ``--heartbeat-timeout SECONDS`` only
+sends SIGINT, which a process blocked inside a gloo collective never sees; so this launcher also
+makes it the process group's timeout: the blocked collective then fails after that many seconds
+and torchrun ends the job.
 """
+
+import datetime
 
 import os
 import sys
 
 from . import cli
+from .errors import flag_value
 
 
 def _has(argv, flag):
@@ -51,8 +58,27 @@ def torchrun_argv(argv, env=os.environ, cuda=None):
     return out
 
 
+def collective_timeout(seconds):
+    """Make the process groups of this process (fairseq's default one and the data-parallel group
+    it creates with new_group) time out after this many seconds instead of torch's default."""
+    import torch.distributed as dist
+
+    def with_timeout(make):
+        def make_group(*args, **kwargs):
+            if kwargs.get("timeout") is None:
+                kwargs["timeout"] = datetime.timedelta(seconds=seconds)
+            return make(*args, **kwargs)
+        return make_group
+
+    dist.init_process_group = with_timeout(dist.init_process_group)
+    dist.new_group = with_timeout(dist.new_group)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    heartbeat = flag_value(argv, "--heartbeat-timeout")
+    if heartbeat is not None and float(heartbeat) > 0:
+        collective_timeout(float(heartbeat))
     return cli.run_fairseq(_train_main, torchrun_argv(argv), prog="b2t-train")
 
 
