@@ -39,8 +39,8 @@ PROG = "b2t-demo"
 PRESETS = {
     "default": dict(depths=(6, 18), max_update=150, max_tokens=2048, lr=2e-3, warmup=40, vocab=4000, n_valid=500,
                     n_test=500, max_train=None, valid_every=30, gn_batches=2),
-    "quick": dict(depths=(6, 18), max_update=30, max_tokens=1024, lr=2e-3, warmup=10, vocab=2000, n_valid=200,
-                  n_test=100, max_train=20000, valid_every=15, gn_batches=2),
+    "quick": dict(depths=(6, 18), max_update=60, max_tokens=2048, lr=2e-3, warmup=40, vocab=2000, n_valid=200,
+                  n_test=100, max_train=20000, valid_every=30, gn_batches=2),
 }
 
 _print_lock = threading.Lock()
