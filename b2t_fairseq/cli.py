@@ -36,7 +36,9 @@ def _with_user_dir(argv, hydra=False):
                            "fairseq takes one --user-dir; use fairseq-train for other plugins")
         if os.path.realpath(value) != os.path.realpath(PLUGIN_DIR):
             print(f"b2t: note: using the installed plugin {PLUGIN_DIR}, not --user-dir {value}", file=sys.stderr)
-    return (["common.user_dir=" + PLUGIN_DIR] if hydra else ["--user-dir", PLUGIN_DIR]) + out
+    if hydra:  # hydra takes its overrides after --config-dir/--config-name
+        return out + ["common.user_dir=" + PLUGIN_DIR]
+    return ["--user-dir", PLUGIN_DIR] + out
 
 
 def run_fairseq(main, argv=None, hydra=False, prog=None):

@@ -1,4 +1,4 @@
-"""Two fixes that make fairseq-fixed behave on today's stack, applied when the plugin is imported.
+"""Fixes that make fairseq-fixed behave on today's stack, applied when the plugin is imported.
 
 1. torch 2.6 switched ``torch.load`` to ``weights_only=True``; fairseq's checkpoints pickle an
    ``argparse.Namespace`` (and, in older ones, numpy scalars), which the safe unpickler refuses, so
@@ -15,6 +15,8 @@ import functools
 import numpy as np
 
 import torch
+
+from . import safe_checkpoint
 
 
 def _numpy_globals():
@@ -67,3 +69,6 @@ def keep_remainder_batches():
 
 allow_fairseq_checkpoints()
 keep_remainder_batches()
+# 3. atomic checkpoint copies and a checked load (see safe_checkpoint.py); at import time so that
+#    fairseq's spawned GPU workers and plain `fairseq-train --user-dir` get it too
+safe_checkpoint.install()

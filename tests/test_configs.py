@@ -106,3 +106,13 @@ def test_hydra_config_builds_b2t_layers(hydra_run):
     models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task([str(save / "checkpoint_last.pt")])
     assert type(models[0].encoder.layers[0]).__name__ == "B2TEncoderLayer"
     assert models[0].encoder.cfg.word_dropout_src == 0.1  # the 18-layer config's word dropout survives
+
+
+def test_b2t_hydra_train_takes_the_same_overrides(toy_data_bin, tmp_path):
+    """The console command puts its plugin override after hydra's own flags."""
+    p = run(["b2t-hydra-train", "--config-dir", REPO / "configs", "--config-name", "transformer_b2t_6l",
+             f"task.data={toy_data_bin}", "model._name=transformer_b2t_tiny", "common.fp16=false", "common.cpu=true",
+             "distributed_training.distributed_world_size=1", "optimization.update_freq=[1]",
+             "optimization.max_update=1", "dataset.max_tokens=512", f"checkpoint.save_dir={tmp_path}",
+             "checkpoint.no_epoch_checkpoints=true"], cwd=tmp_path)
+    assert "B2TEncoderLayer" in p.stdout + p.stderr and (tmp_path / "checkpoint_last.pt").exists()

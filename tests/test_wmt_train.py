@@ -59,7 +59,7 @@ def test_launchers(capsys):
     _, slurm, _ = dry(capsys, "transformer_b2t", 6, "--gpus", 8, "--nodes", 4, "--launcher", "slurm")
     assert slurm.startswith("srun --nodes 4 --ntasks-per-node 8") and "--distributed-port 29500" in slurm
     _, cpu, _ = dry(capsys, "transformer_b2t", 6, "--gpus", 0, "--cpu-procs", 2, "--max-tokens", 512)
-    for flag in ("--standalone", "--nproc_per_node 2", "-m b2t_fairseq.wmt.torchrun_entry", "--cpu",
+    for flag in ("--standalone", "--nproc_per_node 2", "-m b2t_fairseq.torchrun_train", "--cpu",
                  "--distributed-world-size 2", "--distributed-init-method env://", "--distributed-no-spawn",
                  "--distributed-backend gloo", "--ddp-backend legacy_ddp", "--update-freq 448"):
         assert flag in cpu

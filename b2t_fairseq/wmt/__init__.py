@@ -2,7 +2,6 @@
 
 prepare.py        download, verify, extract, tokenize, clean, BPE, binarize (stage-resumable)
 train.py          the paper's hyperparameters and the launch command for 1..N GPUs, nodes or CPU procs
-torchrun_entry.py b2t-train under torchrun with the rank fairseq needs on CPU (gloo)
 evaluate.py       generate every newstest year, score with sacreBLEU and tokenized BLEU, one JSON per run
 results_table.py  all runs as a markdown table beside the paper's numbers
 """

@@ -189,7 +189,7 @@ def build_command(args):
         rdzv = ["--nnodes", str(nodes), "--node_rank", str(args.node_rank),
                 "--master_addr", args.master_addr, "--master_port", str(args.master_port)]
     return [sys.executable, "-m", "torch.distributed.run"] + rdzv + ["--nproc_per_node", str(procs),
-            "-m", "b2t_fairseq.wmt.torchrun_entry"] + fairseq_args
+            "-m", "b2t_fairseq.torchrun_train"] + fairseq_args
 
 
 def check_data(data):
