@@ -39,7 +39,7 @@ PROG = "b2t-demo"
 PRESETS = {
     "default": dict(depths=(6, 18), max_update=150, max_tokens=2048, lr=2e-3, warmup=40, vocab=4000, n_valid=500,
                     n_test=500, max_train=None, valid_every=30, gn_batches=2),
-    "quick": dict(depths=(6, 18), max_update=60, max_tokens=2048, lr=2e-3, warmup=40, vocab=2000, n_valid=200,
+    "quick": dict(depths=(6, 18), max_update=60, max_tokens=1536, lr=2e-3, warmup=40, vocab=2000, n_valid=200,
                   n_test=100, max_train=20000, valid_every=30, gn_batches=2),
 }
 
@@ -237,7 +237,8 @@ def table_md(records):
     rows = [head, "|" + "---|" * 9]
     for r in records:
         fmt = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
-        rows.append(f"| {r['label']} | {r['layers']}+{r['layers']} | {r['params'] or 'n/a':,} | {r['updates']} | "
+        params = f"{r['params']:,}" if r["params"] else "n/a"
+        rows.append(f"| {r['label']} | {r['layers']}+{r['layers']} | {params} | {r['updates']} | "
                     f"{r['wall_s']:.0f} | {fmt(r['train_loss'])} | {fmt(r['valid_loss'])} | {fmt(r['bleu'], 2)} | "
                     f"{'yes' if r['diverged'] else 'no'} |")
     return "\n".join(rows) + "\n"
@@ -422,6 +423,9 @@ def main(argv=None):
         write_report(out, records, cfg, meta, time.time() - t0, gn_files)
     except B2TError as e:
         fail(PROG, str(e))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; run the same command again to resume (finished runs are kept)", file=sys.stderr)
+        return 130
     print(table_md(records))
     log(f"report: {out / 'index.md'} ({(time.time() - t0) / 60:.1f} min)")
     return 0

@@ -57,13 +57,12 @@ def quick_demo(tatoeba_zip, tmp_path_factory):
     """One b2t-demo --quick run for this module (its data cache is shared with test_grad_norms.py)."""
     out = tmp_path_factory.mktemp("demo") / "out"
     cache = tmp_path_factory.getbasetemp() / "tatoeba-cache"
-    p = run(["b2t-demo", "--quick", "--corpus", tatoeba_zip, "--out", out, "--cache", cache],
-            env={"OMP_NUM_THREADS": "1"})
-    return out, cache, p
+    p = run(["b2t-demo", "--quick", "--corpus", tatoeba_zip, "--out", out, "--cache", cache])
+    return out, cache, p, tatoeba_zip
 
 
 def test_quick_demo_writes_the_report(quick_demo):
-    out, _, p = quick_demo
+    out, _, p, _ = quick_demo
     res = json.loads((out / "results.json").read_text())
     runs = res["runs"]
     assert {(r["arch"], r["layers"]) for r in runs} == {(a, d) for a in ("post_ln", "pre_ln", "b2t") for d in (6, 18)}
@@ -85,10 +84,9 @@ def test_quick_demo_writes_the_report(quick_demo):
 
 
 def test_quick_demo_rerun_reuses_data_and_runs(quick_demo):
-    out, cache, _ = quick_demo
+    out, cache, _, zip_path = quick_demo
     before = (out / "results.json").read_text()
-    p = run(["b2t-demo", "--quick", "--corpus", os.environ.get("B2T_TATOEBA_ZIP", "") or
-             str(json.loads(before)["data"]["zip"]), "--out", out, "--cache", cache])
+    p = run(["b2t-demo", "--quick", "--corpus", zip_path, "--out", out, "--cache", cache])
     assert "data: reusing" in p.stdout
     assert p.stdout.count("finished earlier") == 6
     assert [r["valid_loss"] for r in json.loads((out / "results.json").read_text())["runs"]] == \
@@ -97,7 +95,13 @@ def test_quick_demo_rerun_reuses_data_and_runs(quick_demo):
 
 def test_deep_b2t_ends_below_deep_post_ln(quick_demo):
     """Evidence (paper): on a short equal budget, 18+18-layer B2T reaches a lower validation loss than
-    18+18-layer Post-LN. See the --quick preset in demo.py for the budget and the measured values."""
-    out, _, _ = quick_demo
+    18+18-layer Post-LN.
+
+    Budget (the --quick preset): 60 updates of up to 1536 tokens, Adam lr 0.002, 40 warmup updates,
+    width 64, 20k Tatoeba training pairs. Measured 2026-11-28 (valid loss, B2T vs Post-LN):
+    seed 1: 8.27 vs 8.77; seed 2 (another split too): 8.33 vs 8.71. With lr 0.005 or 0.01 and
+    1024-token batches both stayed on the unigram plateau (8.78 vs 8.78): that setting did not show it.
+    """
+    out, _, _, _ = quick_demo
     deep = {r["arch"]: r for r in json.loads((out / "results.json").read_text())["runs"] if r["layers"] == 18}
     assert deep["b2t"]["valid_loss"] < deep["post_ln"]["valid_loss"], deep
