@@ -179,8 +179,15 @@ def do_run(arch, layers, data_root, out, cfg, unigram_bits):
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
     resumed = (run_dir / "checkpoint_last.pt").is_file()
-    log(f"{name}: training{' (resuming)' if resumed else ''}, {cfg.max_update} updates")
-    rc, secs = run_training(train_command(data_root / "bin", run_dir, arch, layers, cfg), run_dir, name, cfg, env)
+    log_text = (run_dir / "train.log").read_text(errors="replace") if (run_dir / "train.log").is_file() else ""
+    if resumed and "done training" in log_text:
+        # training had finished when the demo was stopped; fairseq restarted at max_update would
+        # run one update more, so go straight to the evaluation
+        rc, secs = 0, 0.0
+    else:
+        log(f"{name}: training{' (resuming)' if resumed else ''}, {cfg.max_update} updates")
+        rc, secs = run_training(train_command(data_root / "bin", run_dir, arch, layers, cfg), run_dir, name, cfg,
+                                env)
     prev = json.loads((run_dir / "seconds.json").read_text()) if (run_dir / "seconds.json").is_file() else 0.0
     secs += prev
     (run_dir / "seconds.json").write_text(json.dumps(secs))
