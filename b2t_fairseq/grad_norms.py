@@ -111,8 +111,6 @@ def _layer_groups(stack):
 
 
 def _norm(tensors):
-    import torch
-
     sq = sum(float(t.detach().double().pow(2).sum()) for t in tensors if t is not None)
     return math.sqrt(sq) if math.isfinite(sq) else float("nan")
 
@@ -137,8 +135,6 @@ def _ln_hooks(stack, side, store):
 
 def measure(model, criterion, batch_list):
     """Gradient norms of one model over the batches (see the module docstring)."""
-    import torch
-
     model.eval()  # dropout off; gradients still flow
     stacks = {"encoder": model.encoder, "decoder": model.decoder}
     groups = {side: _layer_groups(stack) for side, stack in stacks.items()}
