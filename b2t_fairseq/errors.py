@@ -2,7 +2,7 @@
 
 Each known failure is turned into ``PROG: error: <problem>; <fix>`` on stderr and exit status 2,
 instead of a traceback from deep inside fairseq. Failures that are not in this catalogue keep
-their traceback: they are bugs to see, not user errors to explain. docs/README-troubleshooting.md
+their traceback: they are bugs to see, not user errors to explain. The README's Troubleshooting section
 lists every message.
 """
 

@@ -3,7 +3,7 @@
 #   scripts/train.sh ARCH LAYERS [--gpus N] [--nodes N] [--max-tokens N] [--data DIR] [--save-dir DIR]
 #                    [--launcher auto|spawn|torchrun|slurm] [--cpu-procs N] [--dry-run] [--force] [-- fairseq flags]
 # ARCH: transformer_b2t | transformer_post_ln | transformer_pre_ln; LAYERS: 6 or 18 (per stack).
-# --update-freq is computed so that an update holds 458,752 target tokens. See docs/README-wmt.md.
+# --update-freq is computed so that an update holds 458,752 target tokens. See the README, "Reproducing WMT En-De".
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="${B2T_PYTHON:-$HERE/../.venv/bin/python}"

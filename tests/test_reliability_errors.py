@@ -1,7 +1,7 @@
 """The bad-input catalogue: each case exits non-zero with ONE line naming the problem and the fix.
 
 The contract (errors.py): ``PROG: error: <problem>; <fix>`` on stderr, exit status 2, no traceback.
-Failures outside the catalogue keep their traceback. docs/README-troubleshooting.md lists them all.
+Failures outside the catalogue keep their traceback. The README's Troubleshooting section lists them all.
 """
 
 import json
@@ -156,7 +156,7 @@ def test_plugin_checkpoint_just_works_with_the_b2t_commands(catalogue):
 
 
 def test_plugin_checkpoint_with_stock_fairseq_generate(toy_data_bin, trained):
-    """Without --user-dir, stock fairseq-generate fails as docs/README-troubleshooting.md says."""
+    """Without --user-dir, stock fairseq-generate fails as the README's Troubleshooting section says."""
     ck = trained / "checkpoint_last.pt"
     stock = run(["fairseq-generate", toy_data_bin, "--path", ck, *GEN], check=False)
     assert stock.returncode != 0
