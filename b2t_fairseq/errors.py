@@ -21,6 +21,16 @@ def fail(prog, msg, code=2):
     raise SystemExit(code)
 
 
+def exit_status(prog, fn, *args):
+    """Run a command's work: 0 when it succeeds, 2 after printing a B2TError as one line."""
+    try:
+        fn(*args)
+    except B2TError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # --- checks made before fairseq starts ---------------------------------------------------------
 
 def flag_value(argv, flag):

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import B2TError
+from ..errors import B2TError, exit_status
 from . import TEST_YEAR, YEARS
 
 PROG = "b2t-wmt-evaluate"
@@ -157,12 +157,7 @@ def main(argv=None):
 
         args.cpu = not torch.cuda.is_available()
         args.fp16 = torch.cuda.is_available()
-    try:
-        evaluate(args)
-    except B2TError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(PROG, evaluate, args)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from multiprocessing import Pool
 from pathlib import Path
 
-from ..errors import B2TError
+from ..errors import B2TError, exit_status
 from . import BPE_MERGES, TEST_YEAR, VALID_YEAR, YEARS
 
 PROG = "b2t-wmt-prepare"
@@ -518,12 +518,7 @@ def prepare(args):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        prepare(args)
-    except B2TError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(PROG, prepare, args)
 
 
 if __name__ == "__main__":
