@@ -4,7 +4,7 @@
 interactive, validate and hydra-train. The plugin directory is passed as ``--user-dir`` (not just
 imported) so that fairseq records it and spawned workers load it too. Known failures (bad flags,
 missing data, broken checkpoints, an fp16 collapse: see errors.py) are printed as one line, not a
-traceback, and checkpoint copies are made atomic (safe_checkpoint.py).
+traceback. (Checkpoint safety is installed by importing the plugin: see compat.py.)
 """
 
 import os
@@ -43,7 +43,7 @@ def _with_user_dir(argv, hydra=False):
 
 def run_fairseq(main, argv=None, hydra=False, prog=None):
     """Run a fairseq entry point with the plugin; turn the plugin's config errors into one line."""
-    from . import errors, safe_checkpoint
+    from . import errors
 
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or os.path.basename(sys.argv[0])
@@ -51,7 +51,6 @@ def run_fairseq(main, argv=None, hydra=False, prog=None):
         errors.check_args_before_fairseq(argv, prog)
     with errors.one_line_errors(prog):
         sys.argv = [prog] + _with_user_dir(argv, hydra=hydra)
-        safe_checkpoint.install()
         return main()
 
 

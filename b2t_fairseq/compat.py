@@ -7,6 +7,10 @@
    multiple of ``--required-batch-size-multiple`` (default 8): fairseq-generate translates 16 of 21
    test sentences, validation skips sentences too, and BLEU is computed on a subset. We keep that
    batch, as fairseq 0.12.2 (and the authors' 0.9.0) did.
+3. fairseq copies each saved checkpoint onto ``checkpoint_last.pt``/``checkpoint_best.pt`` in place,
+   so a kill mid-copy leaves a truncated file; safe_checkpoint.py makes the copies atomic and checks
+   every checkpoint before it is loaded. Installed here, at import, so that fairseq's spawned GPU
+   workers and plain ``fairseq-train --user-dir`` get it too.
 """
 
 import argparse
@@ -69,6 +73,4 @@ def keep_remainder_batches():
 
 allow_fairseq_checkpoints()
 keep_remainder_batches()
-# 3. atomic checkpoint copies and a checked load (see safe_checkpoint.py); at import time so that
-#    fairseq's spawned GPU workers and plain `fairseq-train --user-dir` get it too
 safe_checkpoint.install()
