@@ -20,6 +20,7 @@ import torch
 
 import b2t_fairseq  # noqa: F401  (safe globals for torch.load of fairseq checkpoints)
 from b2t_fairseq.errors import B2TError
+from b2t_fairseq.safe_checkpoint import find_damage
 
 EPOCH_RE = re.compile(r"^checkpoint(\d+)\.pt$")
 UPDATE_RE = re.compile(r"^checkpoint_\d+_(\d+)\.pt$")
@@ -47,6 +48,10 @@ def last_checkpoints(folder, n, by_update=False, upper_bound=None):
 def load(path):
     if not os.path.isfile(path):
         raise B2TError(f"checkpoint {path} does not exist; check the path")
+    damage = find_damage(path)  # torch.load does not check CRCs: flipped bytes would load silently
+    if damage:
+        raise B2TError(f"cannot read checkpoint {path} ({damage}); it is truncated or corrupt: delete it and "
+                       "average other checkpoints")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, wrong magic, unpickling errors ...

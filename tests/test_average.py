@@ -82,3 +82,14 @@ def test_not_a_checkpoint_and_mismatched_runs(run_dir, tmp_path):
     other = _ckpt(tmp_path / "other.pt", 1, extra_key=True)
     with pytest.raises(avg.B2TError, match="other parameters"):
         avg.average([str(run_dir / "checkpoint1.pt"), str(other)])
+
+
+def test_checkpoint_with_damaged_weights_is_refused_not_averaged(tmp_path):
+    big = tmp_path / "big.pt"
+    torch.save({"model": {"w": torch.arange(20000, dtype=torch.float32)}, "args": argparse.Namespace()}, big)
+    data = bytearray(big.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the weights: torch.load alone accepts the file
+    big.write_bytes(bytes(data))
+    assert torch.load(big, weights_only=True)["model"]["w"].shape == (20000,)
+    with pytest.raises(avg.B2TError, match="truncated or corrupt"):
+        avg.load(str(big))
