@@ -10,7 +10,7 @@ endif
 
 .PHONY: setup demo test
 setup: $(VENV)/.installed
-$(VENV)/.installed: setup.py requirements.txt scripts/setup-env.sh
+$(VENV)/.installed: setup.py requirements.txt requirements-test.txt scripts/setup-env.sh
 	bash scripts/setup-env.sh $(VENV)
 	touch $@
 

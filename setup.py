@@ -1,26 +1,40 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'^__version__ = "([^"]+)"', Path(__file__).with_name("b2t_fairseq").joinpath(
+    "__init__.py").read_text(), re.M).group(1)  # the one place the version is written
 
 setup(
     name="b2t-fairseq",
-    version="0.1.0",
+    version=VERSION,
     description="B2T connection (Takase et al., Findings of ACL 2023) for fairseq: Post-LN, Pre-LN and B2T "
                 "transformers, WMT En-De recipes, demo and benchmarks",
     packages=find_packages(include=["b2t_fairseq", "b2t_fairseq.*"]),
     python_requires=">=3.9",
     # torch and fairseq-fixed are installed first by scripts/setup-env.sh (order matters: see README)
-    install_requires=["fairseq-fixed>=0.12.3", "torch>=2.0", "sacrebleu>=2.0", "sentencepiece"],
+    install_requires=[
+        "fairseq-fixed>=0.12.3", "torch>=2.0",
+        "sacrebleu>=2.0", "sentencepiece",          # b2t-demo, b2t-wmt-evaluate
+        "sacremoses", "subword-nmt", "regex",       # b2t-wmt-prepare
+        "matplotlib",                               # b2t-demo, b2t-grad-norms plots
+    ],
+    extras_require={"test": ["pytest>=8"], "tensorboard": ["tensorboardX"]},
     entry_points={
         "console_scripts": [
-            "b2t-train = b2t_fairseq.cli:train",
-            "b2t-generate = b2t_fairseq.cli:generate",
-            "b2t-interactive = b2t_fairseq.cli:interactive",
-            "b2t-validate = b2t_fairseq.cli:validate",
-            "b2t-hydra-train = b2t_fairseq.cli:hydra_train",
-            "b2t-demo = b2t_fairseq.demo:main",
-            "b2t-grad-norms = b2t_fairseq.grad_norms:main",
-            "b2t-bench = b2t_fairseq.bench:main",
-            "b2t-average-checkpoints = b2t_fairseq.average_checkpoints:main",
+            "b2t-train = b2t_fairseq.commands.cli:train",
+            "b2t-generate = b2t_fairseq.commands.cli:generate",
+            "b2t-interactive = b2t_fairseq.commands.cli:interactive",
+            "b2t-validate = b2t_fairseq.commands.cli:validate",
+            "b2t-hydra-train = b2t_fairseq.commands.cli:hydra_train",
+            "b2t-torchrun-train = b2t_fairseq.commands.torchrun_train:main",
+            "b2t-average-checkpoints = b2t_fairseq.commands.average_checkpoints:main",
+            "b2t-demo = b2t_fairseq.demo.cli:main",
+            "b2t-grad-norms = b2t_fairseq.analysis.grad_norms:main",
+            "b2t-bench = b2t_fairseq.analysis.bench:main",
             "b2t-wmt-prepare = b2t_fairseq.wmt.prepare:main",
+            "b2t-wmt-train = b2t_fairseq.wmt.train:main",
             "b2t-wmt-evaluate = b2t_fairseq.wmt.evaluate:main",
             "b2t-results-table = b2t_fairseq.wmt.results_table:main",
         ],

@@ -1,11 +1,16 @@
 """b2t-fairseq: the B2T connection (Takase et al., Findings of ACL 2023) as a fairseq plugin.
 
 Importing this package (``--user-dir b2t_fairseq`` or ``import b2t_fairseq``) registers the
-``transformer_b2t`` model and its named architectures, and lets torch >= 2.6 load fairseq
-checkpoints. Nothing else happens at import time.
+``transformer_b2t`` model and its named architectures, and applies the runtime repairs listed in
+``repairs.py`` (checkpoint loading under torch >= 2.6, remainder batches, atomic checkpoint copies).
+Nothing else happens at import time; the console commands and tools live in subpackages that the
+plugin core never imports.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from . import compat  # noqa: F401  (torch.load of fairseq checkpoints under torch >= 2.6)
-from . import transformer_b2t  # noqa: F401  (registers the model and architectures)
+from . import repairs  # noqa: E402
+
+repairs.apply()
+
+from . import transformer_b2t  # noqa: E402,F401  (registers the model and architectures)

@@ -15,13 +15,11 @@ from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase
 from fairseq.models.transformer.transformer_legacy import transformer_wmt_en_de
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
+from . import recipe
+from .errors import B2TConfigError
 from .layers import B2TDecoderLayer, B2TEncoderLayer, rescale_init_, word_dropout
 
-LN_POSITIONS = ("post", "pre", "b2t")
-
-
-class B2TConfigError(ValueError):
-    """A flag combination the plugin refuses; the message names the problem and the fix."""
+LN_POSITIONS = recipe.LN_POSITIONS
 
 
 def resolve_layer_type(args):
@@ -168,32 +166,26 @@ def _paper(args, ln_position, layers):
     args.ln_position = getattr(args, "ln_position", None) or ln_position
     args.encoder_layers = getattr(args, "encoder_layers", layers)
     args.decoder_layers = getattr(args, "decoder_layers", layers)
-    deep = layers >= 18
-    args.dropout = getattr(args, "dropout", 0.5 if deep else 0.3)
-    args.word_dropout_src = getattr(args, "word_dropout_src", 0.1 if deep else 0.0)
-    args.word_dropout_tgt = getattr(args, "word_dropout_tgt", 0.1 if deep else 0.0)
+    for key, value in recipe.regularization(layers).items():
+        setattr(args, key, getattr(args, key, value))
     resolve_layer_type(args)  # at parse time, so a bad combination fails before any work starts
     transformer_wmt_en_de(args)
 
 
 def _tiny(args, ln_position):
-    """For CPU work and tests: 2+2 layers of width 64."""
-    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 64)
-    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 128)
-    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 4)
-    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 64)
-    args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 128)
-    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    """For CPU work and tests: 2+2 layers of width 64 (recipe.TINY)."""
+    t = recipe.TINY
+    for side in ("encoder", "decoder"):
+        for key in ("embed_dim", "ffn_embed_dim", "attention_heads", "layers"):
+            setattr(args, f"{side}_{key}", getattr(args, f"{side}_{key}", t[key]))
     args.ln_position = getattr(args, "ln_position", None) or ln_position
-    args.encoder_layers = getattr(args, "encoder_layers", 2)
-    args.decoder_layers = getattr(args, "decoder_layers", 2)
-    args.dropout = getattr(args, "dropout", 0.1)
+    args.dropout = getattr(args, "dropout", t["dropout"])
     resolve_layer_type(args)
     transformer_wmt_en_de(args)
 
 
 ARCHITECTURES = {}
-for _ln, _prefix in (("b2t", "transformer_b2t"), ("post", "transformer_post_ln"), ("pre", "transformer_pre_ln")):
+for _ln, _prefix in recipe.FAMILIES.items():
     ARCHITECTURES[_prefix] = lambda args, ln=_ln: _paper(args, ln, 6)
     ARCHITECTURES[_prefix + "_18l"] = lambda args, ln=_ln: _paper(args, ln, 18)
     ARCHITECTURES[_prefix + "_tiny"] = lambda args, ln=_ln: _tiny(args, ln)

@@ -26,6 +26,6 @@ done
 OUT="${OUT:-results/wmt16_en_de/$NAME.json}"
 AVG="$SAVE/checkpoint_avg_${KIND}_last$LAST.pt"
 if [ ! -f "$AVG" ]; then
-  "$PY" -m b2t_fairseq.average_checkpoints --inputs "$SAVE" "--num-$KIND-checkpoints" "$LAST" --output "$AVG"
+  "$PY" -m b2t_fairseq.commands.average_checkpoints --inputs "$SAVE" "--num-$KIND-checkpoints" "$LAST" --output "$AVG"
 fi
 exec "$PY" -m b2t_fairseq.wmt.evaluate --data "$DATA" --checkpoint "$AVG" --name "$NAME" --out "$OUT" "$@"

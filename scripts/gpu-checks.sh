@@ -84,15 +84,16 @@ EOF
     "$PY" -m fairseq_cli.preprocess --source-lang en --target-lang de --trainpref "$WORK/raw/train" \
         --validpref "$WORK/raw/valid" --destdir "$WORK/bin" --joined-dictionary --workers 4 >"$WORK/prep.log" 2>&1 \
         || { cat "$WORK/prep.log"; return 1; }
-    local pids=() archs=()
-    for ln in b2t post_ln pre_ln; do
+    local pids=() archs=() recipe=() families=()
+    # the paper's optimizer (b2t_fairseq/recipe.py) with a short warmup
+    mapfile -t recipe < <("$PY" -c 'import sys; from b2t_fairseq import recipe; print("\n".join(recipe.optimizer_argv(*sys.argv[1:])))' 0.0005 20)
+    mapfile -t families < <("$PY" -c 'from b2t_fairseq import recipe; print("\n".join(recipe.ARCHS))')
+    for ln in "${families[@]}"; do
         for suffix in "" _18l _tiny; do
             arch=transformer_${ln}${suffix}
             archs+=("$arch")
-            timeout 300 "$PY" -c 'import sys; from b2t_fairseq.cli import train; train(sys.argv[1:])' "$WORK/bin" \
-                --arch "$arch" --share-all-embeddings --fp16 --optimizer adam --adam-betas '(0.9, 0.98)' \
-                --clip-norm 0.1 --lr 0.0005 --lr-scheduler inverse_sqrt --warmup-updates 20 --warmup-init-lr 1e-07 \
-                --criterion label_smoothed_cross_entropy --label-smoothing 0.1 --max-tokens 1024 \
+            timeout 300 "$PY" -m b2t_fairseq.commands.cli train "$WORK/bin" \
+                --arch "$arch" --fp16 "${recipe[@]}" --max-tokens 1024 \
                 --max-update 60 --log-format simple --log-interval 10 --no-save --disable-validation \
                 --seed 1 --num-workers 0 >"$WORK/train-$arch.log" 2>&1 &
             pids+=($!)
@@ -142,7 +143,7 @@ fi
 if [[ ${B2T_SKIP_BENCH:-0} != 1 ]]; then
     echo "== 2. b2t-bench, paper sizes, fp16; 3. profile of one stock Post-LN update"
     # shellcheck disable=SC2086
-    timeout 420 "$PY" -m b2t_fairseq.bench --arch-size paper --layers 6 18 --max-tokens 3584 8192 32768 \
+    timeout 420 "$PY" -m b2t_fairseq.analysis.bench --arch-size paper --layers 6 18 --max-tokens 3584 8192 32768 \
         --json "$RES/bench-gpu.json" --profile "$RES/profile-gpu.json" --profile-layers 6 --profile-max-tokens 8192 \
         ${B2T_BENCH_ARGS:-} 2>"$WORK/bench.err" | tee "$RES/bench-gpu.txt" || { status=1; tail -n 40 "$WORK/bench.err"; }
     grep -v USDT "$WORK/bench.err" | tail -n 5 >>"$RES/bench-gpu.txt" || true

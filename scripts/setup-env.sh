@@ -30,6 +30,6 @@ if ! have fairseq; then
   echo "[setup] building $FAIRSEQ_SPEC from source (about 2-3 minutes on 2 cores)"
   pip install -q --no-build-isolation "$FAIRSEQ_SPEC"
 fi
-pip install -q -r requirements.txt
+pip install -q -r requirements.txt -r requirements-test.txt
 pip install -q --no-build-isolation --no-deps -e .
 "$VENV/bin/python" -c "import torch, fairseq, b2t_fairseq; print('[setup] ok: torch', torch.__version__, '| fairseq', fairseq.__version__, '| b2t_fairseq', b2t_fairseq.__version__)"

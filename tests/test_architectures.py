@@ -7,7 +7,7 @@ from fairseq.sequence_generator import SequenceGenerator
 
 from b2t_fairseq.transformer_b2t import ARCHITECTURES, B2TConfigError
 from b2t_fairseq.layers import B2TEncoderLayer
-from model_utils import TINY, build, toy_batch
+from helpers import TINY, build, toy_batch
 
 EXPECTED = {  # arch: (ln_position, encoder layers, decoder layers, embed dim)
     "transformer_b2t": ("b2t", 6, 6, 512), "transformer_post_ln": ("post", 6, 6, 512),

@@ -5,8 +5,8 @@ import argparse
 import pytest
 import torch
 
-from b2t_fairseq import average_checkpoints as avg
-from conftest import run
+from b2t_fairseq.commands import average_checkpoints as avg
+from helpers import run
 
 
 def _ckpt(path, value, epoch=1, extra_key=False):
@@ -30,6 +30,7 @@ def run_dir(tmp_path):
     return tmp_path
 
 
+@pytest.mark.e2e
 def test_last_epoch_checkpoints_are_averaged(run_dir):
     out = run_dir / "avg.pt"
     p = run(["b2t-average-checkpoints", "--inputs", run_dir, "--num-epoch-checkpoints", "3", "--output", out])
@@ -38,7 +39,7 @@ def test_last_epoch_checkpoints_are_averaged(run_dir):
     assert torch.allclose(state["model"]["w"], torch.full((2, 3), 4.0))  # mean of 3, 4, 5
     assert state["model"]["h"].dtype == torch.float16 and float(state["model"]["h"][0]) == 4.0
     assert state["extra_state"]["epoch"] == 5  # the rest comes from the newest input
-    assert not (run_dir / "avg.pt.partial").exists()
+    assert not (run_dir / "avg.pt.tmp").exists()
 
 
 def test_update_checkpoints_and_upper_bound(run_dir):

@@ -1,38 +1,21 @@
 """End to end through the real command line: train, resume, generate, interactive, validate, from_pretrained."""
 
-import json
 import shutil
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, run
+from helpers import REPO, run, toy_train_argv, train_losses
 
 ARCHS = ["transformer_post_ln_tiny", "transformer_pre_ln_tiny", "transformer_b2t_tiny"]
 
 
 def train_args(data, save_dir, arch, max_update=30, *extra):
-    return [data, "--arch", arch, "--share-all-embeddings", "--optimizer", "adam", "--lr", "5e-3",
-            "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10", "--criterion", "label_smoothed_cross_entropy",
-            "--label-smoothing", "0.1", "--max-tokens", "1000", "--max-update", str(max_update), "--save-dir", save_dir,
-            "--seed", "1", "--cpu", "--log-format", "json", "--log-interval", "1", "--no-progress-bar", *extra]
-
-
-def train_losses(stderr_and_stdout):
-    """Per-update train losses from fairseq's json log lines."""
-    out = {}
-    for line in stderr_and_stdout.splitlines():
-        i = line.find("{")
-        if i < 0 or '"train_loss"' in line or '"loss"' not in line:
-            continue
-        try:
-            rec = json.loads(line[i:])
-        except json.JSONDecodeError:
-            continue
-        if "num_updates" in rec and "loss" in rec and "valid_loss" not in rec:
-            out[int(rec["num_updates"])] = float(rec["loss"])
-    return out
+    return [data, *toy_train_argv("--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10",
+                                  "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+                                  "--max-update", max_update, "--save-dir", save_dir, *extra,
+                                  arch=arch, lr="5e-3", max_tokens=1000)]
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +96,7 @@ def test_user_dir_pointing_at_another_copy_next_to_the_installed_one(toy_data_bi
     assert "using the installed plugin" in p.stderr and 1 in train_losses(p.stdout + p.stderr)
 
 
+@pytest.mark.e2e
 def test_importing_the_plugin_twice(tmp_path):
     copy = tmp_path / "second" / "b2t_fairseq"
     shutil.copytree(REPO / "b2t_fairseq", copy, ignore=shutil.ignore_patterns("__pycache__"))

@@ -3,7 +3,7 @@
 import numpy as np
 
 import b2t_fairseq  # noqa: F401
-from conftest import run, write_toy_corpus
+from helpers import run, toy_train_argv, write_toy_corpus
 
 
 def test_batching_keeps_every_sentence():
@@ -22,9 +22,8 @@ def test_generate_translates_every_test_sentence(tmp_path, toy_data_bin):
     run(["fairseq-preprocess", "--source-lang", "en", "--target-lang", "de", "--testpref", raw / "test",
          "--destdir", tmp_path / "bin", "--srcdict", toy_data_bin / "dict.en.txt", "--joined-dictionary",
          "--workers", "1"])
-    run(["b2t-train", toy_data_bin, "--arch", "transformer_b2t_tiny", "--share-all-embeddings", "--optimizer", "adam",
-         "--lr", "1e-3", "--max-tokens", "1000", "--max-update", "1", "--save-dir", tmp_path / "ckpt", "--cpu",
-         "--no-progress-bar"])
+    run(["b2t-train", toy_data_bin, *toy_train_argv("--max-update", 1, "--save-dir", tmp_path / "ckpt",
+                                                    max_tokens=1000, json_log=False)])
     for extra in (["--batch-size", "16"], ["--batch-size", "5"], ["--max-tokens", "4000"]):
         p = run(["b2t-generate", tmp_path / "bin", "--path", tmp_path / "ckpt/checkpoint_last.pt", "--beam", "1",
                  "--cpu", "--max-len-b", "5", *extra])

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from b2t_fairseq.wmt import train as recipe
-from conftest import REPO, run
+from helpers import REPO, run
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SETTINGS = [(a, n) for a in recipe.ARCH_FAMILIES for n in (6, 18)]

@@ -6,10 +6,11 @@ import subprocess
 
 import pytest
 
-from b2t_fairseq import demo, tatoeba
-from conftest import BIN, run
+from b2t_fairseq.demo import cli as demo, data as tatoeba, runs
+from helpers import BIN, run
 
 
+@pytest.mark.e2e
 def test_offline_without_corpus_fails_with_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "B2T_TATOEBA_ZIP"}
     env["B2T_TATOEBA_URL"] = (tmp_path / "no-such-mirror" / "deu-eng.zip").as_uri()  # unreachable, like offline
@@ -21,6 +22,7 @@ def test_offline_without_corpus_fails_with_one_line(tmp_path):
     assert lines[0].startswith("b2t-demo: error:") and "--corpus" in lines[0] and "B2T_TATOEBA_ZIP" in lines[0]
 
 
+@pytest.mark.e2e
 def test_missing_corpus_path_is_one_line(tmp_path):
     p = run(["b2t-demo", "--quick", "--corpus", tmp_path / "nope.zip", "--out", tmp_path / "out"], check=False)
     assert p.returncode == 2 and "does not exist" in p.stderr and len(p.stderr.strip().splitlines()) == 1
@@ -40,15 +42,15 @@ def test_divergence_rules():
     ok = ['INFO:train_inner:{"num_updates": "10", "loss": "8.1", "nll_loss": "7.9"}',
           '2026 | INFO | valid | {"valid_num_updates": "10", "valid_loss": "7.5", "valid_nll_loss": "6.0"}']
     cfg = demo.resolve_config(demo.get_parser().parse_args(["--quick"]))
-    curves = demo.parse_log(ok)
+    curves = runs.parse_log(ok)
     assert curves["valid"][0]["valid_nll_loss"] == 6.0 and curves["train"][0]["loss"] == 8.1
-    assert not demo.summarize("b2t", 18, curves, 1.0, unigram_bits=8.0, cfg=cfg)["diverged"]
+    assert not runs.summarize("b2t", 18, curves, 1.0, unigram_bits=8.0, cfg=cfg)["diverged"]
     # final valid nll not below the unigram level: learned nothing from the source
-    assert demo.summarize("b2t", 18, curves, 1.0, unigram_bits=6.0, cfg=cfg)["diverged"]
+    assert runs.summarize("b2t", 18, curves, 1.0, unigram_bits=6.0, cfg=cfg)["diverged"]
     nan = ok + ['INFO:train_inner:{"num_updates": "15", "loss": "nan", "nll_loss": "nan"}']
-    assert demo.summarize("post_ln", 18, demo.parse_log(nan), 1.0, unigram_bits=8.0, cfg=cfg)["diverged"]
+    assert runs.summarize("post_ln", 18, runs.parse_log(nan), 1.0, unigram_bits=8.0, cfg=cfg)["diverged"]
     crash = ok + ["FloatingPointError: gradients are Nan/Inf"]
-    assert demo.summarize("post_ln", 18, demo.parse_log(crash), 1.0, unigram_bits=8.0, cfg=cfg)["diverged"]
+    assert runs.summarize("post_ln", 18, runs.parse_log(crash), 1.0, unigram_bits=8.0, cfg=cfg)["diverged"]
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from b2t_fairseq import grad_norms, tatoeba
-from conftest import TATOEBA_ZIP, run
+from b2t_fairseq.analysis import grad_norms
+from b2t_fairseq.demo import data as tatoeba
+from helpers import TATOEBA_ZIP, run
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,7 @@ def test_layer_norm_is_the_sum_of_its_sublayers(toy_data_bin):
             assert total == pytest.approx(sum(v * v for v in subs.values()) ** 0.5, rel=1e-6)
 
 
+@pytest.mark.e2e
 def test_bad_data_folder_is_one_line(tmp_path):
     p = run(["b2t-grad-norms", tmp_path, "--json", tmp_path / "x.json"], check=False)
     assert p.returncode == 2

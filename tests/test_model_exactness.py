@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_utils import TINY, build, toy_batch
+from b2t_fairseq.layers import rescale_init_
+from helpers import TINY, build, toy_batch
 
 STOCK_PRE = ["--encoder-normalize-before", "--decoder-normalize-before"]
 
@@ -127,8 +128,15 @@ def test_rescaled_init_scales_exactly_the_projection_weights(toy_data_bin):
     assert any("encoder_attn.k_proj.weight" in n for n in touched)
 
 
-def test_rescaled_init_factors_for_paper_depths():
-    assert round(6 ** -0.5, 3) == 0.408 and round(18 ** -0.5, 3) == 0.236 and round(100 ** -0.5, 3) == 0.1
+@pytest.mark.parametrize("depth,factor", [(6, 0.408), (18, 0.236), (100, 0.100)])
+def test_rescaled_init_factors_for_paper_depths(depth, factor):
+    """rescale_init_ applies the reference's factor (6: 0.408, 18: 0.236, 100: 0.100) to a weight."""
+    layer = torch.nn.Module()
+    layer.fc1 = torch.nn.Linear(4, 4)
+    before = layer.fc1.weight.detach().clone()
+    got = rescale_init_([layer], depth)
+    assert round(got, 3) == factor
+    assert torch.allclose(layer.fc1.weight, before * got)
 
 
 def test_b2t_without_rescale_starts_from_the_stock_initialization(toy_data_bin):

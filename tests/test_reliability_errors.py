@@ -1,6 +1,6 @@
 """The bad-input catalogue: each case exits non-zero with ONE line naming the problem and the fix.
 
-The contract (errors.py): ``PROG: error: <problem>; <fix>`` on stderr, exit status 2, no traceback.
+The contract (commands/__init__.py run_command): ``PROG: error: <problem>; <fix>`` on stderr, exit status 2, no traceback.
 Failures outside the catalogue keep their traceback. The README's Troubleshooting section lists them all.
 """
 
@@ -12,12 +12,13 @@ import types
 import pytest
 import torch
 
-from b2t_fairseq import errors, safe_checkpoint
-from b2t_fairseq.torchrun_train import torchrun_argv
-from conftest import run
+from b2t_fairseq import repairs as safe_checkpoint
+from b2t_fairseq.commands import explain as errors, run_command
+from b2t_fairseq.commands.torchrun_train import torchrun_argv
+from b2t_fairseq.errors import B2TError
+from helpers import run, toy_train_argv
 
-TRAIN = ["--arch", "transformer_b2t_tiny", "--share-all-embeddings", "--optimizer", "adam", "--lr", "0.001",
-         "--max-tokens", "200", "--num-workers", "0", "--no-progress-bar", "--cpu", "--seed", "1"]
+TRAIN = toy_train_argv(json_log=False)
 GEN = ["--batch-size", "16", "--beam", "2", "--cpu"]
 VALID = ["--batch-size", "16", "--cpu"]
 
@@ -53,12 +54,12 @@ def truncate(src, dst, keep=0.5):
 # --- the catalogue, run through the console functions -----------------------------------------------
 # Starting fairseq costs ~4 s a process on the 2-core test machine, so the cases below run one after
 # another in ONE process (DRIVER), each through the same function as its console command (b2t-train is
-# b2t_fairseq.cli:train); test_missing_data_directory and the fp16 test run the installed commands.
+# b2t_fairseq.commands.cli:train); test_missing_data_directory and the fp16 test run the installed commands.
 
 DRIVER = r"""
 import contextlib, io, json, sys, traceback
 import fairseq_cli.train, fairseq_cli.generate, fairseq_cli.validate  # logging set up outside the capture
-from b2t_fairseq import cli
+from b2t_fairseq.commands import cli
 cases_path, out_path = sys.argv[1:3]  # each command rewrites sys.argv
 cases, out = json.load(open(cases_path)), {}
 for name, cmd, argv in cases:
@@ -125,6 +126,7 @@ def case(catalogue, name):
     return types.SimpleNamespace(returncode=res["code"], stderr=res["stderr"], stdout=res["stdout"])
 
 
+@pytest.mark.e2e
 def test_missing_data_directory(tmp_path):
     p = run(["b2t-train", tmp_path / "nope", *TRAIN, "--max-update", "1", "--no-save"], check=False)
     one_line_error(p, "b2t-train", f"data directory {tmp_path / 'nope'} does not exist", "fairseq-preprocess")
@@ -238,13 +240,18 @@ def test_divergence_messages_also_through_nandetector_chain(exc, words):
         assert msg and all(w in msg for w in words), msg
 
 
+def _raiser(e):
+    def work():
+        raise e
+    return work
+
+
 def test_unknown_failures_keep_their_traceback():
     for e in (RuntimeError("a real bug"), KeyError("x"), ValueError("other"), FileNotFoundError("no filename"),
               FloatingPointError("Fatal error: gradients are inconsistent between workers.")):
         assert errors.explain(e, "b2t-train") is None
         with pytest.raises(type(e)):
-            with errors.one_line_errors("b2t-train"):
-                raise e
+            run_command("b2t-train", _raiser(e))
 
 
 # --- the pieces, in-process ---------------------------------------------------------------------
@@ -254,11 +261,11 @@ def test_atomic_copy_never_leaves_a_partial_destination(tmp_path, monkeypatch):
     torch.save({"n": 2}, src)
     torch.save({"n": 1}, dst)
 
-    def dies_halfway(a, b, *args, **kw):
-        open(b, "wb").write(open(a, "rb").read()[:10])
+    def dies_halfway(fsrc, fdst, *args, **kw):
+        fdst.write(fsrc.read()[:10])
         raise KeyboardInterrupt  # stands for the kill
 
-    monkeypatch.setattr(shutil, "copyfile", dies_halfway)
+    monkeypatch.setattr(shutil, "copyfileobj", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         safe_checkpoint.atomic_copy(str(src), str(dst))
     assert torch.load(dst)["n"] == 1
@@ -290,5 +297,5 @@ def test_torchrun_argv():
     assert argv.count("--ddp-backend") == 1 and "no_c10d" in argv  # the user's flag wins
     assert "--distributed-no-spawn" in argv
     assert "--distributed-backend" not in torchrun_argv(["data"], env=env, cuda=True)
-    with pytest.raises(SystemExit, match="RANK"):
+    with pytest.raises(B2TError, match="RANK.*not set; start this command under torchrun"):
         torchrun_argv(["data"], env={}, cuda=False)

@@ -5,14 +5,13 @@ PYTHONPATH of the training process only (see KILL_HOOK): after update N, or in t
 writing a checkpoint file.
 """
 
-import json
 import re
 import signal
 
 import pytest
 import torch
 
-from conftest import run
+from helpers import run, toy_train_argv, train_losses
 
 KILL_HOOK = r'''
 import os, signal
@@ -38,15 +37,15 @@ if _at:
         return out
 
     fairseq.trainer.Trainer.train_step = train_step
-    _copyfile = shutil.copyfile
+    _copyfileobj = shutil.copyfileobj
 
-    def copyfile(src, dst, *a, **kw):  # "copy:NAME": die halfway through copying onto NAME (or NAME.tmp)
-        if _where.startswith("copy:") and _updates[0] >= _at and os.path.basename(dst).startswith(_where[5:]):
-            with open(src, "rb") as s, open(dst, "wb") as d:
-                _half_then_die(s.read(), d)
-        return _copyfile(src, dst, *a, **kw)
+    def copyfileobj(fsrc, fdst, *a, **kw):  # "copy:NAME": die halfway through copying onto NAME (or NAME.tmp)
+        dst = getattr(fdst, "name", "")
+        if _where.startswith("copy:") and _updates[0] >= _at and os.path.basename(str(dst)).startswith(_where[5:]):
+            _half_then_die(fsrc.read(), fdst)
+        return _copyfileobj(fsrc, fdst, *a, **kw)
 
-    shutil.copyfile = copyfile
+    shutil.copyfileobj = copyfileobj
     _save = torch.save
 
     def save(obj, f, *a, **kw):  # "save": die halfway through torch.save of a checkpoint
@@ -63,10 +62,8 @@ if _at:
 '''
 
 # 400 toy pairs at --max-tokens 200: 16 updates an epoch; checkpoints every 5 updates
-TRAIN = ["--arch", "transformer_b2t_tiny", "--share-all-embeddings", "--optimizer", "adam", "--lr", "0.001",
-         "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--max-tokens", "200",
-         "--save-interval-updates", "5", "--seed", "1", "--num-workers", "0", "--log-format", "json",
-         "--log-interval", "1", "--no-progress-bar", "--cpu"]
+TRAIN = toy_train_argv("--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+                       "--save-interval-updates", "5")
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +80,7 @@ def train(data, save_dir, max_update, kill=None, hook=None, check=True):
     return run(["b2t-train", data, *TRAIN, "--max-update", max_update, "--save-dir", save_dir], check=check, env=env)
 
 
-def losses(log):
-    """{update: loss} from fairseq's json log (--log-interval 1)."""
-    out = {}
-    for line in log.splitlines():
-        if "train_inner" in line and "{" in line:
-            rec = json.loads(line[line.index("{"):])
-            out[int(rec["num_updates"])] = float(rec["loss"])
-    return out
+losses = train_losses
 
 
 def loaded_from(log):

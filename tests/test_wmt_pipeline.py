@@ -6,7 +6,9 @@ import json
 import pytest
 
 from b2t_fairseq.wmt import YEARS, fake, prepare, results_table
-from conftest import REPO, run
+from helpers import REPO, run
+
+pytestmark = pytest.mark.e2e  # prepares data and trains: minutes
 
 SCRIPTS = REPO / "scripts"
 

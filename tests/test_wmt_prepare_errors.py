@@ -6,6 +6,7 @@ import tarfile
 import pytest
 
 from b2t_fairseq.wmt import fake, prepare
+from helpers import assert_one_line_error
 
 
 @pytest.fixture
@@ -23,9 +24,9 @@ def _prepare(root, sums, capsys, *extra):
 
 
 def _one_error_line(err):
-    lines = [line for line in err.splitlines() if not line.startswith("[prepare]")]
-    assert len(lines) == 1 and lines[0].startswith("b2t-wmt-prepare: error: "), err
-    return lines[0]
+    lines = [line for line in err.splitlines() if " prepare: " not in line]  # progress lines
+    assert len(lines) == 1, err
+    return assert_one_line_error(err, "b2t-wmt-prepare")
 
 
 def _replace_corpus(root, name, en, de):

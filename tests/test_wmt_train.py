@@ -3,7 +3,7 @@
 import pytest
 
 from b2t_fairseq.wmt import train as recipe
-from conftest import REPO, run
+from helpers import REPO, run
 
 TRAIN_SH = REPO / "scripts" / "train.sh"
 
@@ -15,6 +15,7 @@ def dry(capsys, *argv):
     return rc, out.out.strip(), out.err.strip()
 
 
+@pytest.mark.e2e
 def test_script_prints_update_freq_for_8_and_4_gpus():
     p8 = run(["bash", TRAIN_SH, "transformer_b2t", "18", "--gpus", "8", "--max-tokens", "3584", "--dry-run"])
     assert "--update-freq 16" in p8.stdout and "--arch transformer_b2t_18l" in p8.stdout
@@ -59,7 +60,7 @@ def test_launchers(capsys):
     _, slurm, _ = dry(capsys, "transformer_b2t", 6, "--gpus", 8, "--nodes", 4, "--launcher", "slurm")
     assert slurm.startswith("srun --nodes 4 --ntasks-per-node 8") and "--distributed-port 29500" in slurm
     _, cpu, _ = dry(capsys, "transformer_b2t", 6, "--gpus", 0, "--cpu-procs", 2, "--max-tokens", 512)
-    for flag in ("--standalone", "--nproc_per_node 2", "-m b2t_fairseq.torchrun_train", "--cpu",
+    for flag in ("--standalone", "--nproc_per_node 2", "-m b2t_fairseq.commands.torchrun_train", "--cpu",
                  "--distributed-world-size 2", "--distributed-init-method env://", "--distributed-no-spawn",
                  "--distributed-backend gloo", "--ddp-backend legacy_ddp", "--update-freq 448"):
         assert flag in cpu

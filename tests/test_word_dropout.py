@@ -3,7 +3,7 @@
 import torch
 
 from b2t_fairseq.layers import word_dropout
-from model_utils import TINY, build
+from helpers import TINY, build
 
 P = 0.3
 NOPOS = TINY + ["--dropout", "0", "--no-token-positional-embeddings",

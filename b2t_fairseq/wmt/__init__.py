@@ -10,4 +10,3 @@ YEARS = (2010, 2011, 2012, 2013, 2014, 2015, 2016)
 VALID_YEAR = 2013
 TEST_YEAR = 2014
 BPE_MERGES = 32000
-TOKENS_PER_UPDATE = 3584 * 8 * 16  # 458,752: the authors' 8-GPU batch, kept fixed on other setups

@@ -11,13 +11,15 @@ One JSON file per run; ``b2t-results-table`` puts them beside the paper's number
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import B2TError, exit_status
+from ..commands import run_command
+from ..commands.cli import PLUGIN_DIR
+from ..errors import B2TError
+from ..util import parse_generate_output, write_json
 from . import TEST_YEAR, YEARS
 
 PROG = "b2t-wmt-evaluate"
@@ -34,8 +36,6 @@ def generate(data, checkpoint, subset, lenpen, args, workdir):
     from fairseq import options
     from fairseq_cli.generate import main as generate_main
 
-    from ..cli import PLUGIN_DIR
-
     out = Path(workdir) / subset
     argv = [str(data), "--user-dir", PLUGIN_DIR, "--path", str(checkpoint), "--gen-subset", subset,
             "--beam", str(args.beam), "--lenpen", str(lenpen), "--remove-bpe", "--max-tokens", str(args.max_tokens),
@@ -48,12 +48,7 @@ def generate(data, checkpoint, subset, lenpen, args, workdir):
     parser = options.get_generation_parser()
     gen_args = options.parse_args_and_arch(parser, argv)
     generate_main(gen_args)
-    hyps = {}
-    with open(out / f"generate-{subset}.txt", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("H-"):
-                head, _score, *text = line.rstrip("\n").split("\t")
-                hyps[int(head[2:])] = text[0] if text else ""
+    hyps = parse_generate_output((out / f"generate-{subset}.txt").read_text(encoding="utf-8"), "H")
     return [hyps[i] for i in sorted(hyps)]
 
 
@@ -124,11 +119,7 @@ def evaluate(args):
         print(f"average 2010-2016: SacreBLEU {result['average_2010_2016']['sacrebleu']:.2f}  "
               f"tokenized+compound BLEU {result['average_2010_2016']['tok_bleu']:.2f}")
     print(f"SacreBLEU signature: {result.get('sacrebleu_signature')}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(out.name + ".partial")
-    tmp_out.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp_out, out)
+    write_json(args.out, result)
     return result
 
 
@@ -157,7 +148,7 @@ def main(argv=None):
 
         args.cpu = not torch.cuda.is_available()
         args.fp16 = torch.cuda.is_available()
-    return exit_status(PROG, evaluate, args)
+    return run_command(PROG, evaluate, args)
 
 
 if __name__ == "__main__":

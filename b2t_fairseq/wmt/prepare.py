@@ -26,11 +26,12 @@ import sys
 import tarfile
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from multiprocessing import Pool
 from pathlib import Path
 
-from ..errors import B2TError, exit_status
+from ..commands import run_command
+from ..errors import B2TError
+from ..util import atomic_open, log as util_log
 from . import BPE_MERGES, TEST_YEAR, VALID_YEAR, YEARS
 
 PROG = "b2t-wmt-prepare"
@@ -51,26 +52,10 @@ STAGES = ("extract", "tokenize", "clean", "bpe", "binarize")
 
 
 def log(msg):
-    print(f"[prepare] {msg}", file=sys.stderr, flush=True)
+    util_log(f"prepare: {msg}", sys.stderr)
 
 
 # --- small file helpers -----------------------------------------------------------------------
-
-@contextmanager
-def atomic_open(path, mode="w"):
-    """Write PATH.partial and rename it to PATH only when the block finishes without error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    kw = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
-    try:
-        with open(tmp, mode, **kw) as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
 
 def read_lines(path):
     with open(path, encoding="utf-8", newline="\n") as f:
@@ -129,7 +114,7 @@ def archive_urls(mirror=None, overrides=()):
     for item in overrides:
         key, _, url = item.partition("=")
         if key not in urls or not url:
-            raise B2TError(f"--url {item}: expected NAME=URL with NAME one of {', '.join(OFFICIAL)}")
+            raise B2TError(f"--url {item}: expected NAME=URL with NAME one of {', '.join(OFFICIAL)}; e.g. --url dev=file:///data/dev.tgz")
         urls[key] = url
     return urls
 
@@ -518,7 +503,7 @@ def prepare(args):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    return exit_status(PROG, prepare, args)
+    return run_command(PROG, prepare, args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ import json
 import sys
 from pathlib import Path
 
+from ..commands import run_command
+from ..errors import B2TError
+from ..util import atomic_write
 from . import YEARS
 
 PROG = "b2t-results-table"
@@ -30,13 +33,13 @@ def load_results(paths):
         elif p.exists():
             files.append(p)
         else:
-            raise SystemExit(f"{PROG}: error: {p} does not exist; pass result JSON files or folders")
+            raise B2TError(f"{p} does not exist; pass result JSON files or folders")
     runs = []
     for f in files:
         try:
             r = json.loads(f.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SystemExit(f"{PROG}: error: {f} is not valid JSON ({e}); delete it or re-run the evaluation")
+            raise B2TError(f"{f} is not valid JSON ({e}); delete it or re-run the evaluation")
         if isinstance(r, dict) and "years" in r:
             runs.append(r)
     return runs
@@ -71,17 +74,20 @@ def render(runs, paper=True):
     return "\n".join(out) + "\n"
 
 
-def main(argv=None):
+def run(argv):
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="result JSON files or folders")
     p.add_argument("--out", help="also write the markdown here")
     p.add_argument("--no-paper", action="store_true", help="leave out the paper's rows")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
     text = render(load_results(args.results), paper=not args.no_paper)
     if args.out:
-        Path(args.out).write_text(text)
+        atomic_write(args.out, text)
     print(text, end="")
-    return 0
+
+
+def main(argv=None):
+    return run_command(PROG, run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

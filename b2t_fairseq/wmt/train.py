@@ -24,29 +24,20 @@ import shutil
 import subprocess
 import sys
 
+from .. import recipe
+from ..commands import run_command
 from ..errors import B2TError
-from . import TOKENS_PER_UPDATE
+from ..util import atomic_write
 
-ARCH_FAMILIES = ("transformer_b2t", "transformer_post_ln", "transformer_pre_ln")
+TOKENS_PER_UPDATE = recipe.TOKENS_PER_UPDATE
+
+ARCH_FAMILIES = tuple(recipe.FAMILIES.values())
 DEFAULT_DATA = "data-bin/wmt16_en_de_bpe32k"
 
 
 def hyperparameters(layers):
     """The authors' 2023 command (reference section 3), without the removed --min-lr, as (flag, value) pairs."""
-    hp = [
-        ("--share-all-embeddings", None),
-        ("--optimizer", "adam"), ("--adam-betas", "(0.9, 0.98)"), ("--clip-norm", "0.1"),
-        ("--lr", "0.001"), ("--lr-scheduler", "inverse_sqrt"), ("--warmup-updates", "4000"),
-        ("--warmup-init-lr", "1e-07"), ("--weight-decay", "0.0"),
-        ("--criterion", "label_smoothed_cross_entropy"), ("--label-smoothing", "0.1"),
-        ("--max-update", "25000" if layers >= 100 else "50000"),
-        ("--keep-last-epochs", "10"), ("--seed", "1"),
-    ]
-    if layers >= 18:
-        hp += [("--dropout", "0.5"), ("--word-dropout-src", "0.1"), ("--word-dropout-tgt", "0.1")]
-    else:
-        hp += [("--dropout", "0.3")]
-    return hp
+    return recipe.wmt_flags(layers)
 
 
 def resolve_arch(arch, layers):
@@ -111,7 +102,7 @@ def parse_args(argv):
     p.add_argument("--launcher", choices=("auto", "spawn", "torchrun", "slurm"), default="auto",
                    help="auto: spawn on one node, torchrun on several")
     p.add_argument("--cpu-procs", type=int, default=1, help="with no GPU: this many gloo processes (torchrun)")
-    p.add_argument("--max-tokens", type=int, default=3584)
+    p.add_argument("--max-tokens", type=int, default=recipe.MAX_TOKENS)
     p.add_argument("--tokens-per-update", type=int, default=TOKENS_PER_UPDATE,
                    help=f"target tokens per update (default {TOKENS_PER_UPDATE:,} = 3584 x 8 GPUs x 16)")
     p.add_argument("--data", default=os.environ.get("B2T_WMT_DATA", DEFAULT_DATA), help="binarized data")
@@ -189,7 +180,7 @@ def build_command(args):
         rdzv = ["--nnodes", str(nodes), "--node_rank", str(args.node_rank),
                 "--master_addr", args.master_addr, "--master_port", str(args.master_port)]
     return [sys.executable, "-m", "torch.distributed.run"] + rdzv + ["--nproc_per_node", str(procs),
-            "-m", "b2t_fairseq.torchrun_train"] + fairseq_args
+            "-m", "b2t_fairseq.commands.torchrun_train"] + fairseq_args
 
 
 def check_data(data):
@@ -209,26 +200,24 @@ def prepare_save_dir(save, force):
     os.makedirs(save, exist_ok=True)
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = parse_args(argv)
-        cmd = build_command(args)
-        if args.dry_run:
-            print(shlex.join(cmd))
-            return 0
-        check_data(args.data)
-        save = save_dir_of(args)
-        prepare_save_dir(save, args.force)
-    except B2TError as e:
-        print(f"train.sh: error: {e}", file=sys.stderr)
-        return 2
+def run(argv):
+    args = parse_args(argv)
+    cmd = build_command(args)
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    check_data(args.data)
+    save = save_dir_of(args)
+    prepare_save_dir(save, args.force)
     print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
     rc = subprocess.call(cmd)
     if rc == 0:
-        with open(os.path.join(save, "DONE"), "w") as f:
-            f.write(shlex.join(cmd) + "\n")
+        atomic_write(os.path.join(save, "DONE"), shlex.join(cmd) + "\n")
     return rc
+
+
+def main(argv=None):
+    return run_command("train.sh", run, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ import sys
 
 import torch
 
-import b2t_fairseq  # noqa: F401  (safe globals for torch.load of fairseq checkpoints)
-from b2t_fairseq.errors import B2TError
-from b2t_fairseq.safe_checkpoint import find_damage
+from ..errors import B2TError
+from ..repairs import find_damage
+from ..util import atomic_open
+from . import run_command
 
 EPOCH_RE = re.compile(r"^checkpoint(\d+)\.pt$")
 UPDATE_RE = re.compile(r"^checkpoint_\d+_(\d+)\.pt$")
@@ -95,9 +96,8 @@ def average(paths):
 
 def save(state, output):
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = output + ".partial"
-    torch.save(state, tmp)
-    os.replace(tmp, output)
+    with atomic_open(output, "wb") as f:
+        torch.save(state, f)
 
 
 def parse_args(argv):
@@ -127,19 +127,18 @@ def select_inputs(args):
                             upper_bound=args.checkpoint_upper_bound)
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        paths = select_inputs(args)
-        state = average(paths)
-        save(state, args.output)
-    except B2TError as e:
-        print(f"b2t-average-checkpoints: error: {e}", file=sys.stderr)
-        return 2
+def run(argv):
+    args = parse_args(argv)
+    paths = select_inputs(args)
+    state = average(paths)
+    save(state, args.output)
     print(f"averaged {len(paths)} checkpoint(s) into {args.output}:")
     for path in paths:
         print(f"  {path}")
-    return 0
+
+
+def main(argv=None):
+    return run_command("b2t-average-checkpoints", run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """``b2t-train`` for one process of a torchrun job.
 
-    python -m torch.distributed.run --nproc_per_node 2 -m b2t_fairseq.torchrun_train DATA ARGS...
+    python -m torch.distributed.run --nproc_per_node 2 -m b2t_fairseq.commands.torchrun_train DATA ARGS...
+    torchrun --nproc_per_node 2 --no-python b2t-torchrun-train DATA ARGS...          (the same)
 
 torchrun starts one process per worker and passes its rank in the environment; fairseq wants it
 as ``--distributed-rank`` (without it fairseq computes the rank modulo the number of GPUs, which
@@ -17,25 +18,21 @@ makes it the process group's timeout: the blocked collective then fails after th
 and torchrun ends the job.
 """
 
-import datetime
-
 import os
 import sys
 
-from . import cli
-from .errors import flag_value
-
-
-def _has(argv, flag):
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
+from ..errors import B2TError
+from ..repairs import collective_timeout
+from ..util import flag_value, has_flag as _has
+from . import cli, run_command
 
 
 def torchrun_argv(argv, env=os.environ, cuda=None):
     """argv plus the distributed flags for this process, from torchrun's RANK/WORLD_SIZE/LOCAL_RANK."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
     if missing:
-        raise SystemExit(f"b2t-torchrun-train: error: {', '.join(missing)} not set; start this module with "
-                         "torchrun (python -m torch.distributed.run --nproc_per_node N -m b2t_fairseq.torchrun_train ...)")
+        raise B2TError(f"{', '.join(missing)} not set; start this command under torchrun "
+                       "(torchrun --nproc_per_node N --no-python b2t-torchrun-train DATA ...)")
     if cuda is None:
         import torch
 
@@ -58,28 +55,22 @@ def torchrun_argv(argv, env=os.environ, cuda=None):
     return out
 
 
-def collective_timeout(seconds):
-    """Make the process groups of this process (fairseq's default one and the data-parallel group
-    it creates with new_group) time out after this many seconds instead of torch's default."""
-    import torch.distributed as dist
-
-    def with_timeout(make):
-        def make_group(*args, **kwargs):
-            if kwargs.get("timeout") is None:
-                kwargs["timeout"] = datetime.timedelta(seconds=seconds)
-            return make(*args, **kwargs)
-        return make_group
-
-    dist.init_process_group = with_timeout(dist.init_process_group)
-    dist.new_group = with_timeout(dist.new_group)
+def _setup(argv):
+    """This process's full argv; applies --heartbeat-timeout to the process groups."""
+    heartbeat = flag_value(argv, "--heartbeat-timeout")
+    try:
+        seconds = float(heartbeat) if heartbeat is not None else 0.0
+    except ValueError:
+        raise B2TError(f"--heartbeat-timeout {heartbeat} is not a number; give it in seconds") from None
+    full = torchrun_argv(argv)
+    if seconds > 0:
+        collective_timeout(seconds)
+    return full
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    heartbeat = flag_value(argv, "--heartbeat-timeout")
-    if heartbeat is not None and float(heartbeat) > 0:
-        collective_timeout(float(heartbeat))
-    return cli.run_fairseq(_train_main, torchrun_argv(argv), prog="b2t-train")
+    return run_command("b2t-torchrun-train", lambda: cli.run_fairseq(_train_main, _setup(argv), prog="b2t-train"))
 
 
 def _train_main():
@@ -89,4 +80,4 @@ def _train_main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,15 +19,17 @@ number is the mean over the K batches of the per-batch norm. Layers are listed l
 
 import argparse
 import csv
-import json
 import math
 import os
 import sys
 from pathlib import Path
 
-from .errors import B2TError, fail
+from .. import recipe
+from ..commands import run_command
+from ..errors import B2TError
+from ..util import atomic_open, pyplot, write_json
 
-DEFAULT_ARCHS = ("post_ln", "pre_ln", "b2t")
+DEFAULT_ARCHS = recipe.PAPER_ARCHS
 SUBLAYERS = {  # parameter-name prefix inside a layer -> sub-layer name
     "self_attn_layer_norm": "self_attn_ln", "self_attn": "self_attn",
     "encoder_attn_layer_norm": "cross_attn_ln", "encoder_attn": "cross_attn",
@@ -35,7 +37,7 @@ SUBLAYERS = {  # parameter-name prefix inside a layer -> sub-layer name
 }
 LN_MODULES = {"self_attn_layer_norm": "self_attn_ln", "encoder_attn_layer_norm": "cross_attn_ln",
               "final_layer_norm": "ffn_ln"}
-LABELS = {"post_ln": "Post-LN", "pre_ln": "Pre-LN", "b2t": "B2T"}
+LABELS = recipe.LABELS
 
 
 def set_threads():
@@ -57,7 +59,6 @@ def build_fresh(data, arch, layers=None, model_args=(), seed=1):
     import torch
     from fairseq import options, tasks
 
-    from . import cli  # noqa: F401  (registers the plugin)
 
     argv = [str(data), "--arch", arch, "--share-all-embeddings", "--cpu", "--seed", str(seed),
             "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
@@ -75,7 +76,6 @@ def load_checkpoint(path, data):
     """(task, model, criterion) from a checkpoint trained with the plugin, reading batches from data."""
     from fairseq import checkpoint_utils
 
-    from . import cli  # noqa: F401
 
     if not Path(path).is_file():
         raise B2TError(f"checkpoint {path} does not exist; pass a checkpoint_*.pt written by b2t-train")
@@ -200,19 +200,11 @@ def bottom_top_ratio(norms, n=3):
     return _mean(norms[:n]) / _mean(norms[-n:])
 
 
-def write_json(results, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, path)
-
-
 def write_csv(results, path):
     """One row a (model, stack, layer, quantity): layer = parameter gradient norm of the whole layer."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with atomic_open(path, "w") as f:
         w = csv.writer(f)
         w.writerow(["model", "stack", "layer", "quantity", "grad_norm"])
         for name, res in results.items():
@@ -227,14 +219,7 @@ def write_csv(results, path):
 
 def plot(results, path, title=None):
     """Three panels: encoder and decoder per-layer norms, and the LayerNorm points of the top decoder layer."""
-    import logging
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, side in zip(axes[:2], ("encoder", "decoder")):
         for name, res in results.items():
@@ -301,22 +286,19 @@ def get_parser():
     return p
 
 
-def main(argv=None):
+def run(argv):
     args = get_parser().parse_args(argv)
     if args.size == "base":
         args.size = ""
     if not (args.json or args.csv or args.png):
-        fail("b2t-grad-norms", "nothing to write; pass --json PATH, --csv PATH and/or --png PATH")
+        raise B2TError("nothing to write; pass --json PATH, --csv PATH and/or --png PATH")
     set_threads()
-    try:
-        specs = [(n, a.rstrip("_") if a else a, c) for n, a, c in parse_specs(args)]
-        results = run_models(args.data, specs, layers=args.layers, model_args=args.model_args.split(),
-                             k=args.batches, max_tokens=args.max_tokens, split=args.split, seed=args.seed,
-                             log=lambda m: print(m, file=sys.stderr))
-    except B2TError as e:
-        fail("b2t-grad-norms", str(e))
+    specs = [(n, a.rstrip("_") if a else a, c) for n, a, c in parse_specs(args)]
+    results = run_models(args.data, specs, layers=args.layers, model_args=args.model_args.split(),
+                         k=args.batches, max_tokens=args.max_tokens, split=args.split, seed=args.seed,
+                         log=lambda m: print(m, file=sys.stderr))
     if args.json:
-        write_json(results, args.json)
+        write_json(args.json, results)
     if args.csv:
         write_csv(results, args.csv)
     if args.png:
@@ -324,7 +306,10 @@ def main(argv=None):
     for name, res in results.items():
         print(f"{name}: decoder lowest/top-3 grad-norm ratio {bottom_top_ratio(res['decoder']):.3g}, "
               f"encoder {bottom_top_ratio(res['encoder']):.3g}")
-    return 0
+
+
+def main(argv=None):
+    return run_command("b2t-grad-norms", run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

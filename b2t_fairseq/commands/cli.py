@@ -3,14 +3,21 @@
 ``b2t-train ARGS`` is ``fairseq-train --user-dir <this package> ARGS``, and so on for generate,
 interactive, validate and hydra-train. The plugin directory is passed as ``--user-dir`` (not just
 imported) so that fairseq records it and spawned workers load it too. Known failures (bad flags,
-missing data, broken checkpoints, an fp16 collapse: see errors.py) are printed as one line, not a
-traceback. (Checkpoint safety is installed by importing the plugin: see compat.py.)
+missing data, broken checkpoints, an fp16 collapse: see explain.py) are printed as one line, not a
+traceback. (Checkpoint safety is installed by importing the plugin: see repairs.py.)
+
+Without the console scripts: ``python -m b2t_fairseq.commands.cli {train,generate,interactive,validate,
+hydra-train} ARGS``.
 """
 
 import os
 import sys
 
-PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
+from ..errors import B2TError
+from . import run_command
+from .explain import check_args_before_fairseq
+
+PLUGIN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _with_user_dir(argv, hydra=False):
@@ -30,8 +37,6 @@ def _with_user_dir(argv, hydra=False):
             i += 1
             continue
         if os.path.basename(os.path.normpath(value)) != "b2t_fairseq":
-            from .errors import B2TError
-
             raise B2TError(f"--user-dir {value}: the b2t commands load the b2t_fairseq plugin themselves and "
                            "fairseq takes one --user-dir; use fairseq-train for other plugins")
         if os.path.realpath(value) != os.path.realpath(PLUGIN_DIR):
@@ -42,16 +47,20 @@ def _with_user_dir(argv, hydra=False):
 
 
 def run_fairseq(main, argv=None, hydra=False, prog=None):
-    """Run a fairseq entry point with the plugin; turn the plugin's config errors into one line."""
-    from . import errors
-
+    """Run a fairseq entry point with the plugin; known failures become one line (exit 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or os.path.basename(sys.argv[0])
-    if not hydra:
-        errors.check_args_before_fairseq(argv, prog)
-    with errors.one_line_errors(prog):
+
+    def work():
+        if not hydra:
+            check_args_before_fairseq(argv, prog)
         sys.argv = [prog] + _with_user_dir(argv, hydra=hydra)
         return main()
+
+    rc = run_command(prog, work)
+    if rc:
+        raise SystemExit(rc)
+    return rc
 
 
 def train(argv=None):
@@ -87,3 +96,12 @@ def hydra_train(argv=None):
     from fairseq_cli.hydra_train import cli_main
 
     return run_fairseq(cli_main, argv, hydra=True, prog="b2t-hydra-train")
+
+
+COMMANDS = {"train": train, "generate": generate, "interactive": interactive, "validate": validate,
+            "hydra-train": hydra_train}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(f"usage: python -m b2t_fairseq.commands.cli {{{','.join(COMMANDS)}}} ARGS...")
+    sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))

@@ -24,23 +24,24 @@ kernels, and the achieved fraction of the device's measured matrix-multiply peak
 """
 
 import argparse
-import contextlib
 import gc
-import json
 import logging
 import math
 import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
 
-PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
+from .. import recipe
+from ..commands import run_command
+from ..commands.cli import PLUGIN_DIR
+from ..errors import B2TError
+from ..util import machine, write_json
+from .measure import build_and_measure_memory, log, profile_update, run_updates, saved_activation_bytes
+
 PROG = "b2t-bench"
 
 VARIANTS = {
@@ -68,11 +69,8 @@ DEFAULTS = {
 # sentence lengths in subword tokens, roughly those of WMT En-De with 32k BPE
 LEN_MEDIAN, LEN_SIGMA, LEN_MAX, TGT_RATIO = 24.0, 0.6, 250, 1.08
 
-MATMUL_KERNEL = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|matmul|Kernel2", re.I)
 
-
-class BenchError(Exception):
-    """Bad input; the message names the problem and the fix."""
+BenchError = B2TError  # bad input: the message names the problem and the fix
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,16 +95,12 @@ def fairseq_argv(variant, data_dir, size, layers, max_tokens, device, dtype, see
     """The fairseq-train command line of one variant (the paper's optimizer and criterion)."""
     s = SIZES[size] if isinstance(size, str) else size
     argv = [data_dir, "--task", "translation", "--source-lang", "src", "--target-lang", "tgt",
-            "--user-dir", PLUGIN_DIR, *VARIANTS[variant], "--share-all-embeddings",
+            "--user-dir", PLUGIN_DIR, *VARIANTS[variant],
             "--encoder-layers", layers, "--decoder-layers", layers,
             "--encoder-embed-dim", s["dim"], "--decoder-embed-dim", s["dim"],
             "--encoder-ffn-embed-dim", s["ffn"], "--decoder-ffn-embed-dim", s["ffn"],
             "--encoder-attention-heads", s["heads"], "--decoder-attention-heads", s["heads"],
-            "--dropout", "0.3",
-            "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "0.1",
-            "--lr", "0.001", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000",
-            "--warmup-init-lr", "1e-07", "--weight-decay", "0.0",
-            "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+            "--dropout", recipe.regularization(6)["dropout"], *recipe.optimizer_argv(),
             "--max-tokens", max_tokens, "--seed", seed, "--distributed-world-size", "1",
             "--no-progress-bar", "--save-dir", save_dir or os.path.join(data_dir, "checkpoints")]
     if variant.startswith("plugin_"):
@@ -188,118 +182,6 @@ def collate(d, src_lens, tgt_lens, rng):
 
 
 # ---------------------------------------------------------------------------------------------
-# measuring
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def run_updates(trainer, batches, device, cpu_time=False):
-    """Wall seconds for one update per batch (fairseq's Trainer.train_step, update_freq 1);
-    with cpu_time, also this process's CPU seconds (robust to other jobs on a shared CPU)."""
-    sync(device)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for sample in batches:
-        if trainer.train_step([sample]) is None:  # fairseq skipped it: fp16 overflow, or out of memory
-            trainer.b2t_bench_skipped = getattr(trainer, "b2t_bench_skipped", 0) + 1
-    sync(device)
-    wall = time.perf_counter() - t0
-    return (wall, time.process_time() - c0) if cpu_time else wall
-
-
-@contextlib.contextmanager
-def cuda_peaks():
-    """Collect torch.cuda.max_memory_allocated() each time fairseq's Trainer resets it (once per update)."""
-    peaks, real = [], torch.cuda.reset_peak_memory_stats
-
-    def reset(*a, **k):
-        peaks.append(torch.cuda.max_memory_allocated())
-        real(*a, **k)
-
-    torch.cuda.synchronize()
-    real()
-    torch.cuda.reset_peak_memory_stats = reset
-    try:
-        yield peaks
-    finally:
-        torch.cuda.reset_peak_memory_stats = real
-        torch.cuda.synchronize()
-        peaks.append(torch.cuda.max_memory_allocated())
-
-
-def peak_cpu_tensor_bytes(trace_file):
-    """Peak of the running sum of CPU allocations minus frees in a torch.profiler chrome trace."""
-    with open(trace_file) as f:
-        events = json.load(f)["traceEvents"]
-    mem = sorted((e["ts"], e["args"]["Bytes"]) for e in events
-                 if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0)
-    live = peak = 0
-    for _, nbytes in mem:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
-def build_and_measure_memory(argv, batches, device, workdir):
-    """Build one variant and run one update per batch; return (trainer, peak bytes it needed).
-
-    CUDA: max_memory_allocated over the build and the updates, minus what was allocated before
-    (the other variants). CPU: the peak of live tensor bytes over the same span, from the
-    allocator events torch.profiler records (the CPU analogue of max_memory_allocated).
-    """
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        with cuda_peaks() as peaks:
-            trainer = build_trainer(argv)
-            run_updates(trainer, batches, device)
-        return trainer, max(peaks) - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer = build_trainer(argv)
-        run_updates(trainer, batches, device)
-    trace = os.path.join(workdir, "mem-trace.json")
-    prof.export_chrome_trace(trace)
-    peak = peak_cpu_tensor_bytes(trace)
-    os.remove(trace)
-    return trainer, peak
-
-
-@contextlib.contextmanager
-def _quiet_profiler():
-    """The profiler warns once per free of a block allocated before it started; hide that noise."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def saved_activation_bytes(trainer, sample):
-    """Bytes of distinct non-parameter storages autograd saves for backward in one training forward."""
-    model, criterion = trainer.model, trainer.criterion
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    sample, _ = trainer._prepare_sample(sample)
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _, _ = criterion(model, sample)
-    del loss
-    trainer.zero_grad()
-    return sum(seen.values())
-
-
-# ---------------------------------------------------------------------------------------------
 # one configuration: all variants at one depth and max-tokens, interleaved
 
 
@@ -312,7 +194,7 @@ def bench_config(variants, size, layers, max_tokens, opts, device, dtype, workdi
     trainers, peak_mem, saved = {}, {}, {}
     for v in variants:
         argv = fairseq_argv(v, workdir, size, layers, max_tokens, device, dtype, opts.seed)
-        trainers[v], peak_mem[v] = build_and_measure_memory(argv, batches, device, workdir)
+        trainers[v], peak_mem[v] = build_and_measure_memory(lambda: build_trainer(argv), batches, device, workdir)
         saved[v] = saved_activation_bytes(trainers[v], max(batches, key=lambda b: b["target"].numel()))
     for v in variants:
         for _ in range(opts.warmup):
@@ -386,137 +268,7 @@ def records(variants, layers, max_tokens, ntokens, n_batches, seconds, peak_mem,
 
 
 # ---------------------------------------------------------------------------------------------
-# profile of one update
-
-
-def matmul_peak_flops(device, dtype):
-    """Measured FLOP/s of a large square matrix product on this device (fp16 8192^3 on CUDA)."""
-    n, reps = (8192, 10) if device == "cuda" else (1024, 5)
-    dt = torch.float16 if dtype == "fp16" else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dt)
-    b = torch.randn(n, n, device=device, dtype=dt)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0), f"{n}x{n}x{n} {dt}"
-
-
-def count_flops(trainer, sample):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    try:
-        with FlopCounterMode(display=False) as fc:
-            trainer.train_step([sample])
-        return fc.get_total_flops()
-    except Exception as e:  # the count is a nicety; never let it sink the benchmark
-        log(f"  flop count failed: {e!r}")
-        return None
-
-
-def union_length(intervals, lo, hi):
-    total, end = 0.0, lo
-    for s, e in sorted(intervals):
-        s, e = max(s, end), min(e, hi)
-        if e > s:
-            total += e - s
-            end = e
-    return total
-
-
-def summarize_trace(trace_file, device, top=10):
-    with open(trace_file) as f:
-        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
-    mark = [e for e in events if e.get("name") == "b2t_bench_update"]
-    lo = min(e["ts"] for e in mark)
-    cpu_end = max(e["ts"] + e["dur"] for e in mark)
-    if device == "cuda":
-        work = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    else:  # leaf-level CPU ops: time inside aten operators, against Python and framework glue
-        work = [e for e in events if e.get("cat") == "cpu_op" and e["name"].startswith("aten::")]
-    hi = max([cpu_end] + [e["ts"] + e["dur"] for e in work])
-    busy = union_length([(e["ts"], e["ts"] + e["dur"]) for e in work], lo, hi)
-    by_name = {}
-    for e in work:
-        t = by_name.setdefault(e["name"], [0.0, 0])
-        t[0] += e["dur"]
-        t[1] += 1
-    # on CPU, aten ops nest (matmul -> mm): the union above handles that; the top list may double count
-    kernel_sum = sum(t for t, _ in by_name.values())
-    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
-    matmul = sum(t for name, (t, _) in by_name.items() if MATMUL_KERNEL.search(name) or name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"))
-    return {
-        "window_ms": (hi - lo) / 1000,
-        "busy_ms": busy / 1000,
-        "gap_ms": (hi - lo - busy) / 1000,
-        "busy_fraction": busy / (hi - lo),
-        "busy_what": "union of GPU kernels, memcpy, memset" if device == "cuda" else "union of aten operators",
-        "matmul_ms": matmul / 1000,
-        "matmul_share_of_work": matmul / kernel_sum if kernel_sum else None,
-        "kernel_count": sum(c for _, c in by_name.values()),
-        "top": [{"name": n[:160], "ms": t / 1000, "calls": c, "share_of_work": t / kernel_sum}
-                for n, (t, c) in ranked],
-    }
-
-
-def profile_update(trainer, batches, device, dtype, workdir):
-    """Where one update's time goes: kernels vs gaps, top kernels, achieved matrix throughput."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    sample = max(batches, key=lambda b: b["ntokens"])
-    walls = [run_updates(trainer, [sample], device) for _ in range(5)]
-    wall = statistics.median(walls)
-    flops = count_flops(trainer, sample)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with _quiet_profiler(), profile(activities=acts) as prof:
-        with record_function("b2t_bench_update"):
-            trainer.train_step([sample])
-        sync(device)
-    trace = os.path.join(workdir, "profile-trace.json")
-    prof.export_chrome_trace(trace)
-    summary = summarize_trace(trace, device)
-    os.remove(trace)
-    peak, peak_what = matmul_peak_flops(device, dtype)
-    achieved = flops / wall if flops else None
-    summary.update({
-        "device": device, "dtype": dtype, "target_tokens": sample["ntokens"],
-        "update_ms_unprofiled": 1000 * wall, "tokens_per_s_unprofiled": sample["ntokens"] / wall,
-        "flops_per_update": flops, "achieved_flops_per_s": achieved,
-        "matmul_peak_flops_per_s": peak, "matmul_peak_measured_on": peak_what,
-        "achieved_fraction_of_matmul_peak": achieved / peak if achieved else None,
-        "matmul_kernel_flops_per_s": flops / (summary["matmul_ms"] / 1000) if flops and summary["matmul_ms"] else None,
-    })
-    return summary
-
-
-# ---------------------------------------------------------------------------------------------
 # command line
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def machine(device):
-    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
-    info["cpu_cores"] = os.cpu_count()
-    try:
-        import fairseq
-
-        info["fairseq"] = fairseq.__version__
-    except Exception:  # pragma: no cover
-        pass
-    return info
 
 
 def parse_args(argv):
@@ -615,7 +367,7 @@ def quiet():
 
 def run(opts):
     quiet()
-    info = machine(opts.device)
+    info = machine()
     desc = f"{info.get('gpu', info['cpu'])}, {opts.device} {opts.dtype}, {info['threads']} threads, " \
            f"sizes {opts.size} {SIZES[opts.size]}"
     log(f"{PROG}: {desc}")
@@ -643,13 +395,6 @@ def run(opts):
     return recs, profile
 
 
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-
-
 def print_profile(p):
     frac = p["achieved_fraction_of_matmul_peak"]
     print(f"\nprofile: one {p['variant']} update, {p['layers']}L, {p['target_tokens']} target tokens, "
@@ -663,13 +408,7 @@ def print_profile(p):
 
 
 def main(argv=None):
-    try:
-        opts = settle(parse_args(sys.argv[1:] if argv is None else argv))
-        run(opts)
-    except BenchError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    return 0
+    return run_command(PROG, lambda a: run(settle(parse_args(a))), sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

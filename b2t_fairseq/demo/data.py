@@ -12,7 +12,6 @@ no English sentence is in two splits. The joint sentencepiece model is learned o
 import collections
 import hashlib
 import io
-import json
 import math
 import os
 import random
@@ -23,7 +22,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from .errors import B2TError
+from ..errors import B2TError
+from ..util import write_json
 
 DEFAULT_URL = "https://www.manythings.org/anki/deu-eng.zip"
 SPLITS = ("train", "valid", "test")
@@ -212,7 +212,5 @@ def prepare(zip_path, cache_dir, *, vocab_size=4000, n_valid=1000, n_test=1000, 
     counts = {s: sum(1 for _ in open(root / "raw" / f"{s}.en", encoding="utf-8")) for s in SPLITS}
     meta = {"zip": str(zip_path), "zip_sha256_16": digest, "pairs": counts, "vocab_size": vocab_size,
             "seed": seed, "unigram_valid_xent_bits": unigram_xent_bits(root / "spm")}
-    tmp = meta_path.with_name("meta.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_path)
+    write_json(meta_path, meta)
     return root

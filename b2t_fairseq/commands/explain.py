@@ -1,0 +1,113 @@
+"""The catalogue of fairseq failures the commands explain in one line (problem; fix).
+
+``explain(exc, prog)`` returns the message for a known failure raised inside fairseq, or None;
+``commands.run_command`` prints it. The README's Troubleshooting section lists every message.
+"""
+
+import os
+import re
+
+from ..errors import B2TError
+from ..repairs import CheckpointError
+from ..util import flag_value
+
+
+# --- checks made before fairseq starts ---------------------------------------------------------
+
+def check_args_before_fairseq(argv, prog):
+    """Checks that are cheap to make before fairseq starts."""
+    restore = flag_value(argv, "--restore-file")
+    if prog.endswith("train") and restore not in (None, "checkpoint_last.pt") and not os.path.exists(restore):
+        # fairseq would log "No existing checkpoint found" and silently train from scratch
+        raise B2TError(f"--restore-file {restore} does not exist; fix the path (it is used as given, not "
+                       "relative to --save-dir), or drop the flag to resume from SAVE_DIR/checkpoint_last.pt")
+
+
+# --- the catalogue of failures inside fairseq --------------------------------------------------
+
+TRAINING_FIXES = ("lower --lr, raise --warmup-updates, set --clip-norm (the paper uses 0.1), "
+                  "or use B2T layers (--ln-position b2t), which keep deep models stable")
+
+
+def _checkpoint_fix(prog, err):
+    if err.kind == "unsafe":
+        return "load only checkpoints you trust; for one you do, set TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1"
+    if prog.endswith("train"):
+        folder = os.path.dirname(err.path) or "."
+        return (f"resume from an intact one with --restore-file {folder}/checkpoint_best.pt (or an epoch "
+                "checkpoint such as checkpoint3.pt or checkpoint_E_U.pt), or move the broken file away "
+                "to start afresh")
+    return "pass another checkpoint with --path (checkpoint_best.pt, an epoch checkpoint or an averaged one)"
+
+
+def _explain_missing_file(e, prog):
+    m = re.match(r"Dataset not found: (\S+) \((.*)\)$", str(e))
+    if m:
+        split, data = m.groups()
+        other = "--gen-subset" if prog.endswith(("generate", "validate")) else "--valid-subset or --disable-validation"
+        return (f"split '{split}' not found in data directory {data}; binarize it with fairseq-preprocess "
+                f"(--{split}pref) or choose another split with {other}")
+    path = getattr(e, "filename", None)
+    if not path:
+        return None
+    name = os.path.basename(os.path.normpath(path))
+    folder = os.path.dirname(path) if re.fullmatch(r"dict\.[^/]*\.txt", name) else path
+    if not os.path.isdir(folder):
+        return (f"data directory {folder} does not exist; pass the folder that fairseq-preprocess wrote "
+                "(its --destdir) as the first argument")
+    if folder != path:
+        return (f"data directory {folder} has no {name}; pass a folder binarized by fairseq-preprocess, "
+                "with --source-lang/--target-lang matching its files")
+    return None
+
+
+def _explain_value_error(e):
+    msg = str(e)
+    if msg == "--share-all-embeddings requires a joined dictionary":
+        return ("--share-all-embeddings needs one joined dictionary, but the data directory's source and target "
+                "dictionaries differ; binarize with fairseq-preprocess --joined-dictionary, or drop "
+                "--share-all-embeddings (--share-decoder-input-output-embed needs no joined dictionary)")
+    if msg.startswith("--share-all-embeddings"):
+        return f"{msg}; make the flags agree or drop --share-all-embeddings"
+    return None
+
+
+def _explain_floating_point(e):
+    m = re.search(r"Minimum loss scale reached \(([^)]*)\)", str(e))
+    if m:
+        return (f"fp16 training collapsed: the loss scale fell to the minimum ({m.group(1)}) because the "
+                f"loss keeps overflowing, and further updates would be NaN; {TRAINING_FIXES}; a larger "
+                "--fp16-scale-window lowers the scale less often, and --amp (or fp32) has more range; "
+                "crash.pt in the save dir holds the last state")
+    if str(e).startswith("gradients are Nan/Inf"):
+        return f"training diverged: the gradients became NaN/Inf; {TRAINING_FIXES}"
+    return None
+
+
+def _chain(e):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def explain(e, prog):
+    """The one-line message for a known failure (problem; fix), or None for anything else."""
+    if isinstance(e, CheckpointError):
+        return f"{e}; {_checkpoint_fix(prog, e)}"
+    if isinstance(e, B2TError):
+        return str(e)
+    if isinstance(e, FileNotFoundError):
+        return _explain_missing_file(e, prog)
+    if isinstance(e, OSError) and str(e).startswith("Model file not found: "):
+        path = str(e).split(": ", 1)[1]
+        return f"checkpoint {path} not found; fix --path (separate several checkpoints with ':')"
+    if isinstance(e, ValueError):
+        return _explain_value_error(e)
+    # fairseq re-runs a failed fp16 step under its NanDetector, which can raise a second error
+    # (StopIteration under torch >= 2.x) that hides the real one: look down the chain
+    for cause in _chain(e):
+        if isinstance(cause, FloatingPointError):
+            return _explain_floating_point(cause)
+    return None

@@ -1,0 +1,73 @@
+"""The paper's training recipe: the single source of every hyperparameter the project uses.
+
+Read by the named architectures (``transformer_b2t.py``), the WMT launcher (``scripts/train.sh``),
+the demo, the benchmark and the GPU script; the Hydra configs in ``configs/`` are checked against
+it by ``tests/test_configs.py``. Source: the authors' 2023 command (reference doc, section 3).
+"""
+
+# layer types selectable with --ln-position, and the architecture family of each
+LN_POSITIONS = ("post", "pre", "b2t")
+FAMILIES = {"post": "transformer_post_ln", "pre": "transformer_pre_ln", "b2t": "transformer_b2t"}
+PAPER_LN_POSITIONS = ("post", "pre", "b2t")  # what the paper compares (the demo's default)
+
+DEEP = 18  # from this depth on, the paper's deep regularization applies
+
+
+def regularization(layers):
+    """Dropout and word dropout by depth: 0.3 at 6 layers; 0.5 plus word dropout 0.1 at 18."""
+    deep = layers >= DEEP
+    return {"dropout": 0.5 if deep else 0.3,
+            "word_dropout_src": 0.1 if deep else 0.0,
+            "word_dropout_tgt": 0.1 if deep else 0.0}
+
+
+# optimizer, schedule and criterion, as fairseq flags (everything but the depth-dependent part)
+OPTIMIZATION = [
+    ("--share-all-embeddings", None),
+    ("--optimizer", "adam"), ("--adam-betas", "(0.9, 0.98)"), ("--clip-norm", "0.1"),
+    ("--lr", "0.001"), ("--lr-scheduler", "inverse_sqrt"), ("--warmup-updates", "4000"),
+    ("--warmup-init-lr", "1e-07"), ("--weight-decay", "0.0"),
+    ("--criterion", "label_smoothed_cross_entropy"), ("--label-smoothing", "0.1"),
+]
+
+MAX_TOKENS = 3584
+TOKENS_PER_UPDATE = MAX_TOKENS * 8 * 16  # 458,752: the authors' 8-GPU batch, kept fixed on other setups
+
+
+def max_update(layers):
+    return 25000 if layers >= 100 else 50000
+
+
+def wmt_flags(layers):
+    """The authors' 2023 WMT command for this depth, as (flag, value) pairs (value None: a switch)."""
+    reg = regularization(layers)
+    hp = list(OPTIMIZATION) + [("--max-update", str(max_update(layers))), ("--keep-last-epochs", "10"),
+                               ("--seed", "1"), ("--dropout", str(reg["dropout"]))]
+    if reg["word_dropout_src"]:
+        hp += [("--word-dropout-src", str(reg["word_dropout_src"])),
+               ("--word-dropout-tgt", str(reg["word_dropout_tgt"]))]
+    return hp
+
+
+def flags_to_argv(pairs):
+    return [x for f, v in pairs for x in ((f,) if v is None else (f, v))]
+
+
+def optimizer_argv(lr=None, warmup=None):
+    """OPTIMIZATION as argv, with the demo's or benchmark's own learning rate and warmup if given."""
+    out = dict((f, v) for f, v in OPTIMIZATION)
+    if lr is not None:
+        out["--lr"] = str(lr)
+    if warmup is not None:
+        out["--warmup-updates"] = str(warmup)
+    return flags_to_argv(out.items())
+
+
+# the CPU-sized models of the tests, the demo and `_tiny` architectures
+TINY = {"embed_dim": 64, "ffn_embed_dim": 128, "attention_heads": 4, "layers": 2, "dropout": 0.1}
+
+# short names of the families (what b2t-demo --archs, b2t-grad-norms --arch, b2t-bench take)
+ARCHS = tuple(f[len("transformer_"):] for f in FAMILIES.values())
+PAPER_ARCHS = tuple(FAMILIES[ln][len("transformer_"):] for ln in PAPER_LN_POSITIONS)
+LABELS = {"post_ln": "Post-LN", "pre_ln": "Pre-LN", "b2t": "B2T"}
+

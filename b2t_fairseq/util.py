@@ -1,0 +1,138 @@
+"""Small helpers shared by the commands and tools (one copy of each)."""
+
+import contextlib
+import json
+import os
+import platform
+import re
+import sys
+import threading
+import time
+
+TMP_SUFFIX = ".tmp"
+_print_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w", encoding="utf-8"):
+    """Open ``path + .tmp`` for writing; on success fsync it and rename it over ``path``.
+
+    At every moment ``path`` is either absent, the old file, or the complete new one; a failure
+    or a kill leaves at most a stray ``.tmp`` (which the next write replaces).
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + TMP_SUFFIX
+    kw = {} if "b" in mode else {"encoding": encoding, "newline": "\n"}
+    try:
+        with open(tmp, mode, **kw) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def atomic_write(path, data):
+    """Write text or bytes to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path, "wb" if isinstance(data, (bytes, bytearray)) else "w") as f:
+        f.write(data)
+
+
+def write_json(path, obj):
+    """``obj`` as indented JSON at ``path``, atomically, creating the folder."""
+    atomic_write(path, json.dumps(obj, indent=1) + "\n")
+
+
+def log(msg, stream=None):
+    """A timestamped progress line, safe to call from several threads."""
+    with _print_lock:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=stream or sys.stdout, flush=True)
+
+
+def flag_value(argv, flag):
+    """The value of the last ``--flag VALUE`` or ``--flag=VALUE`` in argv, or None."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def has_flag(argv, flag):
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def machine():
+    """What the numbers were measured on: a dict (cpu, cores, gpu, python, torch, fairseq)."""
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor() or platform.machine()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import fairseq
+
+        info["fairseq"] = fairseq.__version__
+    except ImportError:  # pragma: no cover - fairseq is a dependency
+        pass
+    return info
+
+
+def describe_machine(info=None):
+    info = info or machine()
+    return (f"{info['cpu']}, {info['cpu_cores']} CPU cores, {info.get('gpu', 'no GPU')}, "
+            f"torch {info['torch']}, fairseq {info.get('fairseq', '?')}")
+
+
+# --- fairseq output ---------------------------------------------------------------------------
+
+JSON_LINE = re.compile(r"\b(train_inner|valid|train)\b\s*[|:]\s*(\{.*\})\s*$")
+
+
+def parse_json_log(lines):
+    """fairseq's ``--log-format json`` records as ``(kind, dict)``; kind is train_inner, train or valid."""
+    out = []
+    for line in lines:
+        m = JSON_LINE.search(line)
+        if m:
+            try:
+                out.append((m.group(1), json.loads(m.group(2))))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def parse_generate_output(text, kind="D"):
+    """fairseq-generate's ``D-i`` (detokenized) or ``H-i`` (tokenized) hypotheses, by sentence id."""
+    hyps = {}
+    for line in text.splitlines():
+        if line.startswith(kind + "-"):
+            head, _score, hyp = (line.split("\t") + ["", ""])[:3]
+            hyps[int(head[2:])] = hyp
+    return hyps
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, without matplotlib's DEBUG chatter."""
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    logging.getLogger("PIL").setLevel(logging.WARNING)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

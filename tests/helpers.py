@@ -1,0 +1,116 @@
+"""Shared test helpers (fixtures live in conftest.py): paths, the toy corpus, running commands,
+building models in-process, fairseq log parsing, the one-line error contract."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from fairseq import options, tasks
+
+import b2t_fairseq  # noqa: F401  (registers transformer_b2t)
+from b2t_fairseq.util import parse_json_log  # noqa: F401  (re-exported for the tests)
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: fairseq-* and b2t-* live here
+SHARED = Path(os.environ.get("B2T_SHARED", REPO.parent / "shared"))
+TATOEBA_ZIP = Path(os.environ.get("B2T_TATOEBA_ZIP", SHARED / "data/tatoeba-deu-eng-2018-05-13/deu-eng.zip"))
+
+torch.set_num_threads(1)  # 2 cores: keep tests from oversubscribing them
+
+_EN = "the a cat dog house tree red blue big small runs sees eats".split()
+_DE = dict(zip(_EN, "der ein katze hund haus baum rot blau gross klein rennt sieht isst".split()))
+
+
+def write_toy_corpus(folder, sizes=(("train", 400), ("valid", 40), ("test", 40)), seed=0):
+    """A word-for-word toy En-De corpus: learnable in a few updates."""
+    rng = random.Random(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes:
+        with open(folder / f"{split}.en", "w") as fe, open(folder / f"{split}.de", "w") as fd:
+            for _ in range(n):
+                s = [rng.choice(_EN) for _ in range(rng.randint(3, 8))]
+                fe.write(" ".join(s) + "\n")
+                fd.write(" ".join(_DE[w] for w in s) + "\n")
+    return folder
+
+
+def run(cmd, check=True, **kw):
+    """Run a command; on failure show its output in the assertion."""
+    cmd = [str(c) for c in cmd]
+    if not os.path.isabs(cmd[0]) and (BIN / cmd[0]).exists():
+        cmd[0] = str(BIN / cmd[0])
+    env = dict(os.environ, OMP_NUM_THREADS="1", **kw.pop("env", {}))
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}")
+    return p
+
+
+# --- models built in-process, exactly as fairseq-train would ---------------------------------
+
+TINY = ["--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--encoder-attention-heads", "4",
+        "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "4",
+        "--encoder-layers", "3", "--decoder-layers", "2"]
+
+
+def parse(data_bin, arch, *extra):
+    parser = options.get_training_parser()
+    return options.parse_args_and_arch(
+        parser, [str(data_bin), "--task", "translation", "--arch", arch, "--share-all-embeddings", "--cpu", *extra])
+
+
+def build(data_bin, arch, *extra, seed=1):
+    args = parse(data_bin, arch, *extra)
+    task = tasks.setup_task(args)
+    torch.manual_seed(seed)
+    model = task.build_model(args)
+    return model, task, args
+
+
+def toy_batch(task, bsz=4, src_len=7, tgt_len=6, seed=0):
+    """Random token ids from the task's dictionary, with some left padding on the source."""
+    g = torch.Generator().manual_seed(seed)
+    d = task.source_dictionary
+    lo, hi = d.nspecial, len(d)
+    src = torch.randint(lo, hi, (bsz, src_len), generator=g)
+    src[0, :2] = d.pad()  # left-padded like fairseq's translation task
+    src[:, -1] = d.eos()
+    lengths = (src != d.pad()).sum(1)
+    tgt = torch.randint(lo, hi, (bsz, tgt_len), generator=g)
+    prev = torch.cat([torch.full((bsz, 1), d.eos()), tgt[:, :-1]], dim=1)
+    return src, lengths, prev
+
+
+# --- the one-line error contract -------------------------------------------------------------
+
+def assert_one_line_error(stderr, prog, *fragments):
+    """stderr holds exactly one ``PROG: error: problem; fix`` line, no traceback; returns that line."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [ln for ln in stderr.splitlines() if ln.startswith(f"{prog}: error: ")]
+    assert len(lines) == 1, stderr[-3000:]
+    line = lines[0]
+    assert ";" in line or f"{prog}: error: argument" in line, line  # "<problem>; <fix>" (argparse: its own)
+    for f in fragments:
+        assert f in line, line
+    return line
+
+
+# --- toy training ----------------------------------------------------------------------------
+
+def toy_train_argv(*extra, arch="transformer_b2t_tiny", lr="0.001", max_tokens="200", json_log=True):
+    """b2t-train flags for a few quick CPU updates on the toy corpus (data folder not included)."""
+    argv = ["--arch", arch, "--share-all-embeddings", "--optimizer", "adam", "--lr", str(lr),
+            "--max-tokens", str(max_tokens), "--seed", "1", "--num-workers", "0", "--no-progress-bar", "--cpu"]
+    if json_log:
+        argv += ["--log-format", "json", "--log-interval", "1"]
+    return argv + [str(x) for x in extra]
+
+
+def train_losses(text):
+    """{update: train loss} from fairseq's json log lines (``train_inner`` records, --log-interval 1)."""
+    return {int(float(rec["num_updates"])): float(rec["loss"])
+            for kind, rec in parse_json_log(text.splitlines()) if kind == "train_inner"}
