@@ -211,7 +211,7 @@ def fetch(url, dest):
     other answer (the server or scheme ignores Range) rewrites the file from the start. A short read (fewer
     bytes than announced) keeps what arrived, so the next run resumes, and is an error. Returns whether it resumed."""
     dest = Path(dest)
-    name = dest.name
+    name = dest.name[:-len(".partial")] if dest.name.endswith(".partial") else dest.name
     have = dest.stat().st_size if dest.exists() else 0
     req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     resumed = False
