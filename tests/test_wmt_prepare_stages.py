@@ -92,6 +92,12 @@ def test_changed_options_rerun_their_stage_and_the_later_ones(built, capsys, mon
     skipped, ran = _rerun(base, capsys, "--max-len", "5", "--bpe-merges", "20", "--nwords", "16")
     assert ran == {"bpe", "binarize"}
 
+    # archives deleted after extraction (to save disk): the extracted files are kept, nothing is downloaded
+    for archive in (root / "work/downloads").glob("*.tgz"):
+        archive.unlink()
+    skipped, ran = _rerun(base, capsys, "--max-len", "5", "--bpe-merges", "20", "--nwords", "16")
+    assert skipped == set(prepare.STAGES) and not list((root / "work/downloads").glob("*.tgz"))
+
 
 def test_bad_option_values_are_one_line_errors(built, capsys):
     _, base = built

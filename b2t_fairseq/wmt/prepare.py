@@ -135,6 +135,12 @@ class Stages:
         return all(Path(p).exists() and (Path(p).is_dir() or Path(p).stat().st_size == n)
                    for p, n in record.get("outputs", {}).items())
 
+    def recorded_key(self, name):
+        try:
+            return json.loads((self.dir / f"{name}.json").read_text()).get("key")
+        except (OSError, ValueError):
+            return None
+
     def run(self, name, outputs, fn, force=False, key=None):
         key = dict(key or {}, recipe=RECIPE)
         if not force and self.done(name, key):
@@ -613,6 +619,9 @@ def prepare(args):
         names = [u.rsplit("/", 1)[1] for u in archive_urls(args.mirror, args.url).values()]
         have = [downloads / n for n in names if (downloads / n).exists()]
         key = {"archives": fingerprint(have)} if len(have) == len(names) else None
+        if key is None and not args.force and stages.done("extract"):  # archives deleted after extraction
+            log("extract: the archives are gone from WORK/downloads; keeping the extracted files")
+            key = {k: v for k, v in (stages.recorded_key("extract") or {}).items() if k != "recipe"}
         if key is None or args.force or not stages.done("extract", dict(key, recipe=RECIPE)):
             paths = download_all(work, archive_urls(args.mirror, args.url), args.sums)
             key = {"archives": fingerprint([paths[k] for k in sorted(paths)])}
