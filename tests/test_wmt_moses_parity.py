@@ -112,3 +112,47 @@ def test_clean_like_clean_corpus_n_perl():
 def test_compound_split_like_compound_split_bleu_sh():
     # fairseq scripts/compound_split_bleu.sh: s{(\S)-(\S)}{$1 ##AT##-##AT## $2}g, non-overlapping
     assert compound_split("Ost-West a-b-c - x-") == "Ost ##AT##-##AT## West a ##AT##-##AT## b-c - x-"
+
+
+def test_google_files_from_real_text_equal_the_scripts_output(tatoeba_zip, tmp_path, monkeypatch):
+    """WMT-shaped archives of real (Tatoeba) text through extract, tokenize, clean and bpe; then Google's script's
+    steps with the real tools on our extracted text: tokenizer.perl -q -l L -threads 8 (the package's copy; a line
+    may differ only where a 2016 rule fires), subword-nmt learn-bpe/apply-bpe/get-vocab (the CLI)."""
+    import sys
+
+    from b2t_fairseq.wmt import YEARS, fake, prepare
+
+    lines = zipfile.ZipFile(tatoeba_zip).read("deu.txt").decode("utf-8").split("\n")[:-1]
+    random.Random(5).shuffle(lines)
+    pairs = iter(tuple(line.split("\t")[:2]) for line in lines)
+    monkeypatch.setattr(fake, "sentence_pairs", lambda n, rng: [next(pairs) for _ in range(n)])
+    files = fake.write_archives(tmp_path / "mirror", train=(150, 50, 50), test_size=12)
+    paths = {k: files[v] for k, v in (("europarl", "de-en.tgz"), ("commoncrawl", "training-parallel-commoncrawl.tgz"),
+                                      ("nc-v11", "training-parallel-nc-v11.tgz"), ("dev", "dev.tgz"),
+                                      ("test", "test.tgz"))}
+    g = tmp_path / "google"
+    prepare.extract(paths, g)
+    prepare.tokenize(g, 1)
+    prepare.clean(g, 80, 9.0)
+    prepare.learn_and_apply_bpe(g, 200, 1)
+    for name in ["train"] + [f"newstest{y}" for y in YEARS]:
+        for lang in ("en", "de"):
+            raw = (g / f"{name}.{lang}").read_text(encoding="utf-8").split("\n")[:-1]
+            perl = _perl("tokenizer-v1.1.perl", lang, raw, "-threads", "8")
+            ours = (g / f"{name}.tok.{lang}").read_text(encoding="utf-8").split("\n")[:-1]
+            prefixes = str(SCRIPTS / "nonbreaking_prefixes" / f"nonbreaking_prefix.{lang}")
+            for r, p, o in zip(raw, perl, ours):
+                assert o == p or moses_tokenize(r, lang, rules_2016=False, prefix_file=prefixes) == p, (r, p, o)
+            assert len(perl) == len(ours) == len(raw)
+    cli = [str(Path(sys.executable).parent / "subword-nmt")]
+    joint = (g / "train.tok.clean.de").read_bytes() + (g / "train.tok.clean.en").read_bytes()
+    codes = subprocess.run(cli + ["learn-bpe", "-s", "200"], input=joint, capture_output=True, check=True).stdout
+    assert codes == (g / "bpe.200").read_bytes()
+    for name in ("train.tok.clean", "newstest2014.tok", "newstest2016.tok"):
+        for lang in ("en", "de"):
+            out = subprocess.run(cli + ["apply-bpe", "-c", str(g / "bpe.200")], input=(g / f"{name}.{lang}").read_bytes(),
+                                 capture_output=True, check=True).stdout
+            assert out == (g / f"{name}.bpe.200.{lang}").read_bytes(), name
+    both = (g / "train.tok.clean.bpe.200.en").read_bytes() + (g / "train.tok.clean.bpe.200.de").read_bytes()
+    vocab = subprocess.run(cli + ["get-vocab"], input=both, capture_output=True, check=True).stdout
+    assert b"".join(line.split(b" ")[0] + b"\n" for line in vocab.splitlines()) == (g / "vocab.bpe.200").read_bytes()
