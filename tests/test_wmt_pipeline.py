@@ -34,24 +34,32 @@ def prepared(mirror):
 
 def test_prepare_outputs(prepared):
     work, dest, log = prepared
+    g = work / "google"
     for name in ("de-en.tgz", "training-parallel-commoncrawl.tgz", "training-parallel-nc-v11.tgz", "dev.tgz"):
         assert name in (work / "downloads" / "MD5SUMS").read_text()  # recorded on first download
     assert not list((work / "downloads").glob("*.partial"))
-    assert len((work / "raw" / "train.en").read_text().splitlines()) == 500
-    tok = (work / "tok" / "train.clean.en").read_text()
-    assert " @-@ " in tok and "&quot;" in tok  # Moses -a hyphen splitting and escaping
-    assert "@@ " in (work / "bpe" / "train.de").read_text()  # 40 merges: words stay split
+    assert len((g / "train.en").read_text().splitlines()) == 500
+    tok = (g / "train.tok.clean.en").read_text()
+    assert "&quot;" in tok and " @-@ " not in tok and "well-known" in tok  # Moses escapes, no -a
+    assert "@@ " in (g / "train.tok.clean.bpe.40.de").read_text()  # 40 merges: words stay split
     assert len((dest / "bpe.40").read_text().splitlines()) == 41  # version line + 40 merges
+    assert (g / "bpe.40").read_bytes() == (dest / "bpe.40").read_bytes()
+    vocab = (g / "vocab.bpe.40").read_text().split("\n")[:-1]
+    assert len(vocab) == len(set(vocab)) and " " not in "".join(vocab)
+    for y in YEARS:
+        for kind in ("", ".tok", ".tok.bpe.40"):
+            assert len((g / f"newstest{y}{kind}.de").read_text().splitlines()) == 20
     subsets = json.loads((dest / "subsets.json").read_text())
     assert subsets["2013"] == "valid" and subsets["2014"] == "test" and len(subsets) == 7
     for y in YEARS:
         assert (dest / f"{subsets[str(y)]}.en-de.de.bin").exists()
         refs = (dest / "refs" / f"newstest{y}.de").read_text().splitlines()
         assert len(refs) == 20 and not any("@@" in r or "&quot;" in r for r in refs)
-    # newstest2015/2016: the En->De files are used, not the other direction's
-    assert "(other direction)" not in (work / "raw" / "newstest2015.en").read_text()
-    dict_words = (dest / "dict.en.txt").read_text() == (dest / "dict.de.txt").read_text()
-    assert dict_words  # --joined-dictionary
+        assert refs == (g / f"newstest{y}.de").read_text().splitlines()
+    # newstest2015/2016: the de-en direction's files, as Google's script converts them; SGM spacing removed
+    assert "(ende file)" not in (g / "newstest2015.en").read_text() + (g / "newstest2016.de").read_text()
+    assert not any(line != line.strip() for line in (g / "newstest2016.en").read_text().splitlines())
+    assert (dest / "dict.en.txt").read_text() == (dest / "dict.de.txt").read_text()  # --joined-dictionary
 
 
 def test_rerun_skips_finished_stages(prepared, mirror, capsys):

@@ -83,7 +83,7 @@ def test_bad_corpora_are_refused(mirror, capsys, en, de, message):
     _replace_corpus(root, "de-en.tgz", en, de)
     rc, err = _prepare(root, sums, capsys)
     assert rc == 2 and message in _one_error_line(err)
-    assert not (root / "work/raw/train.en").exists()  # nothing half-built is left for a later stage
+    assert not (root / "work/google/train.en").exists()  # nothing half-built is left for a later stage
     assert not (root / "work/.stages/extract.json").exists()
 
 

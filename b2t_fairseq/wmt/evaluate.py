@@ -1,11 +1,14 @@
 """``b2t-wmt-evaluate``: translate newstest2010-2016 with one checkpoint and score it, the paper's way.
 
 For every year: beam 4, length penalty 0.6 on newstest2014 and 1.0 on the other years, BPE removed,
-Moses-detokenized (sacremoses), then
+Moses-detokenized as ``detokenizer.perl -l de`` (which also undoes the escapes &amp; &#124; &lt; &gt; &apos;
+&quot; &#91; &#93; that tokenizer.perl put in Google's data), then
 - SacreBLEU (13a tokenization, case-sensitive) against the raw references kept by the prepare step
   (DATA/refs/newstestYYYY.de; no network), per year and averaged over 2010-2016, with its signature;
-- tokenized BLEU with compound splitting (the ``##AT##`` trick; multi-bleu.perl style, i.e. sacreBLEU
-  with tokenize='none') on the Moses-tokenized output against DATA/refs/newstestYYYY.tok.de.
+- tokenized BLEU as fairseq's scripts/compound_split_bleu.sh computes it: the BPE-free output (Google-tokenized,
+  escapes included) and Google's newstestYYYY.tok.de (DATA/refs/newstestYYYY.tok.de), both with every
+  ``X-Y`` (non-space on both sides) rewritten ``X ##AT##-##AT## Y``, scored as whitespace tokens: corpus BLEU-4,
+  case-sensitive, no smoothing, standard brevity penalty (= multi-bleu.perl = sacreBLEU tokenize='none').
 One JSON file per run; ``b2t-results-table`` puts them beside the paper's numbers.
 """
 
@@ -23,7 +26,8 @@ from ..util import parse_generate_output, write_json
 from . import TEST_YEAR, YEARS
 
 PROG = "b2t-wmt-evaluate"
-TOK_LABEL = "tokenized BLEU, Moses -a tokens, ##AT## compound splitting (multi-bleu style)"
+TOK_LABEL = ("tokenized BLEU: Google's tokenizer.perl tokens (escaped), ##AT## compound splitting "
+             "(fairseq compound_split_bleu.sh, multi-bleu style)")
 SACRE_LABEL = "SacreBLEU, 13a, case-sensitive, detokenized"
 
 
@@ -67,9 +71,9 @@ def score_year(hyps_tok, refs_raw, refs_tok):
     """(sacreBLEU score object, tokenized compound-split BLEU score object)."""
     from sacrebleu.metrics import BLEU
 
-    from .text import compound_split, detokenize_line
+    from .text import compound_split, moses_detokenize
 
-    detok = [detokenize_line(h, "de") for h in hyps_tok]
+    detok = [moses_detokenize(h, "de") for h in hyps_tok]
     sacre = BLEU(tokenize="13a")
     s = sacre.corpus_score(detok, [refs_raw])
     t = BLEU(tokenize="none", force=True).corpus_score([compound_split(h) for h in hyps_tok],
@@ -90,7 +94,7 @@ def evaluate(args):
               "generate_args": args.generate_args or "",
               "generation": {"beam": args.beam, "lenpen": {str(y): lenpen_for(y, args.lenpen_test, args.lenpen_other)
                                                            for y in years}, "remove_bpe": "subword_nmt (@@ )",
-                             "detokenizer": "sacremoses MosesDetokenizer(de)"},
+                             "detokenizer": "detokenizer.perl -l de (sacremoses port, parity-tested)"},
               "labels": {"sacrebleu": SACRE_LABEL, "tok_bleu": TOK_LABEL}, "years": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for year in years:

@@ -47,26 +47,31 @@ def _tgz(path, files):
 
 
 def _sgm(lines, kind, lang, setid):
-    segs = "\n".join(f'<seg id="{i}">{s}</seg>' for i, s in enumerate(lines, 1))
+    # spacing as in the WMT files varies: input-from-sgm.perl's whitespace rules must remove it
+    segs = "\n".join(f'<seg id="{i}"> {s}  </seg>' if i % 3 == 0 else f'<seg id="{i}">{s}</seg>'
+                     for i, s in enumerate(lines, 1))
     tag = "srcset" if kind == "src" else "refset"
     return (f'<{tag} setid="{setid}" srclang="any" trglang="{lang}">\n<doc sysid="ref" docid="d1" genre="news" '
             f'origlang="en">\n{segs}\n</doc>\n</{tag}>\n')
 
 
 def newstest_files(year, pairs):
+    """The files of one newstest year as dev.tgz/test.tgz hold them: up to 2013 SGM plus plain text (which
+    Google's script copies); from 2014 SGM per direction (Google converts the de-en direction's files)."""
     en = [e for e, _ in pairs]
     de = [d for _, d in pairs]
     folder = "test" if year == 2016 else "dev"
-    if year <= 2013:  # multi-parallel years: newstestYYYY-src.LANG.sgm
+    if year <= 2013:
         return {f"{folder}/newstest{year}-src.en.sgm": _sgm(en, "src", "en", f"newstest{year}"),
                 f"{folder}/newstest{year}-ref.de.sgm": _sgm(de, "ref", "de", f"newstest{year}"),
-                f"{folder}/newstest{year}.en": "\n".join(en) + "\n"}
+                f"{folder}/newstest{year}.en": "\n".join(en) + "\n",
+                f"{folder}/newstest{year}.de": "\n".join(de) + "\n"}
     files = {f"{folder}/newstest{year}-deen-src.de.sgm": _sgm(de, "src", "de", f"newstest{year}"),
              f"{folder}/newstest{year}-deen-ref.en.sgm": _sgm(en, "ref", "en", f"newstest{year}")}
-    if year >= 2015:  # from 2015 on, the En->De direction has its own files (preferred by the recipe)
-        files[f"{folder}/newstest{year}-ende-src.en.sgm"] = _sgm(en, "src", "en", f"newstest{year}")
-        files[f"{folder}/newstest{year}-ende-ref.de.sgm"] = _sgm(de, "ref", "de", f"newstest{year}")
-        files[f"{folder}/newstest{year}-deen-ref.en.sgm"] = _sgm(["(other direction)"] * len(en), "ref", "en", "x")
+    if year >= 2015:  # the En->De direction's own files: not the ones Google's script reads
+        other = ["(ende file)"] * len(en)
+        files[f"{folder}/newstest{year}-ende-src.en.sgm"] = _sgm(other, "src", "en", f"newstest{year}")
+        files[f"{folder}/newstest{year}-ende-ref.de.sgm"] = _sgm(other, "ref", "de", f"newstest{year}")
     return files
 
 

@@ -1,25 +1,31 @@
-"""``b2t-wmt-prepare``: rebuild Google's WMT'16 En-De data (Ott et al. 2018) from the WMT sources.
+"""``b2t-wmt-prepare``: rebuild Google's WMT'16 En-De data (google/seq2seq bin/data/wmt16_en_de.sh, used by
+Ott et al. 2018 and the B2T paper) from the WMT sources, with Google's file names in WORK/google.
 
-Stages (each skipped when its outputs are complete; a stage that runs invalidates the later ones):
+Stages (each marker in WORK/.stages records the options and inputs it was built from; a stage whose
+options or inputs changed runs again, and so do all later ones):
 
-download   the five archives into WORK/downloads, through NAME.partial, verified (md5, tar listing)
-extract    training pairs (Europarl v7 + CommonCrawl + News Commentary v11) and newstest2010-2016 (SGM)
-           into WORK/raw; parallel line counts, empty corpora and non-UTF-8 text are refused
-tokenize   Moses normalize + remove-non-printing + tokenizer -a (sacremoses, parity settings) -> WORK/tok
-clean      training pairs of 1..80 tokens with a length ratio <= 9 (clean-corpus-n.perl)
-bpe        one joint subword-nmt BPE of 32,000 merges learned on the cleaned training text -> WORK/bpe
-binarize   fairseq-preprocess --joined-dictionary: newstest2013 = valid, newstest2014 = test, the other
-           years test1..test5 (DEST/subsets.json); the raw and tokenized references go to DEST/refs
+download   the five archives into WORK/downloads; an interrupted download resumes (HTTP Range) where the server
+           allows it; every archive is verified whole (md5, tar listing)
+extract    train.{en,de}: Europarl v7 + CommonCrawl + News Commentary v11 concatenated; newstest2010-2013.{en,de}:
+           the plain-text files of dev.tgz; newstest2014-2016.{en,de}: newstestYYYY-deen-src.de.sgm and
+           -deen-ref.en.sgm through input-from-sgm.perl's logic (the files Google's script converts)
+tokenize   tokenizer.perl -q -l LANG as of 2017 (no -a, no normalize-punctuation, no remove-non-printing-char;
+           Moses escapes such as &apos; &quot; &amp; stay): train.tok.*, newstestYYYY.tok.*
+clean      clean-corpus-n.perl train.tok de en train.tok.clean 1 80 (length ratio 9): train.tok.clean.*
+bpe        subword-nmt learn_bpe -s 32000 on `cat train.tok.clean.de train.tok.clean.en` -> bpe.32000, applied to
+           train.tok.clean.* and newstestYYYY.tok.* (-> *.bpe.32000.*); vocab.bpe.32000 as get_vocab.py writes it
+binarize   fairseq-preprocess --joined-dictionary --nwordssrc 32768 --nwordstgt 32768 (fairseq examples/scaling_nmt):
+           newstest2013 = valid, newstest2014 = test, the other years test1..test5 (DEST/subsets.json); the raw and
+           tokenized references go to DEST/refs
 
-With ``--google-archive wmt16_en_de.tar.gz`` (Google's preprocessed archive) the first five stages are
-replaced by taking its BPE files and references as they are.
+With ``--google-archive wmt16_en_de.tar.gz`` (Google's own archive) the files are taken from it as they are and
+only the binarize stage runs.
 """
 
 import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +55,10 @@ TRAIN_CORPORA = (("europarl", "europarl-v7.de-en"), ("commoncrawl", "commoncrawl
                  ("nc-v11", "news-commentary-v11.de-en"))
 LANGS = ("en", "de")
 STAGES = ("extract", "tokenize", "clean", "bpe", "binarize")
+NWORDS = 32768  # fairseq examples/scaling_nmt: --nwordssrc 32768 --nwordstgt 32768
+# part of every stage's key: change it when the code would write different files from the same inputs
+RECIPE = "google-wmt16-en-de/2"
+SGM_YEARS = (2014, 2015, 2016)  # converted from SGM by Google's script; older years are plain text in dev.tgz
 
 
 def log(msg):
@@ -76,23 +86,53 @@ def md5sum(path):
     return h.hexdigest()
 
 
+def fingerprint(paths):
+    """{path: [size, mtime_ns]} of files: cheap identity of a stage's inputs."""
+    out = {}
+    for p in paths:
+        st = Path(p).stat()
+        out[str(p)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def digest(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class Stages:
-    """Markers in WORK/.stages: a stage is done when its marker exists and its outputs have the recorded sizes."""
+    """Markers in WORK/.stages. A stage is done when its marker exists, records the same key (the recipe version,
+    the stage's options, its inputs' sizes and times, the key of the stage before) and its outputs still
+    have the recorded sizes. Running a stage removes the markers of the later ones."""
 
     def __init__(self, work):
         self.dir = Path(work) / ".stages"
 
-    def done(self, name):
+    def done(self, name, key=None):
         marker = self.dir / f"{name}.json"
         if not marker.exists():
             return False
-        outputs = json.loads(marker.read_text())["outputs"]
-        return all(Path(p).exists() and (Path(p).is_dir() or Path(p).stat().st_size == n) for p, n in outputs.items())
-
-    def run(self, name, outputs, fn, force=False):
-        if not force and self.done(name):
-            log(f"{name}: complete, skipped")
+        try:
+            record = json.loads(marker.read_text())
+        except ValueError:
             return False
+        if key is not None and record.get("key") != key:
+            return False
+        return all(Path(p).exists() and (Path(p).is_dir() or Path(p).stat().st_size == n)
+                   for p, n in record.get("outputs", {}).items())
+
+    def recorded_key(self, name):
+        try:
+            return json.loads((self.dir / f"{name}.json").read_text()).get("key")
+        except (OSError, ValueError):
+            return None
+
+    def run(self, name, outputs, fn, force=False, key=None):
+        key = dict(key or {}, recipe=RECIPE)
+        if not force and self.done(name, key):
+            log(f"{name}: complete, skipped")
+            return digest(key)
+        if (self.dir / f"{name}.json").exists() and not force:
+            log(f"{name}: options or inputs changed since it was built; running it again")
         for later in STAGES[STAGES.index(name):]:
             (self.dir / f"{later}.json").unlink(missing_ok=True)
         log(f"{name}: running")
@@ -100,9 +140,9 @@ class Stages:
         sizes = {str(p): (0 if Path(p).is_dir() else Path(p).stat().st_size) for p in outputs}
         self.dir.mkdir(parents=True, exist_ok=True)
         with atomic_open(self.dir / f"{name}.json") as f:
-            json.dump({"outputs": sizes}, f, indent=1)
+            json.dump({"key": key, "outputs": sizes}, f, indent=1)
         log(f"{name}: done")
-        return True
+        return digest(key)
 
 
 # --- download ---------------------------------------------------------------------------------
@@ -157,18 +197,40 @@ def verify(path, name, expected):
 
 
 def fetch(url, dest):
-    """Stream url into dest (a .partial file); a short read (fewer bytes than Content-Length) is an error."""
-    name = Path(dest).name
+    """Stream url into dest (a .partial file). When dest already holds the start of the file (an interrupted
+    download), ask for the rest with an HTTP Range request: a 206 answer starting at that byte is appended; any
+    other answer (the server or scheme ignores Range) rewrites the file from the start. A short read (fewer
+    bytes than announced) keeps what arrived, so the next run resumes, and is an error. Returns whether it resumed."""
+    dest = Path(dest)
+    name = dest.name[:-len(".partial")] if dest.name.endswith(".partial") else dest.name
+    have = dest.stat().st_size if dest.exists() else 0
+    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    resumed = False
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as out:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status = getattr(r, "status", None)
+            crange = r.headers.get("Content-Range") or ""
+            resumed = have > 0 and status == 206 and crange.startswith(f"bytes {have}-")
+            if have and not resumed:
+                log(f"{name}: the server sent the whole file (no resume); starting again from byte 0")
+            elif resumed:
+                log(f"{name}: resuming at byte {have}")
             expected = r.headers.get("Content-Length")
-            shutil.copyfileobj(r, out, 1 << 20)
-            got = out.tell()
+            with open(dest, "ab" if resumed else "wb") as out:
+                start = out.tell()
+                shutil.copyfileobj(r, out, 1 << 20)
+                got = out.tell() - start
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the partial file already holds every byte: let the checksum decide
+            return True
+        raise B2TError(f"download of {url} failed ({e}); check the URL, or use --mirror/--url, or put the "
+                       f"file at {dest.with_suffix('')} yourself") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise B2TError(f"download of {url} failed ({e}); check the network, or use --mirror/--url, or put the "
-                       f"file at {Path(dest).with_suffix('')} yourself") from None
+                       f"file at {dest.with_suffix('')} yourself; a re-run resumes it") from None
     if expected is not None and int(expected) != got:
-        raise B2TError(f"download of {name} is short ({got} of {expected} bytes); re-run to fetch it again")
+        raise B2TError(f"download of {name} is short ({got} of {expected} bytes); re-run to resume it")
+    return resumed
 
 
 def download_all(work, urls, sums_file=None):
@@ -193,12 +255,20 @@ def download_all(work, urls, sums_file=None):
                 dest.unlink()
         partial = ddir / (name + ".partial")
         log(f"{name}: downloading {url}")
+        resumed = fetch(url, partial)  # a short read raises and keeps the partial file for the next run
         try:
-            fetch(url, partial)
             got = verify(partial, name, want)
-        except B2TError:
+        except B2TError as e:
             partial.unlink(missing_ok=True)
-            raise
+            if not resumed:
+                raise
+            log(f"{name}: the resumed file fails verification ({e}); downloading it whole")
+            fetch(url, partial)
+            try:
+                got = verify(partial, name, want)
+            except B2TError:
+                partial.unlink(missing_ok=True)
+                raise
         os.replace(partial, dest)
         if name not in expected and name not in recorded:
             with open(record, "a") as f:
@@ -247,68 +317,77 @@ def read_parallel(archive, stem):
     return sides["en"], sides["de"]
 
 
-def _sgm_rank(name, lang, year):
-    base = name.rsplit("/", 1)[-1]
-    if not (base.startswith(f"newstest{year}") and base.endswith(f".{lang}.sgm")):
-        return None
-    pair = 0 if "-ende-" in base else 1 if "-deen-" in base else 2
-    role = 0 if ("-src." in base) == (lang == "en") else 1  # En source and De reference first
-    return pair, role, base
+def _member(archives, basename):
+    """(archive, member) of the first file named basename (any folder) in the archives, or None."""
+    for arch in archives:
+        with tarfile.open(arch, "r:*") as tar:
+            for m in tar.getmembers():
+                if m.isfile() and m.name.rsplit("/", 1)[-1] == basename:
+                    return arch, m.name
+    return None
 
 
-def read_sgm_segments(tar, member, where):
-    segs = []
-    for line in _member_lines(tar, member, where):
-        m = re.search(r"<seg[^>]*>(.*)</seg>", line)
-        if m:
-            segs.append(m.group(1).strip())
-    return segs
+def _read_member(arch, member):
+    with tarfile.open(arch, "r:*") as tar:
+        return tar.extractfile(tar.getmember(member)).read()
 
 
 def read_newstest(archives, year):
+    """Google's newstestYYYY.en/.de: the plain-text files of dev.tgz up to 2013; from 2014 on the German source
+    and English reference of the de-en direction (newstestYYYY-deen-src.de.sgm, -deen-ref.en.sgm) through
+    input-from-sgm.perl's logic."""
+    from .text import sgm_segments
+
     out = {}
     for lang in LANGS:
-        best = None
-        for arch in archives:
-            with tarfile.open(arch, "r:*") as tar:
-                for m in tar.getmembers():
-                    rank = _sgm_rank(m.name, lang, year) if m.isfile() else None
-                    if rank is not None and (best is None or rank < best[0]):
-                        best = (rank, arch, m.name)
-        if best is None:
-            raise B2TError(f"newstest{year} ({lang}) is in none of {', '.join(a.name for a in archives)}; check "
-                           "the dev/test archives (--mirror/--url)")
-        _, arch, member = best
-        with tarfile.open(arch, "r:*") as tar:
-            out[lang] = read_sgm_segments(tar, tar.getmember(member), f"{arch.name}:{member}")
+        if year in SGM_YEARS:
+            basename = f"newstest{year}-deen-{'src' if lang == 'de' else 'ref'}.{lang}.sgm"
+        else:
+            basename = f"newstest{year}.{lang}"
+        hit = _member(archives, basename)
+        if hit is None:
+            raise B2TError(f"{basename} is in none of {', '.join(a.name for a in archives)}; check the dev/test "
+                           "archives (--mirror/--url)")
+        arch, member = hit
+        data = _read_member(arch, member)
+        if year in SGM_YEARS:
+            raw = sgm_segments(data)
+        else:  # copied as they are (cp): lines split at \n only
+            raw = data.split(b"\n")
+            if raw[-1] == b"":
+                raw.pop()
+        out[lang] = [_decode(x, f"{arch.name}:{member} line {i}") for i, x in enumerate(raw, 1)]
     if len(out["en"]) != len(out["de"]) or not out["en"]:
-        raise B2TError(f"newstest{year}: {len(out['en'])} English and {len(out['de'])} German segments; the SGM "
-                       "files do not match: delete the dev/test archives and re-run")
+        raise B2TError(f"newstest{year}: {len(out['en'])} English and {len(out['de'])} German segments; the files "
+                       "do not match: delete the dev/test archives and re-run")
     return out["en"], out["de"]
 
 
-def extract(paths, raw):
+def extract(paths, google):
     en, de = [], []
     for key, stem in TRAIN_CORPORA:
         e, d = read_parallel(paths[key], stem)
         log(f"extract: {stem}: {len(e)} pairs")
         en += e
         de += d
-    write_lines(raw / "train.en", en)
-    write_lines(raw / "train.de", de)
+    write_lines(google / "train.en", en)
+    write_lines(google / "train.de", de)
     for year in YEARS:
         e, d = read_newstest([paths["dev"], paths["test"]], year)
-        write_lines(raw / f"newstest{year}.en", e)
-        write_lines(raw / f"newstest{year}.de", d)
+        write_lines(google / f"newstest{year}.en", e)
+        write_lines(google / f"newstest{year}.de", d)
 
 
 # --- tokenize, clean, bpe -----------------------------------------------------------------------
 
+TEXTS = ["train"] + [f"newstest{y}" for y in YEARS]
+
+
 def _tok_worker(args):
-    from .text import tokenize_line
+    from .text import moses_tokenize
 
     lines, lang = args
-    return [tokenize_line(line, lang) for line in lines]
+    return [moses_tokenize(line, lang) for line in lines]
 
 
 def _chunks(lines, lang, size=2000):
@@ -322,27 +401,25 @@ def map_lines(worker, lines, lang, workers):
         return [x for chunk in pool.imap(worker, _chunks(lines, lang)) for x in chunk]
 
 
-def tokenize(raw, tok, workers):
-    for name in ["train"] + [f"newstest{y}" for y in YEARS]:
+def tokenize(google, workers):
+    for name in TEXTS:
         for lang in LANGS:
-            lines = read_lines(raw / f"{name}.{lang}")
-            write_lines(tok / f"{name}.{lang}", map_lines(_tok_worker, lines, lang, workers))
+            lines = read_lines(google / f"{name}.{lang}")
+            write_lines(google / f"{name}.tok.{lang}", map_lines(_tok_worker, lines, lang, workers))
 
 
-def clean(tok, max_len, ratio):
-    en, de = read_lines(tok / "train.en"), read_lines(tok / "train.de")
-    keep = [(e, d) for e, d in zip(en, de) if _keep(e, d, max_len, ratio)]
+def clean(google, max_len, ratio):
+    from .text import clean_corpus
+
+    de, en = read_lines(google / "train.tok.de"), read_lines(google / "train.tok.en")
+    if len(de) != len(en):
+        raise B2TError(f"train.tok.de has {len(de)} lines but train.tok.en {len(en)}; run with --force")
+    keep = list(clean_corpus(zip(de, en), 1, max_len, ratio))  # Google: clean-corpus-n.perl train.tok de en ...
     if not keep:
         raise B2TError("no training pair is left after cleaning; the corpus is empty or --max-len/--ratio too strict")
     log(f"clean: kept {len(keep)} of {len(en)} pairs (1..{max_len} tokens, ratio <= {ratio})")
-    write_lines(tok / "train.clean.en", (e for e, _ in keep))
-    write_lines(tok / "train.clean.de", (d for _, d in keep))
-
-
-def _keep(e, d, max_len, ratio):
-    from .text import keep_pair
-
-    return keep_pair(" ".join(e.split()), " ".join(d.split()), 1, max_len, ratio)
+    write_lines(google / "train.tok.clean.de", (d for d, _ in keep))
+    write_lines(google / "train.tok.clean.en", (e for _, e in keep))
 
 
 _bpe = None
@@ -359,23 +436,39 @@ def _bpe_worker(args):
     return [_bpe[1].process_line(line) for line in lines]
 
 
-def learn_and_apply_bpe(tok, bpe_dir, merges, workers):
+def bpe_outputs(google, merges):
+    files = [google / f"bpe.{merges}", google / f"vocab.bpe.{merges}"]
+    files += [google / f"train.tok.clean.bpe.{merges}.{lang}" for lang in LANGS]
+    return files + [google / f"newstest{y}.tok.bpe.{merges}.{lang}" for y in YEARS for lang in LANGS]
+
+
+def write_vocab(paths, dest):
+    """subword-nmt get_vocab.py | cut -f1 -d ' ': the words by count, most frequent first (ties: first seen)."""
+    from collections import Counter
+
+    counts = Counter()
+    for path in paths:
+        for line in read_lines(path):
+            counts.update(w for w in line.strip("\r\n ").split(" ") if w)
+    write_lines(dest, (w for w, _ in sorted(counts.items(), key=lambda x: x[1], reverse=True)))
+
+
+def learn_and_apply_bpe(google, merges, workers):
     from subword_nmt.learn_bpe import learn_bpe
 
-    bpe_dir.mkdir(parents=True, exist_ok=True)
-    joint = bpe_dir / "joint.tmp"
-    with open(joint, "w", encoding="utf-8") as f:  # the German then the English side, as Google's script did
+    joint = google / "bpe.joint.tmp"
+    with open(joint, "w", encoding="utf-8") as f:  # cat train.tok.clean.de train.tok.clean.en, as Google's script
         for lang in ("de", "en"):
-            f.writelines(line + "\n" for line in read_lines(tok / f"train.clean.{lang}"))
-    codes = bpe_dir / f"bpe.{merges}"
+            f.writelines(line + "\n" for line in read_lines(google / f"train.tok.clean.{lang}"))
+    codes = google / f"bpe.{merges}"
     with open(joint, encoding="utf-8") as inp, atomic_open(codes) as out:
         learn_bpe(inp, out, merges, num_workers=max(1, workers))
     joint.unlink()
-    sources = [("train", "train.clean")] + [(f"newstest{y}", f"newstest{y}") for y in YEARS]
-    for name, src in sources:
+    for name in ["train.tok.clean"] + [f"newstest{y}.tok" for y in YEARS]:
         for lang in LANGS:
-            lines = read_lines(tok / f"{src}.{lang}")
-            write_lines(bpe_dir / f"{name}.{lang}", _apply_bpe(lines, str(codes), workers))
+            lines = read_lines(google / f"{name}.{lang}")
+            write_lines(google / f"{name}.bpe.{merges}.{lang}", _apply_bpe(lines, str(codes), workers))
+    write_vocab([google / f"train.tok.clean.bpe.{merges}.{lang}" for lang in ("en", "de")], google / f"vocab.bpe.{merges}")
 
 
 def _apply_bpe(lines, codes, workers):
@@ -388,15 +481,18 @@ def _apply_bpe(lines, codes, workers):
 
 # --- Google's archive ---------------------------------------------------------------------------
 
-def import_google(archive, raw, tok, bpe_dir, merges):
-    """Take train/newstest BPE files and references from Google's wmt16_en_de.tar.gz as they are."""
-    wanted = {f"train.tok.clean.bpe.{merges}.{lang}": bpe_dir / f"train.{lang}" for lang in LANGS}
-    wanted[f"bpe.{merges}"] = bpe_dir / f"bpe.{merges}"
+def google_archive_files(merges):
+    """The files of Google's archive the binarize stage and evaluation need (Google's names)."""
+    names = [f"train.tok.clean.bpe.{merges}.{lang}" for lang in LANGS] + [f"bpe.{merges}"]
     for y in YEARS:
         for lang in LANGS:
-            wanted[f"newstest{y}.tok.bpe.{merges}.{lang}"] = bpe_dir / f"newstest{y}.{lang}"
-            wanted[f"newstest{y}.tok.{lang}"] = tok / f"newstest{y}.{lang}"
-            wanted[f"newstest{y}.{lang}"] = raw / f"newstest{y}.{lang}"
+            names += [f"newstest{y}.tok.bpe.{merges}.{lang}", f"newstest{y}.tok.{lang}", f"newstest{y}.{lang}"]
+    return names
+
+
+def import_google(archive, google, merges):
+    """Copy the needed files of Google's wmt16_en_de.tar.gz into WORK/google byte for byte."""
+    wanted = google_archive_files(merges)
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = {m.name.rsplit("/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
@@ -404,15 +500,17 @@ def import_google(archive, raw, tok, bpe_dir, merges):
             if missing:
                 raise B2TError(f"{archive} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
                                "pass Google's wmt16_en_de.tar.gz (or leave out --google-archive)")
-            for name, dest in wanted.items():
-                write_lines(dest, _member_lines(tar, members[name], f"{archive}:{name}"))
+            for name in wanted:
+                _member_lines(tar, members[name], f"{archive}:{name}")  # refuses non-UTF-8 text
+                with atomic_open(google / name, "wb") as out:
+                    shutil.copyfileobj(tar.extractfile(members[name]), out)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise B2TError(f"cannot read {archive} ({e}); it is truncated or not a tar archive") from None
     for y in YEARS:
-        for d in (raw, tok, bpe_dir):
-            en, de = read_lines(d / f"newstest{y}.en"), read_lines(d / f"newstest{y}.de")
+        for kind in ("", ".tok", f".tok.bpe.{merges}"):
+            en, de = read_lines(google / f"newstest{y}{kind}.en"), read_lines(google / f"newstest{y}{kind}.de")
             if len(en) != len(de):
-                raise B2TError(f"{archive}: newstest{y} has {len(en)} English and {len(de)} German lines in {d.name}")
+                raise B2TError(f"{archive}: newstest{y}{kind} has {len(en)} English and {len(de)} German lines")
 
 
 # --- binarize -----------------------------------------------------------------------------------
@@ -425,16 +523,19 @@ def subsets():
     return out
 
 
-def binarize(raw, tok, bpe_dir, dest, workers, merges):
+def binarize(google, dest, workers, merges, nwords):
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     subs = subsets()
     tests = [TEST_YEAR] + [y for y in YEARS if y not in (VALID_YEAR, TEST_YEAR)]
+    bpe = f"bpe.{merges}"
     cmd = [os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"), "--source-lang", "en",
-           "--target-lang", "de", "--trainpref", str(bpe_dir / "train"), "--validpref",
-           str(bpe_dir / f"newstest{VALID_YEAR}"), "--testpref", ",".join(str(bpe_dir / f"newstest{y}") for y in tests),
-           "--destdir", str(tmp), "--joined-dictionary", "--workers", str(max(1, workers))]
+           "--target-lang", "de", "--trainpref", str(google / f"train.tok.clean.{bpe}"),
+           "--validpref", str(google / f"newstest{VALID_YEAR}.tok.{bpe}"),
+           "--testpref", ",".join(str(google / f"newstest{y}.tok.{bpe}") for y in tests),
+           "--destdir", str(tmp), "--joined-dictionary", "--nwordssrc", str(nwords), "--nwordstgt", str(nwords),
+           "--workers", str(max(1, workers))]
     log("binarize: " + " ".join(cmd))
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
@@ -443,10 +544,10 @@ def binarize(raw, tok, bpe_dir, dest, workers, merges):
     refs = tmp / "refs"
     refs.mkdir()
     for y in YEARS:
-        shutil.copy(raw / f"newstest{y}.de", refs / f"newstest{y}.de")
-        shutil.copy(tok / f"newstest{y}.de", refs / f"newstest{y}.tok.de")
-        shutil.copy(raw / f"newstest{y}.en", refs / f"newstest{y}.en")
-    shutil.copy(bpe_dir / f"bpe.{merges}", tmp / f"bpe.{merges}")
+        shutil.copy(google / f"newstest{y}.de", refs / f"newstest{y}.de")
+        shutil.copy(google / f"newstest{y}.tok.de", refs / f"newstest{y}.tok.de")
+        shutil.copy(google / f"newstest{y}.en", refs / f"newstest{y}.en")
+    shutil.copy(google / bpe, tmp / bpe)
     (tmp / "subsets.json").write_text(json.dumps({str(y): s for y, s in subs.items()}, indent=1) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
@@ -467,6 +568,8 @@ def parse_args(argv):
     p.add_argument("--sums", help="md5sum-format file of expected checksums (wins over the built-in table)")
     p.add_argument("--google-archive", help="Google's preprocessed wmt16_en_de.tar.gz: use its BPE data as is")
     p.add_argument("--bpe-merges", type=int, default=BPE_MERGES)
+    p.add_argument("--nwords", type=int, default=NWORDS,
+                   help="dictionary size, special symbols included (fairseq-preprocess --nwordssrc/--nwordstgt)")
     p.add_argument("--max-len", type=int, default=80, help="clean: longest sentence kept, in tokens")
     p.add_argument("--ratio", type=float, default=9.0, help="clean: largest length ratio kept")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -474,31 +577,62 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def check_options(args):
+    for flag, value in (("--bpe-merges", args.bpe_merges), ("--nwords", args.nwords), ("--max-len", args.max_len),
+                        ("--workers", args.workers)):
+        if value < 1:
+            raise B2TError(f"{flag} {value}: must be at least 1")
+    if args.ratio <= 0:
+        raise B2TError(f"--ratio {args.ratio}: must be positive (Google's recipe: 9)")
+
+
 def prepare(args):
-    work = Path(args.work)
-    raw, tok, bpe_dir, dest = work / "raw", work / "tok", work / "bpe", Path(args.dest)
+    check_options(args)
+    work, dest = Path(args.work), Path(args.dest)
+    google = work / "google"
+    google.mkdir(parents=True, exist_ok=True)
     stages = Stages(work)
-    texts = [f"newstest{y}.{lang}" for y in YEARS for lang in LANGS]
-    bpe_out = [bpe_dir / f"train.{lang}" for lang in LANGS] + [bpe_dir / t for t in texts] + [bpe_dir / f"bpe.{args.bpe_merges}"]
+    m = args.bpe_merges
     if args.google_archive:
-        stages.run("bpe", bpe_out + [raw / t for t in texts] + [tok / t for t in texts],
-                   lambda: import_google(args.google_archive, raw, tok, bpe_dir, args.bpe_merges), args.force)
+        archive = Path(args.google_archive)
+        if not archive.is_file():
+            raise B2TError(f"--google-archive {archive} does not exist; pass the path of wmt16_en_de.tar.gz")
+        prev = stages.run("bpe", [google / n for n in google_archive_files(m)], lambda: import_google(archive, google, m),
+                          args.force, key={"google_archive": fingerprint([archive]), "merges": m})
     else:
-        if not stages.done("extract") or args.force:
+        downloads = work / "downloads"
+        names = [u.rsplit("/", 1)[1] for u in archive_urls(args.mirror, args.url).values()]
+        have = [downloads / n for n in names if (downloads / n).exists()]
+        key = {"archives": fingerprint(have)} if len(have) == len(names) else None
+        if key is None and not args.force and stages.done("extract"):  # archives deleted after extraction
+            log("extract: the archives are gone from WORK/downloads; keeping the extracted files")
+            key = {k: v for k, v in (stages.recorded_key("extract") or {}).items() if k != "recipe"}
+        if key is None or args.force or not stages.done("extract", dict(key, recipe=RECIPE)):
             paths = download_all(work, archive_urls(args.mirror, args.url), args.sums)
+            key = {"archives": fingerprint([paths[k] for k in sorted(paths)])}
         else:
             paths = None
-        stages.run("extract", [raw / "train.en", raw / "train.de"] + [raw / t for t in texts],
-                   lambda: extract(paths, raw), args.force)
-        stages.run("tokenize", [tok / f"train.{lang}" for lang in LANGS] + [tok / t for t in texts],
-                   lambda: tokenize(raw, tok, args.workers), args.force)
-        stages.run("clean", [tok / f"train.clean.{lang}" for lang in LANGS],
-                   lambda: clean(tok, args.max_len, args.ratio), args.force)
-        stages.run("bpe", bpe_out, lambda: learn_and_apply_bpe(tok, bpe_dir, args.bpe_merges, args.workers), args.force)
+        texts = [google / f"{t}.{lang}" for t in TEXTS for lang in LANGS]
+        tok = [google / f"{t}.tok.{lang}" for t in TEXTS for lang in LANGS]
+        cleaned = [google / f"train.tok.clean.{lang}" for lang in LANGS]
+        prev = stages.run("extract", texts, lambda: extract(paths, google), args.force, key=key)
+        prev = stages.run("tokenize", tok, lambda: tokenize(google, args.workers), args.force,
+                          key={"after": prev, "inputs": fingerprint(texts)})
+        prev = stages.run("clean", cleaned, lambda: clean(google, args.max_len, args.ratio), args.force,
+                          key={"after": prev, "inputs": fingerprint(tok[:2]), "min_len": 1, "max_len": args.max_len,
+                               "ratio": args.ratio})
+        bpe_inputs = cleaned + [google / f"newstest{y}.tok.{lang}" for y in YEARS for lang in LANGS]
+        prev = stages.run("bpe", bpe_outputs(google, m), lambda: learn_and_apply_bpe(google, m, args.workers),
+                          args.force, key={"after": prev, "inputs": fingerprint(bpe_inputs), "merges": m})
+    bin_inputs = [google / f"train.tok.clean.bpe.{m}.{lang}" for lang in LANGS]
+    bin_inputs += [google / f"newstest{y}{kind}.{lang}" for y in YEARS for lang in LANGS
+                   for kind in ("", ".tok", f".tok.bpe.{m}")]
     stages.run("binarize", [dest / "dict.en.txt", dest / "dict.de.txt", dest / "train.en-de.en.bin",
                             dest / "subsets.json"],
-               lambda: binarize(raw, tok, bpe_dir, dest, args.workers, args.bpe_merges), args.force)
-    log(f"ready: {dest} (train with scripts/train.sh ARCH LAYERS --data {dest})")
+               lambda: binarize(google, dest, args.workers, m, args.nwords), args.force,
+               key={"after": prev, "inputs": fingerprint(bin_inputs), "nwords": args.nwords,
+                    "dest": str(dest.resolve())})
+    log(f"Google's files: {google}; ready: {dest} (train with scripts/train.sh ARCH LAYERS --data {dest})")
 
 
 def main(argv=None):
