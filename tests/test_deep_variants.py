@@ -356,3 +356,21 @@ def test_the_one_switch_selects_the_new_types(toy_data_bin, flags, attr, value):
     expected = {"deepnorm": DeepNormEncoderLayer, "admin": AdminEncoderLayer}[value]
     assert all(type(layer) is expected for layer in model.encoder.layers)
     assert args.encoder_normalize_before is False and args.decoder_normalize_before is False
+
+
+# --- published numbers ----------------------------------------------------------------------------
+
+def test_published_numbers_are_labelled_and_their_flags_select_their_setting(toy_data_bin):
+    import shlex
+
+    from b2t_fairseq.wmt.published import FLAGS, PUBLISHED
+    from model_utils import parse
+
+    assert FLAGS.keys() == PUBLISHED.keys()
+    for label, entry in PUBLISHED.items():
+        assert all(entry[k] for k in ("source", "setting", "metric")), label
+        assert entry["bleu"] and all(isinstance(v, float) and 0 < v < 100 for v in entry["bleu"].values())
+        args = parse(toy_data_bin, "transformer_post_ln_tiny", *shlex.split(FLAGS[label]))
+        scale = "O(1)" if "O(1)" in label else "O(logn)"
+        omega = "fixed" if "fixed omega" in label else "trainable"
+        assert (args.ln_position, args.admin_output_change_scale, args.admin_omega) == ("admin", scale, omega)
