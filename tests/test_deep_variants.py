@@ -374,3 +374,27 @@ def test_published_numbers_are_labelled_and_their_flags_select_their_setting(toy
         scale = "O(1)" if "O(1)" in label else "O(logn)"
         omega = "fixed" if "fixed omega" in label else "trainable"
         assert (args.ln_position, args.admin_output_change_scale, args.admin_omega) == ("admin", scale, omega)
+
+
+# --- through the command line ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["transformer_deepnorm_18l", "transformer_admin_18l"])
+def test_18_layer_architectures_train_and_decode_through_the_command_line(toy_data_bin, tmp_path, arch):
+    from conftest import run
+
+    narrow = ["--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
+              "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"]
+    run(["b2t-train", toy_data_bin, "--arch", arch, *narrow, "--share-all-embeddings", "--optimizer", "adam",
+         "--lr", "1e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4", "--criterion",
+         "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--max-tokens", "1000", "--max-update", "3",
+         "--save-dir", tmp_path, "--seed", "1", "--cpu", "--no-progress-bar", "--no-epoch-checkpoints"])
+    state = torch.load(tmp_path / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    cfg = state["cfg"]["model"]
+    assert (cfg.ln_position, cfg.encoder_layers, cfg.decoder_layers) == (arch.split("_")[1], 18, 18)
+    assert state["optimizer_history"][-1]["num_updates"] == 3
+    if arch.startswith("transformer_admin"):  # the omegas were trained and saved
+        omega = state["model"]["encoder.layers.0.self_attn_residual_scale"]
+        assert omega.shape == (32,) and not torch.allclose(omega, torch.full_like(omega, admin_omega(36)))
+    p = run(["b2t-generate", toy_data_bin, "--path", tmp_path / "checkpoint_last.pt", "--beam", "2",
+             "--batch-size", "16", "--max-len-b", "5", "--cpu"])
+    assert sum(line.startswith("H-") for line in p.stdout.splitlines()) == 40
