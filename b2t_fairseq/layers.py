@@ -1,8 +1,10 @@
-"""B2T encoder and decoder layers, the authors' initialization, and word dropout.
+"""B2T, DeepNorm and Admin layers, their initializations, and word dropout.
 
-The layers subclass fairseq's own and override only ``forward``: every sub-module (and so every
-parameter name) is fairseq's, so a B2T checkpoint has exactly the keys of a stock transformer.
-Post-LN and Pre-LN are not re-implemented here at all: the plugin uses fairseq's layers for them.
+The layers subclass fairseq's own: every sub-module (and so every parameter name) is fairseq's, so
+B2T and DeepNorm checkpoints have exactly the keys of a stock transformer, and Admin's add only its
+named shortcut weights (``*_residual_scale``). B2T and Admin override ``forward``; DeepNorm only
+fairseq's ``residual_connection`` hook. Post-LN and Pre-LN are not re-implemented here at all: the
+plugin uses fairseq's layers for them.
 """
 
 import math
