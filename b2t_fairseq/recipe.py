@@ -6,8 +6,9 @@ it by ``tests/test_configs.py``. Source: the authors' 2023 command (reference do
 """
 
 # layer types selectable with --ln-position, and the architecture family of each
-LN_POSITIONS = ("post", "pre", "b2t")
-FAMILIES = {"post": "transformer_post_ln", "pre": "transformer_pre_ln", "b2t": "transformer_b2t"}
+LN_POSITIONS = ("post", "pre", "b2t", "deepnorm", "admin")
+FAMILIES = {"post": "transformer_post_ln", "pre": "transformer_pre_ln", "b2t": "transformer_b2t",
+            "deepnorm": "transformer_deepnorm", "admin": "transformer_admin"}
 PAPER_LN_POSITIONS = ("post", "pre", "b2t")  # what the paper compares (the demo's default)
 
 DEEP = 18  # from this depth on, the paper's deep regularization applies
@@ -69,5 +70,5 @@ TINY = {"embed_dim": 64, "ffn_embed_dim": 128, "attention_heads": 4, "layers": 2
 # short names of the families (what b2t-demo --archs, b2t-grad-norms --arch, b2t-bench take)
 ARCHS = tuple(f[len("transformer_"):] for f in FAMILIES.values())
 PAPER_ARCHS = tuple(FAMILIES[ln][len("transformer_"):] for ln in PAPER_LN_POSITIONS)
-LABELS = {"post_ln": "Post-LN", "pre_ln": "Pre-LN", "b2t": "B2T"}
+LABELS = {"post_ln": "Post-LN", "pre_ln": "Pre-LN", "b2t": "B2T", "deepnorm": "DeepNorm", "admin": "Admin"}
 

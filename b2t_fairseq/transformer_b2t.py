@@ -3,6 +3,8 @@
 ``--ln-position post`` is fairseq's Post-LN transformer, ``pre`` is fairseq's Pre-LN transformer
 (``--encoder/decoder-normalize-before``), both built from fairseq's own layers; ``b2t`` is Post-LN
 plus the bottom-to-top connection (layers.py) and, by default, the authors' initialization.
+``deepnorm`` (DeepNet, Wang et al. 2022) and ``admin`` (Liu et al. 2020) are the two other fixes
+for deep Post-LN: one value of the switch sets both the residual and the initialization.
 """
 
 import argparse
@@ -17,9 +19,25 @@ from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
 from . import recipe
 from .errors import B2TConfigError
-from .layers import B2TDecoderLayer, B2TEncoderLayer, rescale_init_, word_dropout
+from .layers import (
+    ADMIN_OUTPUT_CHANGE_SCALES,
+    DEEPNORM_REFERENCES,
+    AdminDecoderLayer,
+    AdminEncoderLayer,
+    B2TDecoderLayer,
+    B2TEncoderLayer,
+    DeepNormDecoderLayer,
+    DeepNormEncoderLayer,
+    deepnorm_constants,
+    deepnorm_init_,
+    rescale_init_,
+    word_dropout,
+)
 
 LN_POSITIONS = recipe.LN_POSITIONS
+ADMIN_OMEGA_MODES = ("trainable", "fixed")
+ENCODER_LAYERS = {"b2t": B2TEncoderLayer, "deepnorm": DeepNormEncoderLayer, "admin": AdminEncoderLayer}
+DECODER_LAYERS = {"b2t": B2TDecoderLayer, "deepnorm": DeepNormDecoderLayer, "admin": AdminDecoderLayer}
 
 
 def resolve_layer_type(args):
@@ -34,12 +52,19 @@ def resolve_layer_type(args):
         if ln == "pre":
             raise B2TConfigError("--residual-bottom-to-top cannot be combined with Pre-LN (--ln-position pre): "
                                  "B2T is defined for Post-LN only; drop one of them")
+        if ln in ("deepnorm", "admin"):
+            raise B2TConfigError(f"--residual-bottom-to-top cannot be combined with --ln-position {ln}: "
+                                 "they are different layer types; drop one of them")
         ln = "b2t"
     enc_nb = getattr(args, "encoder_normalize_before", None)
     dec_nb = getattr(args, "decoder_normalize_before", None)
     if ln == "b2t" and (enc_nb or dec_nb):
         raise B2TConfigError("B2T cannot be combined with --encoder-normalize-before/--decoder-normalize-before: "
                              "B2T is a Post-LN connection; drop those flags or use --ln-position pre")
+    if ln in ("deepnorm", "admin") and (enc_nb or dec_nb):
+        name = {"deepnorm": "DeepNorm", "admin": "Admin"}[ln]
+        raise B2TConfigError(f"{name} cannot be combined with --encoder-normalize-before/--decoder-normalize-before: "
+                             f"{name} is a Post-LN method; drop those flags or use --ln-position pre")
     if ln == "post" and (enc_nb or dec_nb):
         raise B2TConfigError("--encoder/decoder-normalize-before contradict --ln-position post: "
                              "use --ln-position pre (or --arch transformer_pre_ln) for Pre-LN")
@@ -48,17 +73,34 @@ def resolve_layer_type(args):
     args.encoder_normalize_before = args.decoder_normalize_before = ln == "pre"
     if getattr(args, "b2t_rescale_init", None) is None:
         args.b2t_rescale_init = ln == "b2t"  # the 2023 code's default; --no-b2t-rescale-init for 2022
+    if ln == "deepnorm" and args.b2t_rescale_init:
+        raise B2TConfigError("--b2t-rescale-init cannot be combined with --ln-position deepnorm: DeepNorm has its "
+                             "own initialization (--deepnorm-reference); drop --b2t-rescale-init")
+    _resolve_choice(args, "deepnorm_reference", DEEPNORM_REFERENCES, "paper")
+    _resolve_choice(args, "admin_omega", ADMIN_OMEGA_MODES, "trainable")
+    _resolve_choice(args, "admin_output_change_scale", ADMIN_OUTPUT_CHANGE_SCALES, "O(logn)")
     for side in ("src", "tgt"):
         p = getattr(args, f"word_dropout_{side}", 0.0) or 0.0
         if not 0.0 <= p < 1.0:
             raise B2TConfigError(f"--word-dropout-{side} must be in [0, 1), got {p}")
         setattr(args, f"word_dropout_{side}", float(p))
-    if ln == "b2t":
+    if ln in ("b2t", "admin", "deepnorm"):
+        # B2T and Admin layers have their own forward; these options of fairseq's forward would be
+        # ignored there, and for DeepNorm they would change the equations the layer type stands for
         for flag in ("cross_self_attention", "scale_attn", "scale_heads", "scale_fc", "scale_resids"):
             if getattr(args, flag, False):
-                raise B2TConfigError(f"--{flag.replace('_', '-')} is not supported with B2T layers; drop it "
+                raise B2TConfigError(f"--{flag.replace('_', '-')} is not supported with {ln} layers; drop it "
                                      "or use --ln-position post")
     return ln
+
+
+def _resolve_choice(args, name, choices, default):
+    value = getattr(args, name, None)
+    if value is None:
+        value = default
+    if value not in choices:
+        raise B2TConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got '{value}'")
+    setattr(args, name, value)
 
 
 def _wrap(layer, cfg):
@@ -70,9 +112,10 @@ def _wrap(layer, cfg):
 
 class B2TTransformerEncoder(TransformerEncoderBase):
     def build_encoder_layer(self, cfg):
-        if getattr(cfg, "ln_position", "post") != "b2t":
+        layer_class = ENCODER_LAYERS.get(getattr(cfg, "ln_position", "post"))
+        if layer_class is None:
             return super().build_encoder_layer(cfg)
-        return _wrap(B2TEncoderLayer(cfg, return_fc=self.return_fc), cfg)
+        return _wrap(layer_class(cfg, return_fc=self.return_fc), cfg)
 
     def forward_embedding(self, src_tokens, token_embedding=None):
         p = getattr(self.cfg, "word_dropout_src", 0.0)
@@ -85,9 +128,10 @@ class B2TTransformerEncoder(TransformerEncoderBase):
 
 class B2TTransformerDecoder(TransformerDecoderBase):
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
-        if getattr(cfg, "ln_position", "post") != "b2t":
+        layer_class = DECODER_LAYERS.get(getattr(cfg, "ln_position", "post"))
+        if layer_class is None:
             return super().build_decoder_layer(cfg, no_encoder_attn)
-        return _wrap(B2TDecoderLayer(cfg, no_encoder_attn), cfg)
+        return _wrap(layer_class(cfg, no_encoder_attn), cfg)
 
     def extract_features(self, prev_output_tokens, *args, **kwargs):
         p = getattr(self.cfg, "word_dropout_tgt", 0.0)
@@ -104,19 +148,30 @@ class B2TTransformerDecoder(TransformerDecoderBase):
 
 
 class TransformerB2TModel(TransformerModel):
-    """fairseq's TransformerModel with ``--ln-position {post,pre,b2t}``."""
+    """fairseq's TransformerModel with ``--ln-position {post,pre,b2t,deepnorm,admin}``."""
 
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
         parser.add_argument("--ln-position", choices=LN_POSITIONS,
-                            help="layer type: post (Post-LN), pre (Pre-LN) or b2t (Post-LN + B2T connection)")
+                            help="layer type: post (Post-LN), pre (Pre-LN), b2t (Post-LN + B2T connection), "
+                                 "deepnorm (DeepNet's LN(alpha*x + f(x)) and init), admin (LN(omega*x + f(x)))")
         parser.add_argument("--residual-bottom-to-top", action="store_true",
                             help="the authors' spelling of --ln-position b2t")
         parser.add_argument("--b2t-rescale-init", dest="b2t_rescale_init", action="store_true",
                             help="multiply layer projection weights by N**-0.5 (default: on for b2t, off otherwise)")
         parser.add_argument("--no-b2t-rescale-init", dest="b2t_rescale_init", action="store_false",
                             help="keep fairseq's initialization (the 2022 B2T code)")
+        parser.add_argument("--deepnorm-reference", choices=DEEPNORM_REFERENCES,
+                            help="DeepNorm's init: paper (default: the DeepNet paper, encoder beta = "
+                                 "0.87 (N^4 M)^(-1/16), Xavier-normal re-init) or torchscale (microsoft/torchscale: "
+                                 "encoder beta = 1.15 (N^4 M)^(-1/16), fairseq's init divided by 1/beta)")
+        parser.add_argument("--admin-omega", choices=ADMIN_OMEGA_MODES,
+                            help="Admin's shortcut weights: trainable vectors (default, as admin-torch's "
+                                 "published runs) or fixed buffers")
+        parser.add_argument("--admin-output-change-scale", choices=ADMIN_OUTPUT_CHANGE_SCALES,
+                            help="Admin's omega without profiling (admin-torch): O(logn) (default), O(1), "
+                                 "or O(n) (omega = 1, plain Post-LN)")
         parser.add_argument("--word-dropout-src", type=float, metavar="P",
                             help="zero each source token embedding with probability P while training")
         parser.add_argument("--word-dropout-tgt", type=float, metavar="P",
@@ -134,6 +189,10 @@ class TransformerB2TModel(TransformerModel):
         if args.b2t_rescale_init:
             rescale_init_(model.encoder.layers, len(model.encoder.layers))
             rescale_init_(model.decoder.layers, len(model.decoder.layers))
+        if args.ln_position == "deepnorm":
+            c = deepnorm_constants(len(model.encoder.layers), len(model.decoder.layers), args.deepnorm_reference)
+            deepnorm_init_(model.encoder.layers, c["encoder_beta"], args.deepnorm_reference)
+            deepnorm_init_(model.decoder.layers, c["decoder_beta"], args.deepnorm_reference)
         return model
 
     @classmethod

@@ -15,7 +15,12 @@ EXPECTED = {  # arch: (ln_position, encoder layers, decoder layers, embed dim)
     "transformer_post_ln_18l": ("post", 18, 18, 512), "transformer_pre_ln_18l": ("pre", 18, 18, 512),
     "transformer_b2t_tiny": ("b2t", 2, 2, 64), "transformer_post_ln_tiny": ("post", 2, 2, 64),
     "transformer_pre_ln_tiny": ("pre", 2, 2, 64),
+    "transformer_deepnorm": ("deepnorm", 6, 6, 512), "transformer_deepnorm_18l": ("deepnorm", 18, 18, 512),
+    "transformer_deepnorm_tiny": ("deepnorm", 2, 2, 64),
+    "transformer_admin": ("admin", 6, 6, 512), "transformer_admin_18l": ("admin", 18, 18, 512),
+    "transformer_admin_tiny": ("admin", 2, 2, 64),
 }
+LAYER_CLASS = {"b2t": "B2TEncoderLayer", "deepnorm": "DeepNormEncoderLayer", "admin": "AdminEncoderLayer"}
 
 
 def test_all_architectures_are_registered():
@@ -30,6 +35,9 @@ def test_architecture_builds_trains_and_decodes(toy_data_bin, arch):
     assert (args.ln_position, len(model.encoder.layers), len(model.decoder.layers)) == (ln, enc_layers, dec_layers)
     assert model.encoder.embed_tokens.embedding_dim == dim
     assert isinstance(model.encoder.layers[0], B2TEncoderLayer) == (ln == "b2t")
+    assert type(model.encoder.layers[0]).__name__ == LAYER_CLASS.get(ln, "TransformerEncoderLayerBase")
+    deep = enc_layers >= 18  # the paper's per-depth word dropout, the same for every layer type
+    assert args.word_dropout_src == args.word_dropout_tgt == (0.1 if deep else 0.0)
     assert (model.encoder.layer_norm is not None) == (ln == "pre")  # Pre-LN's final LayerNorm, only there
 
     src, lengths, prev = toy_batch(task, bsz=2)
