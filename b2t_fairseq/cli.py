@@ -57,6 +57,9 @@ def run_fairseq(main, argv=None, hydra=False, prog=None):
 def train(argv=None):
     from fairseq_cli.train import cli_main
 
+    from .fast import translate_argv
+
+    argv = translate_argv(sys.argv[1:] if argv is None else argv)  # --b2t-fast: --optimizer b2t_adam
     return run_fairseq(cli_main, argv, prog="b2t-train")
 
 

@@ -15,6 +15,7 @@ from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase
 from fairseq.models.transformer.transformer_legacy import transformer_wmt_en_de
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
+from . import fast
 from .layers import B2TDecoderLayer, B2TEncoderLayer, rescale_init_, word_dropout
 
 LN_POSITIONS = ("post", "pre", "b2t")
@@ -123,6 +124,12 @@ class TransformerB2TModel(TransformerModel):
                             help="zero each source token embedding with probability P while training")
         parser.add_argument("--word-dropout-tgt", type=float, metavar="P",
                             help="the same for target tokens (the first decoder position is never dropped)")
+        parser.add_argument("--b2t-fast", action="store_true",
+                            help="fast path (fast.py): attention through scaled_dot_product_attention; "
+                                 "b2t-train also selects --optimizer b2t_adam (fairseq's Adam, multi-tensor)")
+        parser.add_argument("--b2t-bf16", action="store_true",
+                            help="bf16 autocast around the forward, fp32 weights and optimizer "
+                                 "(fairseq's --bf16 implies --tpu)")
 
     @classmethod
     def build_model(cls, args, task):
@@ -132,11 +139,21 @@ class TransformerB2TModel(TransformerModel):
             # word dropout would be dropped silently and Post-LN layers built
             args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
         resolve_layer_type(args)
+        fast.check_bf16_args(args)
         model = super().build_model(args, task)
         if args.b2t_rescale_init:
             rescale_init_(model.encoder.layers, len(model.encoder.layers))
             rescale_init_(model.decoder.layers, len(model.decoder.layers))
+        if getattr(args, "b2t_fast", False):
+            fast.use_fast_attention(model)
+        model.b2t_bf16 = bool(getattr(args, "b2t_bf16", False))
         return model
+
+    def forward(self, *args, **kwargs):
+        if not getattr(self, "b2t_bf16", False):
+            return super().forward(*args, **kwargs)
+        with fast.bf16_autocast(self.encoder.embed_tokens.weight.device.type):
+            return super().forward(*args, **kwargs)
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
