@@ -286,3 +286,27 @@ def test_gpu_checks_fast_path_stops_where_it_needs_cuda(tmp_path):
                        text=True, env=env, timeout=120)
     assert p.returncode == 2, p.stderr
     assert "gpu-checks: error: no CUDA device visible" in p.stderr
+
+
+def test_the_gpu_loss_curve_check_runs_and_compares(tmp_path):
+    """The part of gpu-checks.sh --fast-path that is plugin code, at CPU sizes: it must run there
+    unchanged, and its comparison must tell curves apart."""
+    out = tmp_path / "curve.json"
+    p = subprocess.run([os.sys.executable, "-m", "b2t_fairseq.fast", "--size", "quick", "--layers", "2",
+                        "--updates", "12", "--device", "cpu", "--dtype", "fp32", "--max-tokens", "256",
+                        "--json", str(out)], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    import json
+
+    r = json.loads(out.read_text())
+    assert r["same_curve"] and r["updates"] == 12 and len(r["curves"]["fast"]) == 12
+    assert len(set(r["curves"]["plain"])) == 12  # a curve of real, changing losses
+    assert fast.compare_curves(r["curves"]["plain"], [x * 1.05 for x in r["curves"]["plain"]])["same_curve"] is False
+
+
+def test_bench_bf16_refuses_stock_variants():
+    with pytest.raises(bench.BenchError, match="stock fairseq has no bf16"):
+        bench.settle(bench.parse_args(["--quick", "--dtype", "bf16"]))
+    opts = bench.settle(bench.parse_args(["--quick", "--dtype", "bf16", "--variants", "plugin_b2t", "fast_b2t"]))
+    assert "--b2t-bf16" in bench.fairseq_argv("fast_b2t", "d", "quick", 2, 64, opts.device, opts.dtype)
