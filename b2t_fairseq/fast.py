@@ -141,8 +141,8 @@ def clip_grad_norm_foreach(params, max_norm, aggregate_norm_fn=None) -> Tensor:
     if len(grads) == 1:
         total_norm = torch.norm(grads[0], p=2, dtype=torch.float32)
     else:
-        norms = [n.float() for n in torch._foreach_norm(grads, 2)]
-        total_norm = torch.norm(torch.stack(norms))
+        # fp32 accumulation for fp16/bf16 gradients, as fairseq's torch.norm(g, dtype=torch.float32)
+        total_norm = torch.norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
     if aggregate_norm_fn is not None:
         total_norm = aggregate_norm_fn(total_norm)
     if max_norm > 0:

@@ -310,3 +310,15 @@ def test_bench_bf16_refuses_stock_variants():
         bench.settle(bench.parse_args(["--quick", "--dtype", "bf16"]))
     opts = bench.settle(bench.parse_args(["--quick", "--dtype", "bf16", "--variants", "plugin_b2t", "fast_b2t"]))
     assert "--b2t-bf16" in bench.fairseq_argv("fast_b2t", "d", "quick", 2, 64, opts.device, opts.dtype)
+
+
+def test_foreach_grad_norm_accumulates_fp16_gradients_in_fp32():
+    from fairseq import utils
+
+    grads = [torch.full((10,), 300.0, dtype=torch.float16), torch.full((3,), 7.0, dtype=torch.float16)]
+    a = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    b = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for x, y, g in zip(a, b, grads):
+        x.grad, y.grad = g.clone(), g.clone()
+    na, nb = utils.clip_grad_norm_(a, 0.0), fast.clip_grad_norm_foreach(b, 0.0)
+    assert nb.dtype == torch.float32 and torch.equal(na, nb)  # an fp16 norm would round to 948.5
