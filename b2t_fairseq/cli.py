@@ -48,6 +48,9 @@ def run_fairseq(main, argv=None, hydra=False, prog=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or os.path.basename(sys.argv[0])
     if not hydra:
+        from .fast import translate_argv
+
+        argv = translate_argv(argv)  # --b2t-fast: --optimizer adam -> b2t_adam (fast.py)
         errors.check_args_before_fairseq(argv, prog)
     with errors.one_line_errors(prog):
         sys.argv = [prog] + _with_user_dir(argv, hydra=hydra)
@@ -57,9 +60,6 @@ def run_fairseq(main, argv=None, hydra=False, prog=None):
 def train(argv=None):
     from fairseq_cli.train import cli_main
 
-    from .fast import translate_argv
-
-    argv = translate_argv(sys.argv[1:] if argv is None else argv)  # --b2t-fast: --optimizer b2t_adam
     return run_fairseq(cli_main, argv, prog="b2t-train")
 
 

@@ -26,7 +26,8 @@ Three parts, each registered through fairseq's own extension points (no fairseq 
     is needed in bf16). fairseq's own ``--bf16`` sets ``--tpu`` (fairseq/options.py), so on a
     GPU machine the trainer asks torch_xla for a TPU device and fails.
 
-``--b2t-fast`` (a model flag) switches the attention on; ``b2t-train`` also turns
+``--b2t-fast`` (a model flag) switches the attention on; ``b2t-train`` (also under torchrun and
+``scripts/train.sh ... -- --b2t-fast``) turns
 ``--optimizer adam`` into ``--optimizer b2t_adam`` when it is given (with plain fairseq-train,
 pass ``--optimizer b2t_adam`` yourself).
 """

@@ -322,3 +322,20 @@ def test_foreach_grad_norm_accumulates_fp16_gradients_in_fp32():
         x.grad, y.grad = g.clone(), g.clone()
     na, nb = utils.clip_grad_norm_(a, 0.0), fast.clip_grad_norm_foreach(b, 0.0)
     assert nb.dtype == torch.float32 and torch.equal(na, nb)  # an fp16 norm would round to 948.5
+
+
+def test_b2t_train_with_the_one_flag(toy_data_bin, tmp_path):
+    """The console command: --b2t-fast selects b2t_adam and the fast attention, and trains as the
+    plain command does (the log rounds losses to 3 decimals)."""
+    from conftest import run
+    from test_cli_e2e import train_args, train_losses
+
+    logs = {}
+    for name, extra in (("plain", []), ("fast", ["--b2t-fast"])):
+        p = run(["b2t-train", *train_args(toy_data_bin, tmp_path / name, "transformer_b2t_tiny", 5, "--no-save",
+                                          *extra)])
+        logs[name] = p.stdout + p.stderr
+    assert "'_name': 'b2t_adam'" in logs["fast"] and "'_name': 'b2t_adam'" not in logs["plain"]
+    assert "FastMultiheadAttention" in logs["fast"] and "FastMultiheadAttention" not in logs["plain"]
+    plain, quick = train_losses(logs["plain"]), train_losses(logs["fast"])
+    assert sorted(plain) == [1, 2, 3, 4, 5] and quick == plain
