@@ -5,7 +5,9 @@ Three parts, each registered through fairseq's own extension points (no fairseq 
 ``b2t_adam`` (optimizer)
     fairseq's Adam (``fairseq.optim.adam.Adam``: decoupled weight decay, fairseq's placement of
     eps, amsgrad, the same state-dict layout) computed with multi-tensor ``torch._foreach_*``
-    kernels instead of a Python loop over parameters, and ``--clip-norm`` with
+    kernels (all tensors at once on a GPU, cache-sized chunks on CPU) instead of fairseq's
+    Python loop over parameters (what fairseq runs without apex in fp32 and with --amp; with
+    --fp16 fairseq already flattens the parameters into one tensor), and ``--clip-norm`` with
     ``torch._foreach_norm``. The operations are fairseq's, in fairseq's order, so on CPU the
     result is bitwise fairseq's. torch's ``fused=True`` Adam is deliberately not used: it adds
     eps after the bias correction (its eps is fairseq's eps times sqrt(1 - beta2^t)), which
@@ -17,9 +19,14 @@ Three parts, each registered through fairseq's own extension points (no fairseq 
     fairseq's ``MultiheadAttention`` (same sub-modules, so the same parameter names
     q_proj/k_proj/v_proj/out_proj) whose non-incremental forward calls
     ``torch.nn.functional.scaled_dot_product_attention`` for encoder self-attention, decoder
-    self-attention (``is_causal``: flash kernels on a GPU) and cross-attention (which stock
-    fairseq computes with bmm + softmax + bmm). Incremental decoding, requests for attention
-    weights and the exotic options (bias_kv, zero_attn, xformers, ONNX, XLA) use fairseq's code.
+    self-attention (fairseq's future mask becomes ``is_causal``, which a GPU can run with its
+    flash kernels) and cross-attention (which stock fairseq computes with bmm + softmax + bmm;
+    its self-attention already reaches SDPA through torch's multi_head_attention_forward, with
+    an explicit mask). Incremental decoding, requests for attention weights (fairseq asks the
+    last decoder layer's cross-attention for them even in training: that one module stays on
+    fairseq's code) and the exotic options (bias_kv, zero_attn, xformers, ONNX, XLA) use
+    fairseq's code. With --attention-dropout > 0 SDPA draws its own dropout masks: equal in
+    distribution, not update by update (the recipe's attention dropout is 0).
 
 ``--b2t-bf16`` (precision)
     bf16 autocast around the model's forward with fp32 weights and optimizer (no loss scaling
