@@ -8,8 +8,8 @@
 # Results go to $OUT if set (the device tool), else results/gpu/: env.txt, train-smoke.tsv,
 # train-smoke.log, bench-gpu.json, bench-gpu.txt, profile-gpu.json (six files).
 #
-# With --fast-path it runs instead only the fast-path checks (issue 12; about 6 minutes on one
-# H200, at most 8):
+# With --fast-path it runs instead only the fast-path checks (issue 12; estimated 5-6 minutes on
+# one H200, never more than 8: timeouts of 140 + 140 + 180 s, partial results are kept):
 #   4. b2t-bench, paper sizes, 6 and 18 layers, max-tokens 3584 and 28672 (the recipe's two
 #      batch layouts): stock fairseq against --b2t-fast in fp16 (fairseq --fp16), and the
 #      fairseq path against --b2t-fast in bf16 (--b2t-bf16; stock fairseq has no GPU bf16)
@@ -86,16 +86,16 @@ if [[ $FAST_PATH == 1 ]]; then
     FAST_BENCH=(--arch-size paper --layers 6 18 --max-tokens 3584 28672 --rounds 3 --warmup 1 --batches 3)
     echo "== 4a. b2t-bench fp16: stock fairseq vs --b2t-fast"
     # shellcheck disable=SC2086
-    timeout 170 "$PY" -m b2t_fairseq.bench "${FAST_BENCH[@]}" --dtype fp16 \
+    timeout 140 "$PY" -m b2t_fairseq.bench "${FAST_BENCH[@]}" --dtype fp16 \
         --variants stock_post_ln plugin_b2t fast_post_ln fast_b2t --json "$RES/fast-fp16.json" ${B2T_BENCH_ARGS:-} \
         2>"$WORK/fast-fp16.err" | tee "$RES/fast-fp16.txt" || { status=1; tail -n 40 "$WORK/fast-fp16.err"; }
     echo "== 4b. b2t-bench bf16 (--b2t-bf16): the fairseq path vs --b2t-fast"
     # shellcheck disable=SC2086
-    timeout 170 "$PY" -m b2t_fairseq.bench "${FAST_BENCH[@]}" --dtype bf16 \
+    timeout 140 "$PY" -m b2t_fairseq.bench "${FAST_BENCH[@]}" --dtype bf16 \
         --variants plugin_post_ln plugin_b2t fast_post_ln fast_b2t --json "$RES/fast-bf16.json" ${B2T_BENCH_ARGS:-} \
         2>"$WORK/fast-bf16.err" | tee "$RES/fast-bf16.txt" || { status=1; tail -n 40 "$WORK/fast-bf16.err"; }
     echo "== 5. loss curves, 18-layer B2T, 200 updates, fp16: plain vs --b2t-fast"
-    timeout 150 "$PY" -m b2t_fairseq.fast --size paper --layers 18 --ln-position b2t --max-tokens 3584 \
+    timeout 180 "$PY" -m b2t_fairseq.fast --size paper --layers 18 --ln-position b2t --max-tokens 3584 \
         --updates 200 --device cuda --dtype fp16 --json "$RES/fast-curve-18l-b2t.json" \
         2>"$WORK/fast-curve.err" | tee "$RES/fast-curve-18l-b2t.txt" || { status=1; tail -n 40 "$WORK/fast-curve.err"; }
     echo "gpu-checks: fast-path results in $RES (status $status)"
