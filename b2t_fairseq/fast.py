@@ -128,18 +128,18 @@ class ForeachAdam(torch.optim.Optimizer):
 
 
 CPU_CHUNK = 1 << 18  # elements: 1 MiB per fp32 list, so the eight passes of a chunk stay in cache
+GPU_CHUNK = 1 << 25  # elements: bounds the temporary sqrt(v) + eps to 128 MiB; a few launches more
 
 
 def _chunks(params):
-    """Index ranges of the multi-tensor passes: all tensors at once on a GPU (fewest launches);
-    on CPU chunks of about CPU_CHUNK elements. Measured on the 2-core VM: eight passes over all
-    of a model's state at once ran up to 1.6x slower than fairseq's loop when other jobs shared
-    the cache, chunks were not slower (results/fast-pieces-cpu.json)."""
-    if params[0].device.type != "cpu":
-        return [(0, len(params))]
+    """Index ranges of the multi-tensor passes. On CPU chunks of about CPU_CHUNK elements:
+    measured on the 2-core VM, eight passes over all of a model's state at once ran up to 1.6x
+    slower than fairseq's loop when other jobs shared the cache, chunks were not slower
+    (results/fast-pieces-cpu.json). On a GPU large chunks: few launches, bounded extra memory."""
+    limit = CPU_CHUNK if params[0].device.type == "cpu" else GPU_CHUNK
     out, start, size = [], 0, 0
     for i, p in enumerate(params):
-        if size and size + p.numel() > CPU_CHUNK:
+        if size and size + p.numel() > limit:
             out.append((start, i))
             start, size = i, 0
         size += p.numel()

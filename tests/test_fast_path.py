@@ -127,7 +127,8 @@ def step_both(a, b, oa, ob, n, seed=1):
 
 @pytest.mark.parametrize("kind,kw", [("fp32", {}), ("fp32", dict(weight_decay=0.1, amsgrad=True, eps=1e-6)),
                                      ("fp16", dict(weight_decay=0.01))])
-def test_foreach_adam_steps_and_state_dicts_are_fairseqs(kind, kw):
+def test_foreach_adam_steps_and_state_dicts_are_fairseqs(kind, kw, monkeypatch):
+    monkeypatch.setattr(fast, "CPU_CHUNK", 10)  # several multi-tensor passes per step
     a, b, oa, ob = fairseq_adam_pair(kind, lr=0.01, betas=(0.9, 0.98), **kw)
     step_both(a, b, oa, ob, 5)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -339,3 +340,11 @@ def test_b2t_train_with_the_one_flag(toy_data_bin, tmp_path):
     assert "FastMultiheadAttention" in logs["fast"] and "FastMultiheadAttention" not in logs["plain"]
     plain, quick = train_losses(logs["plain"]), train_losses(logs["fast"])
     assert sorted(plain) == [1, 2, 3, 4, 5] and quick == plain
+
+
+def test_optimizer_chunks_cover_every_tensor_once(monkeypatch):
+    ps = [torch.zeros(n) for n in (5, 300, 7, 7, 1000, 2)]
+    monkeypatch.setattr(fast, "CPU_CHUNK", 310)
+    chunks = fast._chunks(ps)
+    assert chunks == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert fast._chunks(ps[:1]) == [(0, 1)]
