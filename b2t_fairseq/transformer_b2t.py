@@ -17,7 +17,7 @@ from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase
 from fairseq.models.transformer.transformer_legacy import transformer_wmt_en_de
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
-from . import recipe
+from . import fast, recipe
 from .errors import B2TConfigError
 from .layers import (
     ADMIN_OUTPUT_CHANGE_SCALES,
@@ -176,6 +176,12 @@ class TransformerB2TModel(TransformerModel):
                             help="zero each source token embedding with probability P while training")
         parser.add_argument("--word-dropout-tgt", type=float, metavar="P",
                             help="the same for target tokens (the first decoder position is never dropped)")
+        parser.add_argument("--b2t-fast", action="store_true",
+                            help="fast path (fast.py): attention through scaled_dot_product_attention; "
+                                 "b2t-train also selects --optimizer b2t_adam (fairseq's Adam, multi-tensor)")
+        parser.add_argument("--b2t-bf16", action="store_true",
+                            help="bf16 autocast around the forward, fp32 weights and optimizer "
+                                 "(fairseq's --bf16 implies --tpu)")
 
     @classmethod
     def build_model(cls, args, task):
@@ -185,6 +191,7 @@ class TransformerB2TModel(TransformerModel):
             # word dropout would be dropped silently and Post-LN layers built
             args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
         resolve_layer_type(args)
+        fast.check_bf16_args(args)
         model = super().build_model(args, task)
         if args.b2t_rescale_init:
             rescale_init_(model.encoder.layers, len(model.encoder.layers))
@@ -193,7 +200,16 @@ class TransformerB2TModel(TransformerModel):
             c = deepnorm_constants(len(model.encoder.layers), len(model.decoder.layers), args.deepnorm_reference)
             deepnorm_init_(model.encoder.layers, c["encoder_beta"], args.deepnorm_reference)
             deepnorm_init_(model.decoder.layers, c["decoder_beta"], args.deepnorm_reference)
+        if getattr(args, "b2t_fast", False):
+            fast.use_fast_attention(model)
+        model.b2t_bf16 = bool(getattr(args, "b2t_bf16", False))
         return model
+
+    def forward(self, *args, **kwargs):
+        if not getattr(self, "b2t_bf16", False):
+            return super().forward(*args, **kwargs)
+        with fast.bf16_autocast(self.encoder.embed_tokens.weight.device.type):
+            return super().forward(*args, **kwargs)
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):

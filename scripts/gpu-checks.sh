@@ -8,9 +8,18 @@
 # Results go to $OUT if set (the device tool), else results/gpu/: env.txt, train-smoke.tsv,
 # train-smoke.log, bench-gpu.json, bench-gpu.txt, profile-gpu.json (six files).
 #
+# With --fast-path it runs instead only the fast-path checks (issue 12; estimated 5-6 minutes on
+# one H200, never more than 8: timeouts of 140 + 140 + 180 s, partial results are kept):
+#   4. b2t-bench, paper sizes, 6 and 18 layers, max-tokens 3584 and 28672 (the recipe's two
+#      batch layouts): stock fairseq against --b2t-fast in fp16 (fairseq --fp16), and the
+#      fairseq path against --b2t-fast in bf16 (--b2t-bf16; stock fairseq has no GPU bf16)
+#   5. 200 updates of the 18-layer B2T model, fp16, plain and --b2t-fast, same seed and
+#      batches: the two loss curves must agree (20-update means within 2%)
+#   files: env.txt, fast-fp16.json/.txt, fast-bf16.json/.txt, fast-curve-18l-b2t.json/.txt
+#
 # Usage
 #   here (pip reaches PyPI):  scripts/gpu-checks.sh --fetch-wheels [DIR]   # default DIR: .whl
-#   on the GPU machine:       scripts/gpu-checks.sh
+#   on the GPU machine:       scripts/gpu-checks.sh [--fast-path]
 # A GPU machine without fairseq installs it from the wheels in $B2T_WHEELS (default .whl, built
 # for CPython 3.12 by --fetch-wheels) into a scratch folder; nothing else is installed.
 # Environment: PYTHON (default python3), B2T_WHEELS, B2T_BENCH_ARGS (extra b2t-bench flags),
@@ -43,7 +52,12 @@ if [[ ${1:-} == --fetch-wheels ]]; then
     fetch_wheels "${2:-.whl}"
     exit 0
 fi
-[[ $# -eq 0 ]] || die "unknown argument '$1'; run without arguments on the GPU machine, or --fetch-wheels [DIR] here"
+FAST_PATH=0
+if [[ ${1:-} == --fast-path ]]; then
+    FAST_PATH=1
+    shift
+fi
+[[ $# -eq 0 ]] || die "unknown argument '$1'; run without arguments (or with --fast-path) on the GPU machine, or --fetch-wheels [DIR] here"
 
 RES=${OUT:-$REPO/results/gpu}
 mkdir -p "$RES"
@@ -66,6 +80,27 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # the plugin from this check
 } | tee "$RES/env.txt"
 
 status=0
+
+# --- 4 and 5. the fast path (--fast-path) -------------------------------------------------------
+if [[ $FAST_PATH == 1 ]]; then
+    FAST_BENCH=(--arch-size paper --layers 6 18 --max-tokens 3584 28672 --rounds 3 --warmup 1 --batches 3)
+    echo "== 4a. b2t-bench fp16: stock fairseq vs --b2t-fast"
+    # shellcheck disable=SC2086
+    timeout 140 "$PY" -m b2t_fairseq.analysis.bench "${FAST_BENCH[@]}" --dtype fp16 \
+        --variants stock_post_ln plugin_b2t fast_post_ln fast_b2t --json "$RES/fast-fp16.json" ${B2T_BENCH_ARGS:-} \
+        2>"$WORK/fast-fp16.err" | tee "$RES/fast-fp16.txt" || { status=1; tail -n 40 "$WORK/fast-fp16.err"; }
+    echo "== 4b. b2t-bench bf16 (--b2t-bf16): the fairseq path vs --b2t-fast"
+    # shellcheck disable=SC2086
+    timeout 140 "$PY" -m b2t_fairseq.analysis.bench "${FAST_BENCH[@]}" --dtype bf16 \
+        --variants plugin_post_ln plugin_b2t fast_post_ln fast_b2t --json "$RES/fast-bf16.json" ${B2T_BENCH_ARGS:-} \
+        2>"$WORK/fast-bf16.err" | tee "$RES/fast-bf16.txt" || { status=1; tail -n 40 "$WORK/fast-bf16.err"; }
+    echo "== 5. loss curves, 18-layer B2T, 200 updates, fp16: plain vs --b2t-fast"
+    timeout 180 "$PY" -m b2t_fairseq.analysis.fast_curve --size paper --layers 18 --ln-position b2t --max-tokens 3584 \
+        --updates 200 --device cuda --dtype fp16 --json "$RES/fast-curve-18l-b2t.json" \
+        2>"$WORK/fast-curve.err" | tee "$RES/fast-curve-18l-b2t.txt" || { status=1; tail -n 40 "$WORK/fast-curve.err"; }
+    echo "gpu-checks: fast-path results in $RES (status $status)"
+    exit $status
+fi
 
 # --- 1. fp16 training smoke of each architecture ------------------------------------------------
 smoke() {
@@ -144,6 +179,7 @@ if [[ ${B2T_SKIP_BENCH:-0} != 1 ]]; then
     echo "== 2. b2t-bench, paper sizes, fp16; 3. profile of one stock Post-LN update"
     # shellcheck disable=SC2086
     timeout 420 "$PY" -m b2t_fairseq.analysis.bench --arch-size paper --layers 6 18 --max-tokens 3584 8192 32768 \
+        --variants stock_post_ln stock_pre_ln plugin_post_ln plugin_pre_ln plugin_b2t \
         --json "$RES/bench-gpu.json" --profile "$RES/profile-gpu.json" --profile-layers 6 --profile-max-tokens 8192 \
         ${B2T_BENCH_ARGS:-} 2>"$WORK/bench.err" | tee "$RES/bench-gpu.txt" || { status=1; tail -n 40 "$WORK/bench.err"; }
     grep -v USDT "$WORK/bench.err" | tail -n 5 >>"$RES/bench-gpu.txt" || true

@@ -114,3 +114,11 @@ def train_losses(text):
     """{update: train loss} from fairseq's json log lines (``train_inner`` records, --log-interval 1)."""
     return {int(float(rec["num_updates"])): float(rec["loss"])
             for kind, rec in parse_json_log(text.splitlines()) if kind == "train_inner"}
+
+
+def train_args(data, save_dir, arch, max_update=30, *extra):
+    """Data, arch and the toy flags with a warmup schedule and label smoothing (the e2e CLI tests)."""
+    return [data, *toy_train_argv("--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10",
+                                  "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+                                  "--max-update", max_update, "--save-dir", save_dir, *extra,
+                                  arch=arch, lr="5e-3", max_tokens=1000)]

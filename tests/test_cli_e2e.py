@@ -6,16 +6,9 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, run, toy_train_argv, train_losses
+from helpers import REPO, run, train_args, train_losses
 
 ARCHS = ["transformer_post_ln_tiny", "transformer_pre_ln_tiny", "transformer_b2t_tiny"]
-
-
-def train_args(data, save_dir, arch, max_update=30, *extra):
-    return [data, *toy_train_argv("--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10",
-                                  "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-                                  "--max-update", max_update, "--save-dir", save_dir, *extra,
-                                  arch=arch, lr="5e-3", max_tokens=1000)]
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,7 @@ from .. import recipe
 from ..commands import run_command
 from ..commands.cli import PLUGIN_DIR
 from ..errors import B2TError
+from ..fast import translate_argv
 from ..util import machine, write_json
 from .measure import build_and_measure_memory, log, profile_update, run_updates, saved_activation_bytes
 
@@ -50,6 +51,10 @@ VARIANTS = {
     "plugin_post_ln": ["--arch", "transformer_b2t", "--ln-position", "post"],
     "plugin_pre_ln": ["--arch", "transformer_b2t", "--ln-position", "pre"],
     "plugin_b2t": ["--arch", "transformer_b2t", "--ln-position", "b2t"],
+    # the fast path (fast.py): SDPA attention and fairseq's Adam with foreach kernels (b2t_adam)
+    "fast_post_ln": ["--arch", "transformer_b2t", "--ln-position", "post", "--b2t-fast"],
+    "fast_pre_ln": ["--arch", "transformer_b2t", "--ln-position", "pre", "--b2t-fast"],
+    "fast_b2t": ["--arch", "transformer_b2t", "--ln-position", "b2t", "--b2t-fast"],
 }
 BASELINE = "stock_post_ln"
 
@@ -103,10 +108,12 @@ def fairseq_argv(variant, data_dir, size, layers, max_tokens, device, dtype, see
             "--dropout", recipe.regularization(6)["dropout"], *recipe.optimizer_argv(),
             "--max-tokens", max_tokens, "--seed", seed, "--distributed-world-size", "1",
             "--no-progress-bar", "--save-dir", save_dir or os.path.join(data_dir, "checkpoints")]
-    if variant.startswith("plugin_"):
+    if not variant.startswith("stock_"):
         argv += ["--word-dropout-src", "0", "--word-dropout-tgt", "0"]
     argv += ["--cpu"] if device == "cpu" else (["--fp16"] if dtype == "fp16" else [])
-    return [str(a) for a in argv]
+    if dtype == "bf16":
+        argv += ["--b2t-bf16"]  # fairseq's own --bf16 implies --tpu (see fast.py)
+    return translate_argv([str(a) for a in argv])  # --b2t-fast: --optimizer b2t_adam, as b2t-train does
 
 
 def build_trainer(argv):
@@ -285,8 +292,9 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, help="untimed rounds per variant before timing")
     p.add_argument("--batches", type=int, help="updates (different batches) per round and variant")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", choices=("auto", "fp32", "fp16"), default="auto",
-                   help="fp16 = fairseq --fp16 (CUDA only); auto: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="fp16 = fairseq --fp16 (CUDA only); bf16 = --b2t-bf16 autocast (plugin and fast "
+                        "variants only); auto: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
@@ -308,6 +316,9 @@ def settle(opts):
         opts.dtype = "fp16" if opts.device == "cuda" else "fp32"
     if opts.dtype == "fp16" and opts.device == "cpu":
         raise BenchError("--dtype fp16 needs CUDA (fairseq --fp16 does not run on CPU); use --dtype fp32")
+    if opts.dtype == "bf16" and any(v.startswith("stock_") for v in opts.variants):
+        raise BenchError("--dtype bf16: stock fairseq has no bf16 on GPUs (its --bf16 implies --tpu); "
+                         "choose plugin_* and fast_* variants with --variants")
     opts.size = "quick" if opts.quick else (opts.arch_size or ("paper" if opts.device == "cuda" else "cpu"))
     for key, value in DEFAULTS[opts.size].items():
         if getattr(opts, key) is None:
@@ -344,6 +355,13 @@ def print_table(recs, device_desc):
               f"{r['saved_activation_bytes'] / 2**20:>9.1f} {r['saved_activation_ratio_to_stock_post_ln']:>6.3f}")
     print("ratio: median tokens/s over rounds vs stock_post_ln; paired: median of per-round ratios; "
           "cpu-t: the same per CPU second of this process (CPU only)")
+    by = {(r["layers"], r["max_tokens"], r["variant"]): r for r in recs}
+    for (layers, max_tokens, v), r in by.items():
+        plain = by.get((layers, max_tokens, v.replace("fast_", "plugin_")))
+        if v.startswith("fast_") and plain:
+            print(f"fast path {layers}L max-tokens {max_tokens}: {v} {r['tokens_per_s']:.0f} tokens/s, "
+                  f"{r['tokens_per_s'] / plain['tokens_per_s']:.3f}x {plain['variant']}, "
+                  f"{r['ratio_to_stock_post_ln']:.3f}x {BASELINE if BASELINE in opts_variants(recs) else 'the first variant'}")
     for r in recs:
         if r["variant"] == "plugin_b2t" and BASELINE in {x["variant"] for x in recs}:
             ok_t = r["ratio_to_stock_post_ln"] >= 0.99
@@ -353,6 +371,10 @@ def print_table(recs, device_desc):
                   f"{r['ratio_to_stock_post_ln']:.3f}x (>= 0.99: {'met' if ok_t else 'MISSED'}"
                   f"{', per CPU second %.3fx' % cpu if cpu else ''}), "
                   f"peak memory {r['mem_ratio_to_stock_post_ln']:.3f}x (<= 1.01: {'met' if ok_m else 'MISSED'})")
+
+
+def opts_variants(recs):
+    return {r["variant"] for r in recs}
 
 
 def quiet():

@@ -143,7 +143,7 @@ def saved_activation_bytes(trainer, sample):
 def matmul_peak_flops(device, dtype):
     """Measured FLOP/s of a large square matrix product on this device (fp16 8192^3 on CUDA)."""
     n, reps = (8192, 10) if device == "cuda" else (1024, 5)
-    dt = torch.float16 if dtype == "fp16" else torch.float32
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dt)
     b = torch.randn(n, n, device=device, dtype=dt)
     for _ in range(3):

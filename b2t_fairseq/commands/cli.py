@@ -15,6 +15,7 @@ import sys
 
 from ..errors import B2TError
 from . import run_command
+from ..fast import translate_argv
 from .explain import check_args_before_fairseq
 
 PLUGIN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,9 @@ def run_fairseq(main, argv=None, hydra=False, prog=None):
     prog = prog or os.path.basename(sys.argv[0])
 
     def work():
+        nonlocal argv
         if not hydra:
+            argv = translate_argv(argv)  # --b2t-fast: --optimizer adam -> b2t_adam (fast.py)
             check_args_before_fairseq(argv, prog)
         sys.argv = [prog] + _with_user_dir(argv, hydra=hydra)
         return main()
