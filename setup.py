@@ -20,6 +20,7 @@ setup(
             "b2t-grad-norms = b2t_fairseq.grad_norms:main",
             "b2t-bench = b2t_fairseq.bench:main",
             "b2t-average-checkpoints = b2t_fairseq.average_checkpoints:main",
+            "b2t-import-checkpoint = b2t_fairseq.commands.import_checkpoint:main",
             "b2t-wmt-prepare = b2t_fairseq.wmt.prepare:main",
             "b2t-wmt-evaluate = b2t_fairseq.wmt.evaluate:main",
             "b2t-results-table = b2t_fairseq.wmt.results_table:main",

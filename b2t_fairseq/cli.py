@@ -47,6 +47,13 @@ def run_fairseq(main, argv=None, hydra=False, prog=None):
 
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or os.path.basename(sys.argv[0])
+    if prog == "b2t-train":  # the authors' train.py flags (commands/authors_argv.py)
+        from .commands import authors_argv
+
+        try:
+            argv = authors_argv.translate(argv)
+        except errors.B2TError as e:
+            errors.fail(prog, str(e))
     if not hydra:
         errors.check_args_before_fairseq(argv, prog)
     with errors.one_line_errors(prog):

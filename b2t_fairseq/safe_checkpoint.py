@@ -7,10 +7,14 @@ a truncated ``checkpoint_last.pt``, and the next run, which resumes from it, can
 ``install()`` makes those copies atomic too (copy to ``NAME.tmp``, then rename over the old file),
 and checks every checkpoint before ``torch.load`` reads it (zip directory and CRCs): a truncated or
 damaged file becomes a :class:`CheckpointError` that names it, instead of a traceback or, worse,
-a model with silently broken weights. Nothing in fairseq's files is changed: ``install`` swaps two names inside
-``fairseq.checkpoint_utils`` once per process.
+a model with silently broken weights. It also converts checkpoints of the authors' fairseq-0.9 fork
+when fairseq loads them (commands/import_checkpoint.py), and refuses to load a B2T checkpoint into a
+model that is not B2T (e.g. ``--restore-file`` into stock ``transformer_wmt_en_de``). Nothing in
+fairseq's files is changed: ``install`` swaps three names inside ``fairseq.checkpoint_utils`` and wraps
+``BaseFairseqModel.load_state_dict``, once per process.
 """
 
+import logging
 import os
 import pickle
 import shutil
@@ -18,6 +22,8 @@ import zipfile
 import zlib
 
 from .errors import B2TError
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(B2TError):
@@ -68,12 +74,17 @@ def find_damage(path):
     return f"corrupt: CRC mismatch in {bad}" if bad else None
 
 
+_loading = []  # the checkpoint path being loaded (for messages from the upgrade hook)
+_layer_type_of = {}  # id(state["model"]) -> layer type of the checkpoint it came from ('b2t', 'pre', 'post')
+
+
 def _readable(load):
     def load_checkpoint_to_cpu(path, *args, **kwargs):
         local = os.path.expanduser(path)
         damage = find_damage(local) if os.path.isfile(local) else None
         if damage:
             raise CheckpointError(path, damage)
+        _loading.append(path)
         try:
             return load(path, *args, **kwargs)
         except pickle.UnpicklingError as e:
@@ -81,9 +92,61 @@ def _readable(load):
                 raise
             raise CheckpointError(path, "torch.load(weights_only=True) refuses an object in it: not a fairseq "
                                         "checkpoint, or one from an untrusted source", kind="unsafe") from e
+        finally:
+            _loading.pop()
 
     load_checkpoint_to_cpu.b2t_wrapped = True
     return load_checkpoint_to_cpu
+
+
+def _importing(upgrade):
+    """fairseq's checkpoint upgrade, preceded by the conversion of the authors' fork checkpoints."""
+    def _upgrade_state_dict(state):
+        from .commands import import_checkpoint as imp
+
+        where = f"checkpoint {_loading[-1]}" if _loading else "the checkpoint"
+        if imp.is_fork_checkpoint(state):
+            state = imp.convert_state(state, where=where)
+            logger.info("%s: converted from the authors' fairseq-0.9 fork (%s)", where, state["args"].b2t_imported_from)
+        state = upgrade(state)
+        if isinstance(state.get("model"), dict):
+            if len(_layer_type_of) > 8:  # ids of dicts long gone: keep the table small
+                _layer_type_of.clear()
+            _layer_type_of[id(state["model"])] = (imp.layer_type_of_state(state), where)
+        return state
+
+    _upgrade_state_dict.b2t_wrapped = True
+    return _upgrade_state_dict
+
+
+def _model_layer_type(model):
+    from .layers import B2TDecoderLayer, B2TEncoderLayer
+
+    types = set()
+    for m in model.modules():
+        if isinstance(m, (B2TEncoderLayer, B2TDecoderLayer)):
+            return "b2t"
+        if hasattr(m, "normalize_before") and hasattr(m, "final_layer_norm"):
+            types.add("pre" if m.normalize_before else "post")
+    return types.pop() if len(types) == 1 else None
+
+
+def _b2t_guard(load_state_dict):
+    """Refuse a B2T checkpoint's weights for a model whose layers are not B2T (it would run as Post-LN)."""
+    def guarded_load_state_dict(self, state_dict, *args, **kwargs):
+        ckpt_type, where = _layer_type_of.pop(id(state_dict), (None, None))
+        if ckpt_type == "b2t":
+            model_type = _model_layer_type(self)
+            if model_type not in (None, "b2t"):
+                raise B2TError(f"{where} holds a B2T model (residual_bottom_to_top=True) but the model built from "
+                               f"the command line is {'Pre' if model_type == 'pre' else 'Post'}-LN, so it would run "
+                               "as the wrong model; pass --arch transformer_b2t (or the authors' --arch "
+                               "transformer_wmt_en_de --residual-bottom-to-top with b2t-train), and convert a "
+                               "checkpoint of the authors' fork once with b2t-import-checkpoint IN.pt OUT.pt")
+        return load_state_dict(self, state_dict, *args, **kwargs)
+
+    guarded_load_state_dict.b2t_wrapped = True
+    return guarded_load_state_dict
 
 
 def install():
@@ -104,3 +167,9 @@ def install():
         checkpoint_utils.PathManager = AtomicCopyPathManager
     if not getattr(checkpoint_utils.load_checkpoint_to_cpu, "b2t_wrapped", False):
         checkpoint_utils.load_checkpoint_to_cpu = _readable(checkpoint_utils.load_checkpoint_to_cpu)
+    if not getattr(checkpoint_utils._upgrade_state_dict, "b2t_wrapped", False):
+        checkpoint_utils._upgrade_state_dict = _importing(checkpoint_utils._upgrade_state_dict)
+    from fairseq.models.fairseq_model import BaseFairseqModel
+
+    if not getattr(BaseFairseqModel.load_state_dict, "b2t_wrapped", False):
+        BaseFairseqModel.load_state_dict = _b2t_guard(BaseFairseqModel.load_state_dict)

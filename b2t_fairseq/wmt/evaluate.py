@@ -1,6 +1,7 @@
 """``b2t-wmt-evaluate``: translate newstest2010-2016 with one checkpoint and score it, the paper's way.
 
-For every year: beam 4, length penalty 0.6 on newstest2014 and 1.0 on the other years, BPE removed,
+For every year: beam 4, length penalty 0.6 on newstest2014 and 1.0 on the other years, decoding in fp32
+(as the authors; ``--fp16`` on a GPU if asked for, recorded as ``generation.precision``), BPE removed,
 Moses-detokenized (sacremoses), then
 - SacreBLEU (13a tokenization, case-sensitive) against the raw references kept by the prepare step
   (DATA/refs/newstestYYYY.de; no network), per year and averaged over 2010-2016, with its signature;
@@ -29,22 +30,32 @@ def lenpen_for(year, lenpen_test=0.6, lenpen_other=1.0):
     return lenpen_test if year == TEST_YEAR else lenpen_other
 
 
-def generate(data, checkpoint, subset, lenpen, args, workdir):
-    """fairseq generation of one subset in this process; returns the tokenized hypotheses in input order."""
-    from fairseq import options
-    from fairseq_cli.generate import main as generate_main
+def precision(args):
+    """'fp16' only when asked for with --fp16: the authors decode in fp32 (and average into fp32)."""
+    return "fp16" if args.fp16 and not args.cpu else "fp32"
 
+
+def generation_argv(data, checkpoint, subset, lenpen, args, out):
+    """fairseq-generate's arguments for one subset."""
     from ..cli import PLUGIN_DIR
 
-    out = Path(workdir) / subset
     argv = [str(data), "--user-dir", PLUGIN_DIR, "--path", str(checkpoint), "--gen-subset", subset,
             "--beam", str(args.beam), "--lenpen", str(lenpen), "--remove-bpe", "--max-tokens", str(args.max_tokens),
             "--results-path", str(out), "--source-lang", "en", "--target-lang", "de", "--seed", "1",
             # fairseq-fixed (upstream main) drops the last batch when its size is not a multiple of
             # --required-batch-size-multiple (default 8): up to 7 test sentences would go untranslated
             "--required-batch-size-multiple", "1"]
-    argv += ["--cpu"] if args.cpu else (["--fp16"] if args.fp16 else [])
-    argv += shlex.split(args.generate_args or "")
+    argv += ["--cpu"] if args.cpu else (["--fp16"] if precision(args) == "fp16" else [])
+    return argv + shlex.split(args.generate_args or "")
+
+
+def generate(data, checkpoint, subset, lenpen, args, workdir):
+    """fairseq generation of one subset in this process; returns the tokenized hypotheses in input order."""
+    from fairseq import options
+    from fairseq_cli.generate import main as generate_main
+
+    out = Path(workdir) / subset
+    argv = generation_argv(data, checkpoint, subset, lenpen, args, out)
     parser = options.get_generation_parser()
     gen_args = options.parse_args_and_arch(parser, argv)
     generate_main(gen_args)
@@ -95,7 +106,8 @@ def evaluate(args):
               "generate_args": args.generate_args or "",
               "generation": {"beam": args.beam, "lenpen": {str(y): lenpen_for(y, args.lenpen_test, args.lenpen_other)
                                                            for y in years}, "remove_bpe": "subword_nmt (@@ )",
-                             "detokenizer": "sacremoses MosesDetokenizer(de)"},
+                             "detokenizer": "sacremoses MosesDetokenizer(de)",
+                             "precision": precision(args)},
               "labels": {"sacrebleu": SACRE_LABEL, "tok_bleu": TOK_LABEL}, "years": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for year in years:
@@ -144,7 +156,8 @@ def parse_args(argv):
     p.add_argument("--lenpen-other", type=float, default=1.0, help="length penalty on the other years")
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--cpu", action="store_true")
-    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--fp16", action="store_true",
+                   help="decode in fp16 on a GPU (default: fp32, as the authors; the JSON records which)")
     p.add_argument("--generate-args", help="more fairseq generation flags, one string (e.g. '--max-len-b 50')")
     p.add_argument("--keep-outputs", help="also write the translations (tokenized and detokenized) here")
     return p.parse_args(argv)
@@ -152,11 +165,10 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if not args.cpu and not args.fp16:
+    if not args.cpu:
         import torch
 
         args.cpu = not torch.cuda.is_available()
-        args.fp16 = torch.cuda.is_available()
     return exit_status(PROG, evaluate, args)
 
 
