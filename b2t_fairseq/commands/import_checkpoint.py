@@ -98,7 +98,8 @@ def convert_args(args, where="checkpoint", init=None):
     b2t = bool(getattr(args, "residual_bottom_to_top", False))
     if model not in STOCK_TRANSFORMER_MODELS:
         what = "a B2T " if b2t else ""
-        raise B2TError(f"{where} is {what}a '{arch}' model of the authors' fork (model '{model}'); {PROG} converts "
+        kind = f"model '{model}'" if model else "an architecture fairseq 0.12 does not know"
+        raise B2TError(f"{where} is {what}a '{arch}' model of the authors' fork ({kind}); {PROG} converts "
                        "the translation transformer (transformer_wmt_en_de and its relatives) only: decode it with "
                        "the authors' fairseq-0.9 fork")
     for key, label in UNCONVERTIBLE.items():
