@@ -257,6 +257,15 @@ def test_b2t_weights_into_a_post_ln_model_are_refused(fork_ckpt, toy_data_bin):
     b2t.load_state_dict(checkpoint_utils.load_checkpoint_to_cpu(str(path))["model"], strict=True)
 
 
+def test_fork_state_dict_loads_straight_into_a_b2t_model(toy_data_bin):
+    """Without the args (a bare state dict of the fork): transformer_b2t renames the decoder's positions."""
+    b2t, _, _ = build(toy_data_bin, "transformer_b2t", *TINY)
+    weights = fork_weights(toy_data_bin, seed=4)
+    b2t.load_state_dict(dict(weights), strict=True)
+    assert torch.equal(b2t.decoder.layers[1].fc2.weight, weights["decoder.layers.1.fc2.weight"])
+    assert torch.equal(b2t.decoder.output_projection.weight, weights["decoder.embed_tokens.weight"])
+
+
 def test_b2t_train_restore_into_stock_arch_is_one_line(fork_ckpt, tmp_path, toy_data_bin):
     path, _ = fork_ckpt
     p = run(["b2t-train", toy_data_bin, "--arch", "transformer_wmt_en_de", *TINY, "--share-all-embeddings", "--cpu",
