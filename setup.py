@@ -33,6 +33,7 @@ setup(
             "b2t-demo = b2t_fairseq.demo.cli:main",
             "b2t-grad-norms = b2t_fairseq.analysis.grad_norms:main",
             "b2t-bench = b2t_fairseq.analysis.bench:main",
+            "b2t-import-checkpoint = b2t_fairseq.commands.import_checkpoint:main",
             "b2t-wmt-prepare = b2t_fairseq.wmt.prepare:main",
             "b2t-wmt-train = b2t_fairseq.wmt.train:main",
             "b2t-wmt-evaluate = b2t_fairseq.wmt.evaluate:main",

@@ -11,10 +11,13 @@ fails if that code changes shape.
 2. Remainder batches (``fairseq.data.data_utils.batch_by_size``): fairseq after 0.12.2 silently drops
    the last batch whose size is not a multiple of ``--required-batch-size-multiple`` (fairseq-generate
    translated 16 of 21 test sentences); we keep it, as 0.12.2 and the authors' 0.9.0 did.
-3. Checkpoints (``fairseq.checkpoint_utils.PathManager.copy`` and ``load_checkpoint_to_cpu``):
-   fairseq copies a saved checkpoint onto ``checkpoint_last.pt``/``checkpoint_best.pt`` in place, so a
-   kill mid-copy leaves a truncated file; the copies become atomic, and every checkpoint is checked
-   (zip directory and CRCs) before it is loaded: a damaged one is a :class:`CheckpointError`.
+3. Checkpoints (``fairseq.checkpoint_utils.PathManager.copy``, ``load_checkpoint_to_cpu``,
+   ``_upgrade_state_dict`` and ``BaseFairseqModel.load_state_dict``): fairseq copies a saved checkpoint
+   onto ``checkpoint_last.pt``/``checkpoint_best.pt`` in place, so a kill mid-copy leaves a truncated
+   file; the copies become atomic, and every checkpoint is checked (zip directory and CRCs) before it
+   is loaded: a damaged one is a :class:`CheckpointError`. A checkpoint of the authors' fairseq-0.9
+   fork is converted on load (authors.py), and a B2T checkpoint is refused by a model that is not B2T
+   (it would silently run as Post-LN).
 4. ``collective_timeout(seconds)`` (not applied at import; the torchrun launcher calls it for
    ``--heartbeat-timeout``): ``torch.distributed.init_process_group``/``new_group`` get that timeout,
    so a worker blocked in a gloo collective fails instead of waiting torch's default 30 minutes.
@@ -24,6 +27,7 @@ fails if that code changes shape.
 import argparse
 import datetime
 import functools
+import logging
 import os
 import pickle
 import shutil
@@ -35,6 +39,8 @@ import torch
 
 from .errors import B2TError
 from .util import atomic_open
+
+logger = logging.getLogger(__name__)
 
 
 # --- 1. torch.load of fairseq checkpoints -----------------------------------------------------
@@ -153,6 +159,81 @@ def _readable(load):
     return load_checkpoint_to_cpu
 
 
+_loading = []  # the checkpoint path being loaded (for messages from the upgrade hook)
+_layer_type_of = {}  # id(state["model"]) -> layer type of the checkpoint it came from ('b2t', 'pre', 'post')
+
+
+def _readable(load):
+    def load_checkpoint_to_cpu(path, *args, **kwargs):
+        local = os.path.expanduser(path)
+        damage = find_damage(local) if os.path.isfile(local) else None
+        if damage:
+            raise CheckpointError(path, damage)
+        _loading.append(path)
+        try:
+            return load(path, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" not in str(e):
+                raise
+            raise CheckpointError(path, "torch.load(weights_only=True) refuses an object in it: not a fairseq "
+                                        "checkpoint, or one from an untrusted source", kind="unsafe") from e
+        finally:
+            _loading.pop()
+
+    load_checkpoint_to_cpu.b2t_wrapped = True
+    return load_checkpoint_to_cpu
+
+
+def _importing(upgrade):
+    """fairseq's checkpoint upgrade, preceded by the conversion of the authors' fork checkpoints."""
+    def _upgrade_state_dict(state):
+        from . import authors as imp
+
+        where = f"checkpoint {_loading[-1]}" if _loading else "the checkpoint"
+        if imp.is_fork_checkpoint(state):
+            state = imp.convert_state(state, where=where)
+            logger.info("%s: converted from the authors' fairseq-0.9 fork (%s)", where, state["args"].b2t_imported_from)
+        state = upgrade(state)
+        if isinstance(state.get("model"), dict):
+            if len(_layer_type_of) > 8:  # ids of dicts long gone: keep the table small
+                _layer_type_of.clear()
+            _layer_type_of[id(state["model"])] = (imp.layer_type_of_state(state), where)
+        return state
+
+    _upgrade_state_dict.b2t_wrapped = True
+    return _upgrade_state_dict
+
+
+def _model_layer_type(model):
+    from .layers import B2TDecoderLayer, B2TEncoderLayer
+
+    types = set()
+    for m in model.modules():
+        if isinstance(m, (B2TEncoderLayer, B2TDecoderLayer)):
+            return "b2t"
+        if hasattr(m, "normalize_before") and hasattr(m, "final_layer_norm"):
+            types.add("pre" if m.normalize_before else "post")
+    return types.pop() if len(types) == 1 else None
+
+
+def _b2t_guard(load_state_dict):
+    """Refuse a B2T checkpoint's weights for a model whose layers are not B2T (it would run as Post-LN)."""
+    def guarded_load_state_dict(self, state_dict, *args, **kwargs):
+        ckpt_type, where = _layer_type_of.pop(id(state_dict), (None, None))
+        if ckpt_type == "b2t":
+            model_type = _model_layer_type(self)
+            if model_type not in (None, "b2t"):
+                raise B2TError(f"{where} holds a B2T model (residual_bottom_to_top=True) but the model built from "
+                               f"the command line is {'Pre' if model_type == 'pre' else 'Post'}-LN, so it would run "
+                               "as the wrong model; pass --arch transformer_b2t (or the authors' --arch "
+                               "transformer_wmt_en_de --residual-bottom-to-top with b2t-train), and convert a "
+                               "checkpoint of the authors' fork once with b2t-import-checkpoint IN.pt OUT.pt")
+        return load_state_dict(self, state_dict, *args, **kwargs)
+
+    guarded_load_state_dict.b2t_wrapped = True
+    return guarded_load_state_dict
+
+
 def safe_checkpoints():
     """Make fairseq's checkpoint copies atomic and its checkpoint load errors one line (idempotent)."""
     from fairseq import checkpoint_utils
@@ -171,6 +252,12 @@ def safe_checkpoints():
         checkpoint_utils.PathManager = AtomicCopyPathManager
     if not getattr(checkpoint_utils.load_checkpoint_to_cpu, "b2t_wrapped", False):
         checkpoint_utils.load_checkpoint_to_cpu = _readable(checkpoint_utils.load_checkpoint_to_cpu)
+    if not getattr(checkpoint_utils._upgrade_state_dict, "b2t_wrapped", False):
+        checkpoint_utils._upgrade_state_dict = _importing(checkpoint_utils._upgrade_state_dict)
+    from fairseq.models.fairseq_model import BaseFairseqModel
+
+    if not getattr(BaseFairseqModel.load_state_dict, "b2t_wrapped", False):
+        BaseFairseqModel.load_state_dict = _b2t_guard(BaseFairseqModel.load_state_dict)
 
 # --- 4. collective timeout (for the torchrun launcher) ----------------------------------------
 

@@ -211,6 +211,13 @@ class TransformerB2TModel(TransformerModel):
         with fast.bf16_autocast(self.encoder.embed_tokens.weight.device.type):
             return super().forward(*args, **kwargs)
 
+    def upgrade_state_dict_named(self, state_dict, name):
+        # the authors' fairseq-0.9 fork keeps the decoder's positions under another name
+        old = (f"{name}." if name else "") + "decoder.embed_positions_original."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[key.replace("embed_positions_original.", "embed_positions.", 1)] = state_dict.pop(key)
+        super().upgrade_state_dict_named(state_dict, name)
+
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
         return B2TTransformerEncoder(TransformerConfig.from_namespace(cfg), src_dict, embed_tokens)

@@ -4,8 +4,11 @@ The pip package of fairseq ships no ``scripts/average_checkpoints.py``; this is 
 Pick the inputs explicitly (``--inputs a.pt b.pt``) or from a folder: the last N epoch checkpoints
 (``checkpointE.pt``, ``--num-epoch-checkpoints N``) or the last N update checkpoints
 (``checkpoint_E_U.pt``, ``--num-update-checkpoints N``), optionally at or below ``--checkpoint-upper-bound``.
-Floating-point parameters are summed in float64 and divided by N, then stored in their own dtype;
-everything else (config, training state) comes from the newest input, as fairseq's script does.
+Floating-point parameters are summed in float64, divided by N and stored in float32 (fp16 training
+saves fp16 weights; the authors' averaging script, fairseq's, writes fp32 too); everything else
+(config, training state) comes from the newest input, as fairseq's script does. Checkpoints whose
+model configurations differ (B2T vs Post-LN, other sizes: see MODEL_KEYS) are refused, since their
+parameter names are the same.
 Checkpoints are read with torch's safe (weights_only) loader: importing b2t_fairseq allows the few
 globals that fairseq checkpoints pickle.
 """
@@ -65,15 +68,51 @@ def load(path):
     return state
 
 
+# the arguments that shape the function a checkpoint computes (its layer type is compared separately)
+MODEL_KEYS = ("encoder_layers", "decoder_layers", "encoder_embed_dim", "decoder_embed_dim", "encoder_ffn_embed_dim",
+              "decoder_ffn_embed_dim", "encoder_attention_heads", "decoder_attention_heads", "activation_fn",
+              "share_all_embeddings", "share_decoder_input_output_embed", "no_scale_embedding", "layernorm_embedding",
+              "encoder_learned_pos", "decoder_learned_pos", "no_token_positional_embeddings", "no_cross_attention",
+              "cross_self_attention", "decoder_output_dim", "adaptive_softmax_cutoff", "tie_adaptive_weights")
+
+
+def model_config(state):
+    """{key: value} of the model-shaping arguments of a loaded checkpoint (from 'args' or 'cfg'), with its
+    layer type under 'layer type'; {} when the checkpoint records none."""
+    from ..authors import layer_type_of_state
+
+    cfg = state.get("args")
+    if not isinstance(cfg, argparse.Namespace):
+        cfg = state.get("cfg") or {}
+        cfg = cfg.get("model") if isinstance(cfg, dict) else getattr(cfg, "model", None)
+    if cfg is None:
+        return {}
+    get = (lambda k: getattr(cfg, k, None)) if isinstance(cfg, argparse.Namespace) else (lambda k: cfg.get(k))
+    out = {k: get(k) for k in MODEL_KEYS if get(k) is not None}
+    out["layer type"] = layer_type_of_state(state)
+    return out
+
+
+def check_same_model(first, path, config, paths):
+    """Refuse a checkpoint whose model configuration differs from the first one's."""
+    for key in sorted(set(first) & set(config)):
+        if first[key] != config[key]:
+            raise B2TError(f"{path} is another model than {paths[0]} ({key}: {config[key]!r} vs {first[key]!r}); "
+                           "average checkpoints of one training run only")
+
+
 def average(paths):
     """The newest checkpoint's state with its 'model' replaced by the average over paths."""
-    sums, newest, keys = collections.OrderedDict(), None, None
+    sums, newest, keys, first_config = collections.OrderedDict(), None, None, None
     for path in paths:
         state = load(path)
         params = state["model"]
+        config = model_config(state)
         if keys is None:
-            keys, newest = list(params), state
-        elif set(params) != set(keys):
+            keys, newest, first_config = list(params), state, config
+        else:
+            check_same_model(first_config, path, config, paths)
+        if set(params) != set(keys):
             diff = sorted(set(params) ^ set(keys))[:3]
             raise B2TError(f"{path} has other parameters than {paths[0]} (e.g. {', '.join(diff)}); average "
                            "checkpoints of one training run only")
@@ -89,7 +128,8 @@ def average(paths):
     out = collections.OrderedDict()
     for k in keys:
         p = newest["model"][k]
-        out[k] = (sums[k] / n).to(p.dtype) if torch.is_floating_point(p) else p
+        # fp32 whatever the inputs were (fp16 training saves fp16 weights), as the authors' script writes
+        out[k] = (sums[k] / n).to(torch.float32) if torch.is_floating_point(p) else p
     newest["model"] = out
     return newest
 

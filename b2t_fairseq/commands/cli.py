@@ -14,7 +14,7 @@ import os
 import sys
 
 from ..errors import B2TError
-from . import run_command
+from . import authors_argv, run_command
 from ..fast import translate_argv
 from .explain import check_args_before_fairseq
 
@@ -54,6 +54,8 @@ def run_fairseq(main, argv=None, hydra=False, prog=None):
 
     def work():
         nonlocal argv
+        if prog == "b2t-train":
+            argv = authors_argv.translate(argv)  # the authors' train.py flags (authors_argv.py)
         if not hydra:
             argv = translate_argv(argv)  # --b2t-fast: --optimizer adam -> b2t_adam (fast.py)
             check_args_before_fairseq(argv, prog)

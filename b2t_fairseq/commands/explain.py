@@ -105,6 +105,11 @@ def explain(e, prog):
         return f"checkpoint {path} not found; fix --path (separate several checkpoints with ':')"
     if isinstance(e, ValueError):
         return _explain_value_error(e)
+    # fairseq re-raises some errors as a plain Exception ("Cannot load model parameters from checkpoint
+    # ...; please ensure that the architectures match."): the plugin's own error underneath is the one to show
+    for cause in _chain(e):
+        if isinstance(cause, B2TError):
+            return str(cause)
     # fairseq re-runs a failed fp16 step under its NanDetector, which can raise a second error
     # (StopIteration under torch >= 2.x) that hides the real one: look down the chain
     for cause in _chain(e):

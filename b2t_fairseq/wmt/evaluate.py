@@ -1,6 +1,7 @@
 """``b2t-wmt-evaluate``: translate newstest2010-2016 with one checkpoint and score it, the paper's way.
 
-For every year: beam 4, length penalty 0.6 on newstest2014 and 1.0 on the other years, BPE removed,
+For every year: beam 4, length penalty 0.6 on newstest2014 and 1.0 on the other years, decoding in fp32
+(as the authors; ``--fp16`` on a GPU if asked for, recorded as ``generation.precision``), BPE removed,
 Moses-detokenized as ``detokenizer.perl -l de`` (which also undoes the escapes &amp; &#124; &lt; &gt; &apos;
 &quot; &#91; &#93; that tokenizer.perl put in Google's data), then
 - SacreBLEU (13a tokenization, case-sensitive) against the raw references kept by the prepare step
@@ -35,20 +36,30 @@ def lenpen_for(year, lenpen_test=0.6, lenpen_other=1.0):
     return lenpen_test if year == TEST_YEAR else lenpen_other
 
 
-def generate(data, checkpoint, subset, lenpen, args, workdir):
-    """fairseq generation of one subset in this process; returns the tokenized hypotheses in input order."""
-    from fairseq import options
-    from fairseq_cli.generate import main as generate_main
+def precision(args):
+    """'fp16' only when asked for with --fp16: the authors decode in fp32 (and average into fp32)."""
+    return "fp16" if args.fp16 and not args.cpu else "fp32"
 
-    out = Path(workdir) / subset
+
+def generation_argv(data, checkpoint, subset, lenpen, args, out):
+    """fairseq-generate's arguments for one subset."""
     argv = [str(data), "--user-dir", PLUGIN_DIR, "--path", str(checkpoint), "--gen-subset", subset,
             "--beam", str(args.beam), "--lenpen", str(lenpen), "--remove-bpe", "--max-tokens", str(args.max_tokens),
             "--results-path", str(out), "--source-lang", "en", "--target-lang", "de", "--seed", "1",
             # fairseq-fixed (upstream main) drops the last batch when its size is not a multiple of
             # --required-batch-size-multiple (default 8): up to 7 test sentences would go untranslated
             "--required-batch-size-multiple", "1"]
-    argv += ["--cpu"] if args.cpu else (["--fp16"] if args.fp16 else [])
-    argv += shlex.split(args.generate_args or "")
+    argv += ["--cpu"] if args.cpu else (["--fp16"] if precision(args) == "fp16" else [])
+    return argv + shlex.split(args.generate_args or "")
+
+
+def generate(data, checkpoint, subset, lenpen, args, workdir):
+    """fairseq generation of one subset in this process; returns the tokenized hypotheses in input order."""
+    from fairseq import options
+    from fairseq_cli.generate import main as generate_main
+
+    out = Path(workdir) / subset
+    argv = generation_argv(data, checkpoint, subset, lenpen, args, out)
     parser = options.get_generation_parser()
     gen_args = options.parse_args_and_arch(parser, argv)
     generate_main(gen_args)
@@ -94,7 +105,8 @@ def evaluate(args):
               "generate_args": args.generate_args or "",
               "generation": {"beam": args.beam, "lenpen": {str(y): lenpen_for(y, args.lenpen_test, args.lenpen_other)
                                                            for y in years}, "remove_bpe": "subword_nmt (@@ )",
-                             "detokenizer": "detokenizer.perl -l de (sacremoses port, parity-tested)"},
+                             "detokenizer": "detokenizer.perl -l de (sacremoses port, parity-tested)",
+                             "precision": precision(args)},
               "labels": {"sacrebleu": SACRE_LABEL, "tok_bleu": TOK_LABEL}, "years": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for year in years:
@@ -139,7 +151,8 @@ def parse_args(argv):
     p.add_argument("--lenpen-other", type=float, default=1.0, help="length penalty on the other years")
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--cpu", action="store_true")
-    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--fp16", action="store_true",
+                   help="decode in fp16 on a GPU (default: fp32, as the authors; the JSON records which)")
     p.add_argument("--generate-args", help="more fairseq generation flags, one string (e.g. '--max-len-b 50')")
     p.add_argument("--keep-outputs", help="also write the translations (tokenized and detokenized) here")
     return p.parse_args(argv)
@@ -147,11 +160,10 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if not args.cpu and not args.fp16:
+    if not args.cpu:
         import torch
 
         args.cpu = not torch.cuda.is_available()
-        args.fp16 = torch.cuda.is_available()
     return run_command(PROG, evaluate, args)
 
 

@@ -1,0 +1,92 @@
+"""``b2t-import-checkpoint IN.pt OUT.pt``: a checkpoint of the authors' fairseq-0.9 fork as a transformer_b2t one.
+
+The authors' code (github.com/takase/b2t_connection, a fork of fairseq 0.9.0) saves checkpoints of the
+stock ``transformer`` model (``args.arch = transformer_wmt_en_de``) with fork-only arguments: the
+B2T switch ``residual_bottom_to_top``, the perturbations ``sampling_method``, ``enc_replace_rate``,
+``dec_replace_rate``, ``decay_val``, and a few options of earlier projects (``no_layer_norm``,
+``one_emb``, length-encoding positions). Its decoder keeps the positions under
+``decoder.embed_positions_original``. Stock fairseq 0.12 would build that checkpoint as a plain
+Post-LN model (after a key error), which is the wrong model with the right weights.
+
+The conversion:
+- ``arch`` becomes a transformer_b2t architecture; the layer type (``ln_position``) comes from
+  ``residual_bottom_to_top`` / ``*_normalize_before``; depth and sizes are kept from the args;
+- ``sampling_method worddrop`` becomes ``--word-dropout-src/--word-dropout-tgt`` (the enc/dec
+  replace rates); other perturbations act only while training and are recorded, not converted;
+- the initialization is recorded (``b2t_rescale_init``: the fork rescales since 2023-05-18; a
+  checkpoint cannot say which code trained it, see ``--init``) and the origin in ``b2t_imported_from``;
+- fork-only arguments and buffers are dropped, ``decoder.embed_positions_original.*`` is renamed to
+  fairseq's ``decoder.embed_positions.*``; every weight is kept bit for bit (dtype included).
+
+The same conversion runs automatically whenever fairseq loads such a file (b2t-generate,
+b2t-wmt-evaluate, ``from_pretrained``, ``--restore-file``; installed with the plugin's other repairs).
+Options the plugin cannot represent (``--no-layer-norm``, one-embedding, length-encoding positions,
+layer-wise attention, a B2T language model) raise a one-line error instead.
+"""
+
+import argparse
+import os
+import sys
+
+from ..authors import convert_state, is_fork_checkpoint
+from ..errors import B2TError
+from ..repairs import find_damage
+from ..util import atomic_open
+from . import run_command
+
+PROG = "b2t-import-checkpoint"
+
+
+def import_file(src, dst, init=None):
+    import torch
+
+    if not os.path.isfile(src):
+        raise B2TError(f"{src} does not exist; pass the authors' checkpoint file (e.g. b2t_layer18_ave10.pt)")
+    damage = find_damage(src)
+    if damage:
+        raise B2TError(f"cannot read {src} ({damage}); download it again")
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise B2TError(f"cannot read {src} ({type(e).__name__}: {first[:200]}); pass a fairseq checkpoint") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise B2TError(f"{src} is not a fairseq checkpoint (no 'model' state dict); pass the authors' .pt file")
+    if not isinstance(state.get("args"), argparse.Namespace):
+        raise B2TError(f"{src} has no fairseq-0.9 'args' (it is a fairseq 0.10+ checkpoint); it needs no import: "
+                       "use it as it is")
+    if not is_fork_checkpoint(state):
+        raise B2TError(f"{src} is already a transformer_b2t checkpoint (arch {state['args'].arch}); use it as it is")
+    new = convert_state(state, where=src, init=init)
+    with atomic_open(dst, "wb") as f:
+        torch.save(new, f)
+    return new
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("input", metavar="IN.pt", help="a checkpoint saved by the authors' fairseq-0.9 fork")
+    p.add_argument("output", metavar="OUT.pt", help="where to write the transformer_b2t checkpoint")
+    p.add_argument("--init", choices=("2022", "2023"), default="2023",
+                   help="which code of the fork trained it, recorded as b2t_rescale_init (2023: rescaled "
+                        "initialization, the default; 2022: none, e.g. the released b2t_layer18_ave10.pt). "
+                        "It changes no weight")
+    return p.parse_args(argv)
+
+
+def run(argv):
+    args = parse_args(argv)
+    new = import_file(args.input, args.output, init=args.init)
+    a = new["args"]
+    print(f"{args.input} -> {args.output}: arch {a.arch}, ln_position {a.ln_position}, "
+          f"{a.encoder_layers}+{a.decoder_layers} layers, word dropout {a.word_dropout_src}/{a.word_dropout_tgt}, "
+          f"b2t_rescale_init {a.b2t_rescale_init}")
+    print(f"  {a.b2t_imported_from}")
+
+
+def main(argv=None):
+    return run_command(PROG, run, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
