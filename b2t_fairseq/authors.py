@@ -9,6 +9,7 @@ import argparse
 import logging
 
 from .errors import B2TError
+from .recipe import LN_POSITIONS
 
 logger = logging.getLogger(__name__)
 PROG = "b2t-import-checkpoint"  # named in the messages: the command that converts a checkpoint once
@@ -152,7 +153,8 @@ def convert_state(state, where="checkpoint", init=None):
 
 
 def layer_type_of_state(state):
-    """'b2t', 'pre', 'post' or None (unknown) for a loaded checkpoint, from its args or cfg."""
+    """The layer type ('b2t', 'deepnorm', 'admin', 'pre', 'post') of a loaded checkpoint, from its args
+    or cfg, or None (unknown)."""
     model_cfg = None
     if isinstance(state.get("args"), argparse.Namespace):
         model_cfg = state["args"]
@@ -165,7 +167,7 @@ def layer_type_of_state(state):
         model_cfg, argparse.Namespace) else (lambda k: getattr(model_cfg, k, None))
     if get("residual_bottom_to_top") or get("ln_position") == "b2t":
         return "b2t"
-    if get("ln_position") in ("pre", "post"):
+    if get("ln_position") in LN_POSITIONS:
         return get("ln_position")
     if get("encoder_normalize_before") or get("decoder_normalize_before"):
         return "pre"

@@ -141,24 +141,6 @@ def find_damage(path):
     return f"corrupt: CRC mismatch in {bad}" if bad else None
 
 
-def _readable(load):
-    def load_checkpoint_to_cpu(path, *args, **kwargs):
-        local = os.path.expanduser(path)
-        damage = find_damage(local) if os.path.isfile(local) else None
-        if damage:
-            raise CheckpointError(path, damage)
-        try:
-            return load(path, *args, **kwargs)
-        except pickle.UnpicklingError as e:
-            if "Weights only load failed" not in str(e):
-                raise
-            raise CheckpointError(path, "torch.load(weights_only=True) refuses an object in it: not a fairseq "
-                                        "checkpoint, or one from an untrusted source", kind="unsafe") from e
-
-    load_checkpoint_to_cpu.b2t_wrapped = True
-    return load_checkpoint_to_cpu
-
-
 _loading = []  # the checkpoint path being loaded (for messages from the upgrade hook)
 _layer_type_of = {}  # id(state["model"]) -> layer type of the checkpoint it came from ('b2t', 'pre', 'post')
 
@@ -205,29 +187,39 @@ def _importing(upgrade):
 
 
 def _model_layer_type(model):
-    from .layers import B2TDecoderLayer, B2TEncoderLayer
+    """The layer type of a built model: 'b2t', 'deepnorm', 'admin', 'pre', 'post', or None if mixed/unknown."""
+    from .layers import (AdminDecoderLayer, AdminEncoderLayer, B2TDecoderLayer, B2TEncoderLayer,
+                         DeepNormDecoderLayer, DeepNormEncoderLayer)
 
+    kinds = {B2TEncoderLayer: "b2t", B2TDecoderLayer: "b2t", DeepNormEncoderLayer: "deepnorm",
+             DeepNormDecoderLayer: "deepnorm", AdminEncoderLayer: "admin", AdminDecoderLayer: "admin"}
     types = set()
     for m in model.modules():
-        if isinstance(m, (B2TEncoderLayer, B2TDecoderLayer)):
-            return "b2t"
-        if hasattr(m, "normalize_before") and hasattr(m, "final_layer_norm"):
+        if type(m) in kinds:
+            types.add(kinds[type(m)])
+        elif hasattr(m, "normalize_before") and hasattr(m, "final_layer_norm"):
             types.add("pre" if m.normalize_before else "post")
     return types.pop() if len(types) == 1 else None
 
 
+LABEL = {"b2t": "B2T", "deepnorm": "DeepNorm", "admin": "Admin", "pre": "Pre-LN", "post": "Post-LN"}
+
+
 def _b2t_guard(load_state_dict):
-    """Refuse a B2T checkpoint's weights for a model whose layers are not B2T (it would run as Post-LN)."""
+    """Refuse a B2T (or DeepNorm, Admin) checkpoint's weights for a model of another layer type: the
+    parameter names are the same, so it would load silently and run as the wrong model. (A Post-LN
+    checkpoint may still initialize another layer type, e.g. to fine-tune it as B2T.)"""
     def guarded_load_state_dict(self, state_dict, *args, **kwargs):
         ckpt_type, where = _layer_type_of.pop(id(state_dict), (None, None))
-        if ckpt_type == "b2t":
+        if ckpt_type in ("b2t", "deepnorm", "admin"):
             model_type = _model_layer_type(self)
-            if model_type not in (None, "b2t"):
-                raise B2TError(f"{where} holds a B2T model (residual_bottom_to_top=True) but the model built from "
-                               f"the command line is {'Pre' if model_type == 'pre' else 'Post'}-LN, so it would run "
-                               "as the wrong model; pass --arch transformer_b2t (or the authors' --arch "
-                               "transformer_wmt_en_de --residual-bottom-to-top with b2t-train), and convert a "
-                               "checkpoint of the authors' fork once with b2t-import-checkpoint IN.pt OUT.pt")
+            if model_type not in (None, ckpt_type):
+                fix = ("pass --arch transformer_b2t (or the authors' --arch transformer_wmt_en_de "
+                       "--residual-bottom-to-top with b2t-train), and convert a checkpoint of the authors' fork "
+                       "once with b2t-import-checkpoint IN.pt OUT.pt") if ckpt_type == "b2t" else \
+                      f"pass --arch transformer_{ckpt_type} (or --ln-position {ckpt_type})"
+                raise B2TError(f"{where} holds a {LABEL[ckpt_type]} model but the model built from the command "
+                               f"line is {LABEL[model_type]}, so it would run as the wrong model; {fix}")
         return load_state_dict(self, state_dict, *args, **kwargs)
 
     guarded_load_state_dict.b2t_wrapped = True

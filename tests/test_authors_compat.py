@@ -425,3 +425,21 @@ def test_wmt_evaluate_decodes_in_fp32_unless_asked(tmp_path, monkeypatch):
     assert "--fp16" not in seen[0] and "--cpu" not in seen[0] and "--fp16" in seen[1]
     assert json.loads((tmp_path / "fp32.json").read_text())["generation"]["precision"] == "fp32"
     assert json.loads((tmp_path / "fp16.json").read_text())["generation"]["precision"] == "fp16"
+
+
+@pytest.mark.parametrize("ln", ["deepnorm", "admin"])
+def test_deepnorm_and_admin_weights_into_a_post_ln_model_are_refused(ln, toy_data_bin, tmp_path):
+    """Same names, other model: a DeepNorm checkpoint (identical keys to stock) must not load as Post-LN."""
+    from fairseq import checkpoint_utils
+
+    src, _, args = build(toy_data_bin, f"transformer_{ln}", *TINY)
+    history = [{"criterion_name": "x", "num_updates": 1, "optimizer_name": "FairseqAdam", "lr_scheduler_state": {}}]
+    torch.save({"args": args, "model": src.state_dict(), "optimizer_history": history, "extra_state": {"epoch": 1}},
+               tmp_path / "ckpt.pt")
+    post, _, _ = build(toy_data_bin, "transformer_post_ln", *TINY)
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "ckpt.pt"))
+    with pytest.raises(B2TError, match=f"holds a {'DeepNorm' if ln == 'deepnorm' else 'Admin'} model .* Post-LN.*"
+                                       f"--arch transformer_{ln}"):
+        post.load_state_dict(state["model"], strict=False)
+    same, _, _ = build(toy_data_bin, f"transformer_{ln}", *TINY)  # the right model takes them
+    same.load_state_dict(checkpoint_utils.load_checkpoint_to_cpu(str(tmp_path / "ckpt.pt"))["model"], strict=True)
