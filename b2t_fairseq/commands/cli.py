@@ -108,5 +108,7 @@ COMMANDS = {"train": train, "generate": generate, "interactive": interactive, "v
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        sys.exit(f"usage: python -m b2t_fairseq.commands.cli {{{','.join(COMMANDS)}}} ARGS...")
+        print(f"b2t_fairseq.commands.cli: error: no command given; run python -m b2t_fairseq.commands.cli "
+              f"{{{','.join(COMMANDS)}}} ARGS...", file=sys.stderr)
+        sys.exit(2)
     sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))
