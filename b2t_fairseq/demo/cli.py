@@ -188,7 +188,8 @@ def _run(args):
     meta = json.loads((data_root / "meta.json").read_text())
     unigram = meta["unigram_valid_xent_bits"]
     jobs = [(a, d) for d in sorted(cfg.depths, reverse=True) for a in cfg.archs]  # longest runs first
-    log(f"{len(jobs)} runs, {cfg.jobs} at a time with {cfg.threads} thread(s) each; report in {out}")
+    log(f"{len(jobs)} runs, {min(cfg.jobs, len(jobs))} at a time with {cfg.threads} thread(s) each; "
+        f"report in {out}")
     pool = ThreadPoolExecutor(min(cfg.jobs, len(jobs)))
     try:
         results = list(pool.map(lambda j: do_run(j[0], j[1], data_root, out, cfg, unigram), jobs))

@@ -36,6 +36,10 @@ def find_corpus(corpus=None, cache_dir=None, log=print):
     """The zip to use: --corpus, else $B2T_TATOEBA_ZIP, else a download into cache_dir."""
     path = corpus or os.environ.get("B2T_TATOEBA_ZIP")
     if path:
+        if Path(path).is_dir():
+            source = "--corpus" if corpus else "B2T_TATOEBA_ZIP"
+            raise B2TError(f"Tatoeba corpus {path} (from {source}) is a folder; pass the zip itself, "
+                           "e.g. --corpus PATH/deu-eng.zip")
         if not Path(path).is_file():
             source = "--corpus" if corpus else "B2T_TATOEBA_ZIP"
             raise B2TError(f"Tatoeba corpus {path} (from {source}) does not exist; pass --corpus PATH/deu-eng.zip "
@@ -231,12 +235,16 @@ def unigram_xent_bits(sp):
     return bits / max(n, 1)
 
 
+def data_tag(digest, vocab_size, n_valid, n_test, max_train, seed):
+    """The cache folder's name: every input of the preparation (the corpus by its content's hash)."""
+    return f"tatoeba-{digest}-v{vocab_size}-va{n_valid}-te{n_test}-tr{max_train or 'all'}-s{seed}"
+
+
 def prepare(zip_path, cache_dir, *, vocab_size=4000, n_valid=1000, n_test=1000, max_train=None, seed=1,
             log=print):
     """Prepare (or reuse) the binarized corpus; returns the folder holding raw/, spm/, bin/, meta.json."""
     digest = file_digest(zip_path)
-    tag = f"tatoeba-{digest}-v{vocab_size}-va{n_valid}-te{n_test}-tr{max_train or 'all'}-s{seed}"
-    root = Path(cache_dir) / tag
+    root = Path(cache_dir) / data_tag(digest, vocab_size, n_valid, n_test, max_train, seed)
     meta_path = root / "meta.json"
     if meta_path.is_file():
         log(f"data: reusing {root}")

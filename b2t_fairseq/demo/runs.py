@@ -222,14 +222,16 @@ def do_run(arch, layers, data_root, out, cfg, unigram_bits):
                        "then run b2t-demo again to resume")
     updates = state["updates"] if state else 0
     curves = truncate_curves(curves, updates)
+    if state and state["val_loss"] is not None and (not curves["valid"] or curves["valid"][-1]["num_updates"] < updates):
+        # the log lost its last validation (edited, or written by an old demo): the checkpoint has it
+        curves["valid"].append({"num_updates": updates, "valid_loss": state["val_loss"]})
     if not crashed and updates < cfg.max_update:
         raise B2TError(f"training {name} ended at update {updates} of {cfg.max_update} without an error; "
                        f"see {run_dir / 'train.log'}, then run b2t-demo again to resume")
     rec = summarize(arch, layers, curves, secs, unigram_bits, cfg)
     rec["updates"] = updates  # the checkpoint's count, not the log's
-    if state and state["val_loss"] is not None and curves["valid"] and \
-            curves["valid"][-1]["num_updates"] == updates:
-        rec["valid_loss"] = state["val_loss"]  # the loss the checkpoint was saved with
+    if state and state["val_loss"] is not None:
+        rec["valid_loss"] = state["val_loss"]  # fairseq validates before it saves: the loss at `updates`
     rec["params"] = state["params"] if state else None
     if rec["diverged"] and (crashed or state is None):
         rec["bleu"] = 0.0
@@ -254,7 +256,9 @@ def summarize(arch, layers, curves, secs, unigram_bits, cfg):
     last_v = valid[-1] if valid else {}
     losses = [r.get("loss", math.nan) for r in train] + [r.get("valid_loss", math.nan) for r in valid]
     nonfinite = any(not math.isfinite(x) for x in losses) or curves["error"] is not None
-    v_nll = last_v.get("valid_nll_loss", math.nan)
+    # without the nll, the label-smoothed loss (never below it) stands in: the verdict errs towards "learned"
+    # only when the smoothed loss itself is below the unigram level
+    v_nll = last_v.get("valid_nll_loss", last_v.get("valid_loss", math.nan))
     not_learning = not (v_nll < unigram_bits)  # NaN counts as not learning
     return {"arch": arch, "label": LABELS.get(arch, arch), "layers": layers, "updates": last_t.get("num_updates", 0),
             "wall_s": round(secs, 1), "train_loss": last_t.get("loss"), "valid_loss": last_v.get("valid_loss"),
