@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from b2t_fairseq.demo import cli as demo, data as tatoeba, runs
+from b2t_fairseq.errors import B2TError
 from helpers import BIN, assert_one_line_error
 
 TINY_DEMO = ["--quick", "--depths", "1", "--dim", "16", "--heads", "2", "--max-tokens", "256", "--vocab", "150",
@@ -317,3 +318,19 @@ def test_rerun_with_other_options_never_reuses_runs(toy_zip, tmp_path):
     assert "finished earlier with the same options" in so
     (third,) = json.loads((out / "results.json").read_text())["runs"]
     assert third == first
+
+
+def test_damaged_state_files(tmp_path, capsys):
+    bad = tmp_path / "checkpoint_last.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(B2TError, match=r"cannot read .*checkpoint_last.pt .*; delete .* and run b2t-demo again"):
+        runs.checkpoint_state(bad)
+    assert runs._read_json(tmp_path / "missing.json", 0.0) == 0.0
+    (tmp_path / "half.json").write_text('{"key": "ab')
+    assert runs._read_json(tmp_path / "half.json", {}) == {}  # a damaged result.json: the run is redone
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA GPU is visible")
+def test_fp16_without_gpu_is_one_line(demo_main, capsys):
+    assert demo_main("--fp16") == 2
+    assert_one_line_error(capsys.readouterr().err, "b2t-demo", "--fp16 needs a CUDA GPU", "drop --fp16")

@@ -11,7 +11,7 @@ no English sentence is in two splits. The joint sentencepiece model is learned o
 
 import collections
 import hashlib
-import io
+import json
 import math
 import os
 import random
@@ -247,6 +247,10 @@ def prepare(zip_path, cache_dir, *, vocab_size=4000, n_valid=1000, n_test=1000, 
     root = Path(cache_dir) / data_tag(digest, vocab_size, n_valid, n_test, max_train, seed)
     meta_path = root / "meta.json"
     if meta_path.is_file():
+        try:
+            json.loads(meta_path.read_text())
+        except ValueError:
+            raise B2TError(f"{meta_path} is damaged; delete {root} and run again to prepare the data anew") from None
         log(f"data: reusing {root}")
         return root
     root.mkdir(parents=True, exist_ok=True)

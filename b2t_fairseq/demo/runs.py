@@ -190,7 +190,7 @@ def do_run(arch, layers, data_root, out, cfg, unigram_bits):
     run_dir = out / "runs" / f"{name}-{key}"
     done = run_dir / "result.json"
     if done.is_file():
-        rec = json.loads(done.read_text())
+        rec = _read_json(done, {})
         if rec.get("key") == key:
             log(f"{name}: finished earlier with the same options, reusing {done}")
             return rec
@@ -210,7 +210,7 @@ def do_run(arch, layers, data_root, out, cfg, unigram_bits):
         rc, secs = run_training(train_command(data_root / "bin", run_dir, arch, layers, cfg), run_dir, name, cfg,
                                 env)
         state = checkpoint_state(ckpt) if ckpt.is_file() else None
-    prev = json.loads((run_dir / "seconds.json").read_text()) if (run_dir / "seconds.json").is_file() else 0.0
+    prev = _read_json(run_dir / "seconds.json", 0.0)
     secs += prev
     atomic_write(run_dir / "seconds.json", json.dumps(secs))
     log_text = (run_dir / "train.log").read_text(errors="replace") if (run_dir / "train.log").is_file() else ""
@@ -248,6 +248,14 @@ def do_run(arch, layers, data_root, out, cfg, unigram_bits):
     log(f"{name}: done in {secs:.0f}s, valid loss {rec['valid_loss']}, BLEU {rec['bleu']:.2f}"
         f"{', DIVERGED' if rec['diverged'] else ''}")
     return rec
+
+
+def _read_json(path, default):
+    """A small state file's content, or default when it is missing or damaged (it is then rebuilt)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
 
 
 def summarize(arch, layers, curves, secs, unigram_bits, cfg):
