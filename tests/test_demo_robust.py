@@ -334,3 +334,43 @@ def test_damaged_state_files(tmp_path, capsys):
 def test_fp16_without_gpu_is_one_line(demo_main, capsys):
     assert demo_main("--fp16") == 2
     assert_one_line_error(capsys.readouterr().err, "b2t-demo", "--fp16 needs a CUDA GPU", "drop --fp16")
+
+
+# --- the mechanism alone, in seconds --------------------------------------------------------------
+
+def test_stop_all_ends_children_and_grandchildren():
+    from b2t_fairseq.demo import children
+
+    children.STOPPING.clear()
+    p = children.popen(["sh", "-c", "sleep 60 & sleep 60"])
+    wait_for(lambda: children_of(p.pid), timeout=10, what="the grandchildren")
+    grandchildren = children_of(p.pid)
+    assert children.stop_all(timeout=5) == [p]
+    wait_for(lambda: not any(alive(x) for x in [p.pid, *grandchildren]), timeout=10,
+             what="child and grandchildren to end")
+    with pytest.raises(children.Stopped):  # no new child while stopping
+        children.popen(["true"])
+    children.STOPPING.clear()
+    children.forget(p)
+
+
+def test_sigkill_of_the_parent_ends_the_child(tmp_path):
+    """The parent (a Python process using children.popen) is killed with SIGKILL: no handler runs,
+    the kernel ends the child (PR_SET_PDEATHSIG)."""
+    import sys
+
+    pid_file = tmp_path / "child.pid"
+    from b2t_fairseq.demo import children
+
+    code = ("import importlib.util as u, time; "  # children.py alone (stdlib only): no fairseq import, fast
+            f"s = u.spec_from_file_location('children', {children.__file__!r}); "
+            "children = u.module_from_spec(s); s.loader.exec_module(children); "
+            "p = children.popen(['sleep', '60']); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    wait_for(lambda: pid_file.is_file() and pid_file.read_text(), timeout=60, what="the child")
+    child = int(pid_file.read_text())
+    assert alive(child)
+    parent.kill()
+    parent.wait()
+    wait_for(lambda: not alive(child), timeout=10, what="the orphan to end")

@@ -23,11 +23,11 @@ if sys.platform.startswith("linux"):
         _LIBC = None
 
 _children = set()
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entered when a stop signal arrives while popen holds it
 STOPPING = threading.Event()
 
 
-class Stopped(Exception):
+class Stopped(KeyboardInterrupt):
     """Raised in a worker thread when the demo is being stopped (no new child is started)."""
 
 
@@ -93,12 +93,15 @@ def stop_all(timeout=5.0):
 
 
 def install_stop_handlers():
-    """SIGTERM and SIGHUP stop the demo like Ctrl-C: children ended, then KeyboardInterrupt here."""
+    """SIGTERM and SIGHUP stop the demo like Ctrl-C: children ended, then KeyboardInterrupt here.
+    Also clears a stop left from an earlier call in the same process."""
     def handler(signum, frame):
         stop_all()
         raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, handler)
+    STOPPING.clear()
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, handler)
 
 
 def stop_group(p, timeout=5.0):
