@@ -374,3 +374,11 @@ def test_sigkill_of_the_parent_ends_the_child(tmp_path):
     parent.kill()
     parent.wait()
     wait_for(lambda: not alive(child), timeout=10, what="the orphan to end")
+
+
+def test_damaged_data_cache_is_one_line(toy_zip, tmp_path):
+    tag = tatoeba.data_tag(tatoeba.file_digest(toy_zip), 150, 200, 100, 20000, 1)
+    (tmp_path / tag).mkdir()
+    (tmp_path / tag / "meta.json").write_text('{"pairs": ')
+    with pytest.raises(B2TError, match=r"meta.json is damaged; delete .* and run again"):
+        tatoeba.prepare(toy_zip, tmp_path, vocab_size=150, n_valid=200, n_test=100, max_train=20000, seed=1)
