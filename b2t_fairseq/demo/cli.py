@@ -101,8 +101,9 @@ def check_config(cfg):
     need(math.isfinite(cfg.dropout) and 0 <= cfg.dropout < 1,
          f"--dropout {cfg.dropout} must be in [0, 1); pass e.g. --dropout 0.1")
     need(cfg.seed >= 0, f"--seed {cfg.seed} must be 0 or more; pass e.g. --seed 1")
+    example = cfg.heads * max(1, round(cfg.dim / cfg.heads))
     need(cfg.dim % cfg.heads == 0, f"--dim {cfg.dim} is not divisible by --heads {cfg.heads}; pass a --dim that "
-                                   f"is a multiple of {cfg.heads} (e.g. {cfg.heads * max(1, round(cfg.dim / cfg.heads))})")
+                                   f"is a multiple of {cfg.heads} (e.g. {example})")
     need(max(cfg.depths) <= 100, f"--depths {max(cfg.depths)} is more layers than the demo trains on a CPU; "
                                  "pass depths of 100 or fewer (the paper's are 6 and 18)")
     need(cfg.max_tokens >= 16, f"--max-tokens {cfg.max_tokens} cannot hold a sentence; pass --max-tokens 256 or more")

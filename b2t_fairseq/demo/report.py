@@ -102,7 +102,8 @@ def do_grad_norms(out, data_root, cfg, records):
             specs = [s for s in specs if s[2].is_file()]
         if not specs or (kind == "trained" and cfg.quick):
             continue
-        cached = out / "grad_norms" / f"{kind}-{grad_norms_key(kind, specs, deep, model_args, data_root, cfg, records)}.json"
+        key = grad_norms_key(kind, specs, deep, model_args, data_root, cfg, records)
+        cached = out / "grad_norms" / f"{kind}-{key}.json"
         if cached.is_file():
             res = json.loads(cached.read_text())
         else:

@@ -149,7 +149,8 @@ def checkpoint_state(checkpoint):
         hist = state.get("optimizer_history") or [{}]
         extra = state.get("extra_state") or {}
     except Exception as e:  # noqa: BLE001 - truncated, damaged or not a fairseq checkpoint: same fix
-        raise B2TError(f"cannot read {checkpoint} ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}); "
+        why = str(e).splitlines()[0][:150] if str(e) else ""
+        raise B2TError(f"cannot read {checkpoint} ({type(e).__name__}: {why}); "
                        f"delete {checkpoint.parent} and run b2t-demo again") from None
     seen, n = set(), 0
     for t in model.values():
@@ -222,7 +223,8 @@ def do_run(arch, layers, data_root, out, cfg, unigram_bits):
                        "then run b2t-demo again to resume")
     updates = state["updates"] if state else 0
     curves = truncate_curves(curves, updates)
-    if state and state["val_loss"] is not None and (not curves["valid"] or curves["valid"][-1]["num_updates"] < updates):
+    last_valid = curves["valid"][-1]["num_updates"] if curves["valid"] else -1
+    if state and state["val_loss"] is not None and last_valid < updates:
         # the log lost its last validation (edited, or written by an old demo): the checkpoint has it
         curves["valid"].append({"num_updates": updates, "valid_loss": state["val_loss"]})
     if not crashed and updates < cfg.max_update:
