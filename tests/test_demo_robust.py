@@ -88,7 +88,6 @@ BAD_OPTIONS = [
     (["--dropout", "-0.1"], "must be in [0, 1)"),
     (["--warmup", "0"], "--warmup 0 must be at least 1"),
     (["--max-tokens", "0"], "--max-tokens 0 must be at least 1"),
-    (["--max-tokens", "8"], "--max-tokens 8 cannot hold a sentence"),
     (["--vocab", "0"], "--vocab 0 is too small"),
     (["--seed", "-1"], "--seed -1 must be 0 or more"),
     (["--valid-every", "0"], "--valid-every 0 must be at least 1"),
@@ -382,3 +381,19 @@ def test_damaged_data_cache_is_one_line(toy_zip, tmp_path):
     (tmp_path / tag / "meta.json").write_text('{"pairs": ')
     with pytest.raises(B2TError, match=r"meta.json is damaged; delete .* and run again"):
         tatoeba.prepare(toy_zip, tmp_path, vocab_size=150, n_valid=200, n_test=100, max_train=20000, seed=1)
+
+
+def test_longest_sentence(tmp_path):
+    for split in tatoeba.SPLITS:
+        for lang in tatoeba.LANGS:
+            (tmp_path / f"{split}.{lang}").write_text("a b\n" + ("x " * (9 if (split, lang) == ("valid", "de") else 3)))
+    assert tatoeba.longest_sentence(tmp_path) == 10  # 9 pieces and the end of sentence
+
+
+@pytest.mark.e2e
+def test_max_tokens_below_the_longest_sentence_is_one_line(demo_main, capsys, tmp_path):
+    argv = [a if a != "256" else "8" for a in TINY_DEMO]  # the toy corpus has sentences of up to 15 tokens
+    assert demo_main(*argv, "--cache", tmp_path / "cache") == 2
+    line = assert_one_line_error(capsys.readouterr().err, "b2t-demo", "--max-tokens 8 is below the longest sentence")
+    longest = int(line.split("(")[1].split()[0])
+    assert longest > 8 and f"pass --max-tokens {longest} or more" in line

@@ -215,6 +215,16 @@ def _make_bin(sp):
     return make
 
 
+def longest_sentence(sp):
+    """The most tokens (pieces + end of sentence) in one side of one sentence pair, over all splits."""
+    most = 0
+    for split in SPLITS:
+        for lang in LANGS:
+            with open(sp / f"{split}.{lang}", encoding="utf-8") as f:
+                most = max([most, *(len(line.split()) + 1 for line in f)])
+    return most
+
+
 def unigram_xent_bits(sp):
     """Cross-entropy (bits/token, eos counted) of valid.de under the add-one unigram model of train.de.
 
