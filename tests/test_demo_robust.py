@@ -397,3 +397,12 @@ def test_max_tokens_below_the_longest_sentence_is_one_line(demo_main, capsys, tm
     line = assert_one_line_error(capsys.readouterr().err, "b2t-demo", "--max-tokens 8 is below the longest sentence")
     longest = int(line.split("(")[1].split()[0])
     assert longest > 8 and f"pass --max-tokens {longest} or more" in line
+
+
+@pytest.mark.e2e
+def test_unwritable_place_inside_out_is_one_line(demo_main, capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "runs").write_text("a file where the runs folder goes")
+    assert demo_main(*TINY_DEMO, "--archs", "b2t", "--out", out, "--cache", tmp_path / "cache") == 2
+    assert_one_line_error(capsys.readouterr().err, "b2t-demo", f"cannot write {out / 'runs'}", "then run b2t-demo again")

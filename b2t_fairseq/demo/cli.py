@@ -19,6 +19,7 @@ targets, i.e. what a model reaches by learning word frequencies only.
 """
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -172,9 +173,17 @@ def run(argv):
     children.install_stop_handlers()
     try:
         return _run(args)
-    except BaseException:
+    except BaseException as e:
         children.stop_all()  # Ctrl-C, a stop signal or an error: no training process outlives the demo
+        if isinstance(e, OSError) and e.errno in WRITE_ERRORS and e.filename:
+            raise B2TError(f"cannot write {e.filename} ({e.strerror}); free disk space or fix that path (or pass "
+                           "another --out), then run b2t-demo again to resume") from None
         raise
+
+
+# a full disk, a read-only place, a file where a folder should be: the user's to fix, not a bug
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+                errno.EEXIST}
 
 
 def _run(args):
