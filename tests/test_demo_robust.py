@@ -406,3 +406,16 @@ def test_unwritable_place_inside_out_is_one_line(demo_main, capsys, tmp_path):
     (out / "runs").write_text("a file where the runs folder goes")
     assert demo_main(*TINY_DEMO, "--archs", "b2t", "--out", out, "--cache", tmp_path / "cache") == 2
     assert_one_line_error(capsys.readouterr().err, "b2t-demo", f"cannot write {out / 'runs'}", "then run b2t-demo again")
+
+
+def test_progress_lines_quiet_unless_verbose(capsys):
+    cfg = demo.resolve_config(demo.get_parser().parse_args(TINY_DEMO))
+    noise = "INFO:fairseq.trainer:begin training epoch 1"
+    valid = 'INFO:valid:{"epoch": 1, "valid_loss": "7.77", "valid_num_updates": "4"}'
+    for line in (noise, valid):
+        runs._progress(line, "b2t-1L", cfg)
+    out = capsys.readouterr().out
+    assert "begin training" not in out and "b2t-1L: update 4/60 valid loss 7.77" in out
+    cfg.verbose = True
+    runs._progress(noise, "b2t-1L", cfg)
+    assert "b2t-1L| INFO:fairseq.trainer:begin training epoch 1" in capsys.readouterr().out
