@@ -4,4 +4,5 @@ data.py    the corpus: find or download, split, sentencepiece, binarize (cached,
 runs.py    one run: b2t-train in a subprocess, its log, translation and scoring
 report.py  results.json/md, plots, grad norms, index.md
 cli.py     the command line and the pool of runs
+children.py  the child processes: their own process groups, dying with the demo
 """

@@ -11,18 +11,20 @@ no English sentence is in two splits. The joint sentencepiece model is learned o
 
 import collections
 import hashlib
-import io
+import json
 import math
 import os
 import random
+import re
 import shutil
-import subprocess
 import sys
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 from ..errors import B2TError
+from . import children
 from ..util import write_json
 
 DEFAULT_URL = "https://www.manythings.org/anki/deu-eng.zip"
@@ -34,6 +36,10 @@ def find_corpus(corpus=None, cache_dir=None, log=print):
     """The zip to use: --corpus, else $B2T_TATOEBA_ZIP, else a download into cache_dir."""
     path = corpus or os.environ.get("B2T_TATOEBA_ZIP")
     if path:
+        if Path(path).is_dir():
+            source = "--corpus" if corpus else "B2T_TATOEBA_ZIP"
+            raise B2TError(f"Tatoeba corpus {path} (from {source}) is a folder; pass the zip itself, "
+                           "e.g. --corpus PATH/deu-eng.zip")
         if not Path(path).is_file():
             source = "--corpus" if corpus else "B2T_TATOEBA_ZIP"
             raise B2TError(f"Tatoeba corpus {path} (from {source}) does not exist; pass --corpus PATH/deu-eng.zip "
@@ -65,21 +71,39 @@ def download(cache_dir, log=print, timeout=15):
     return dest
 
 
+def _decode_line(raw, lineno, name, zip_path):
+    """One line of deu.txt as text; a line that is not UTF-8 (or holds NULs: UTF-16) is a one-line error."""
+    fix = (f"re-save {name} as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8, or -f UTF-16) and zip it again, or pass "
+           "the deu-eng.zip from manythings.org/anki unchanged")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        guess = "UTF-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "Latin-1 or another 8-bit encoding"
+        raise B2TError(f"line {lineno} of {name} in {zip_path} is not UTF-8 (byte 0x{raw[e.start]:02x} at "
+                       f"column {e.start + 1}; {guess}?); {fix}") from None
+    if "\x00" in text:
+        raise B2TError(f"line {lineno} of {name} in {zip_path} holds NUL bytes (UTF-16 text?); {fix}")
+    return text[1:] if lineno == 1 and text.startswith("\ufeff") else text
+
+
 def read_pairs(zip_path):
     """(english, german) pairs from the zip's deu.txt (later releases add a third attribution column)."""
     try:
         with zipfile.ZipFile(zip_path) as z:
             name = next((n for n in z.namelist() if n.endswith("deu.txt")), None)
             if name is None:
-                raise B2TError(f"{zip_path} has no deu.txt; pass the deu-eng.zip from manythings.org/anki")
-            text = io.TextIOWrapper(z.open(name), encoding="utf-8")
+                found = ", ".join(z.namelist()[:5]) or "nothing"
+                raise B2TError(f"{zip_path} has no deu.txt (it holds {found}); pass the deu-eng.zip from "
+                               "manythings.org/anki")
             pairs = []
-            for line in text:
-                cols = line.rstrip("\n").split("\t")
-                if len(cols) >= 2 and cols[0].strip() and cols[1].strip():
-                    pairs.append((" ".join(cols[0].split()), " ".join(cols[1].split())))
-    except zipfile.BadZipFile:
-        raise B2TError(f"{zip_path} is not a zip file; pass the deu-eng.zip from manythings.org/anki") from None
+            with z.open(name) as f:
+                for lineno, raw in enumerate(f, 1):
+                    cols = _decode_line(raw, lineno, name, zip_path).rstrip("\r\n").split("\t")
+                    if len(cols) >= 2 and cols[0].strip() and cols[1].strip():
+                        pairs.append((" ".join(cols[0].split()), " ".join(cols[1].split())))
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise B2TError(f"{zip_path} is not a readable zip file ({type(e).__name__}); pass the deu-eng.zip from "
+                       "manythings.org/anki") from None
     return pairs
 
 
@@ -97,6 +121,17 @@ def split_pairs(pairs, n_valid, n_test, max_train=None, seed=1):
             break
         out[split].extend(groups[key])
     return out
+
+
+MIN_TRAIN = 1000  # fewer training pairs than this teach a model nothing worth comparing
+
+
+def check_splits(zip_path, pairs, splits, n_valid, n_test):
+    n = {k: len(v) for k, v in splits.items()}
+    if n["test"] < n_test or n["valid"] < n_valid or n["train"] < MIN_TRAIN:
+        raise B2TError(f"{zip_path} has only {len(pairs):,} usable sentence pairs: too few for {n_test} test + "
+                       f"{n_valid} valid + at least {MIN_TRAIN} training pairs; pass the full deu-eng.zip from "
+                       "manythings.org/anki (about 150,000 pairs or more)")
 
 
 def file_digest(path, n=16):
@@ -140,13 +175,14 @@ def _make_spm(raw, vocab_size, seed):
         import sentencepiece as spm
 
         tmp.mkdir(parents=True)
-        spm.SentencePieceTrainer.train(
-            input=[str(raw / "train.en"), str(raw / "train.de")], model_prefix=str(tmp / "spm"),
-            vocab_size=vocab_size, model_type="unigram", character_coverage=1.0,
-            input_sentence_size=200000, shuffle_input_sentence=True, seed_sentencepiece_size=200000,
-            num_threads=min(2, os.cpu_count() or 1), minloglevel=2,
-            # ids for fairseq's own symbols are not needed: fairseq builds its dictionary from pieces
-            bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1)
+        try:
+            _train_spm(spm, raw, tmp, vocab_size, seed)
+        except RuntimeError as e:
+            m = re.search(r"value <= (\d+)", str(e))
+            if m is None:
+                raise
+            raise B2TError(f"sentencepiece cannot learn {vocab_size} pieces from this corpus's training split (at "
+                           f"most {m.group(1)} here); pass --vocab {m.group(1)} or less, or a larger corpus") from None
         proc = spm.SentencePieceProcessor(model_file=str(tmp / "spm.model"))
         for split in SPLITS:
             for lang in LANGS:
@@ -157,16 +193,36 @@ def _make_spm(raw, vocab_size, seed):
     return make
 
 
+def _train_spm(spm, raw, tmp, vocab_size, seed):
+    spm.SentencePieceTrainer.train(
+        input=[str(raw / "train.en"), str(raw / "train.de")], model_prefix=str(tmp / "spm"),
+        vocab_size=vocab_size, model_type="unigram", character_coverage=1.0,
+        input_sentence_size=200000, shuffle_input_sentence=True, seed_sentencepiece_size=200000,
+        num_threads=min(2, os.cpu_count() or 1), minloglevel=2,
+        # ids for fairseq's own symbols are not needed: fairseq builds its dictionary from pieces
+        bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1)
+
+
 def _make_bin(sp):
     def make(tmp):
         cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--source-lang", "en", "--target-lang", "de",
                "--trainpref", str(sp / "train"), "--validpref", str(sp / "valid"), "--testpref", str(sp / "test"),
-               "--destdir", str(tmp), "--joined-dictionary", "--workers", str(min(2, os.cpu_count() or 1))]
-        p = subprocess.run(cmd, capture_output=True, text=True)
+               "--destdir", str(tmp), "--joined-dictionary", "--workers", "1"]  # no pool: one process to stop
+        p = children.run(cmd)
         if p.returncode != 0:
             raise B2TError(f"fairseq-preprocess failed ({p.stderr.strip().splitlines()[-1:]}); "
                            f"delete {tmp.parent} and run again")
     return make
+
+
+def longest_sentence(sp):
+    """The most tokens (pieces + end of sentence) in one side of one sentence pair, over all splits."""
+    most = 0
+    for split in SPLITS:
+        for lang in LANGS:
+            with open(sp / f"{split}.{lang}", encoding="utf-8") as f:
+                most = max([most, *(len(line.split()) + 1 for line in f)])
+    return most
 
 
 def unigram_xent_bits(sp):
@@ -189,20 +245,31 @@ def unigram_xent_bits(sp):
     return bits / max(n, 1)
 
 
+def data_tag(digest, vocab_size, n_valid, n_test, max_train, seed):
+    """The cache folder's name: every input of the preparation (the corpus by its content's hash)."""
+    return f"tatoeba-{digest}-v{vocab_size}-va{n_valid}-te{n_test}-tr{max_train or 'all'}-s{seed}"
+
+
 def prepare(zip_path, cache_dir, *, vocab_size=4000, n_valid=1000, n_test=1000, max_train=None, seed=1,
             log=print):
     """Prepare (or reuse) the binarized corpus; returns the folder holding raw/, spm/, bin/, meta.json."""
     digest = file_digest(zip_path)
-    tag = f"tatoeba-{digest}-v{vocab_size}-va{n_valid}-te{n_test}-tr{max_train or 'all'}-s{seed}"
-    root = Path(cache_dir) / tag
+    root = Path(cache_dir) / data_tag(digest, vocab_size, n_valid, n_test, max_train, seed)
     meta_path = root / "meta.json"
     if meta_path.is_file():
+        try:
+            json.loads(meta_path.read_text())
+        except ValueError:
+            raise B2TError(f"{meta_path} is damaged; delete {root} and run again to prepare the data anew") from None
         log(f"data: reusing {root}")
         return root
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "raw").exists():
         log(f"data: splitting {zip_path} (grouped by English sentence)")
-        _step(root / "raw", _make_raw(split_pairs(read_pairs(zip_path), n_valid, n_test, max_train, seed)))
+        pairs = read_pairs(zip_path)
+        splits = split_pairs(pairs, n_valid, n_test, max_train, seed)
+        check_splits(zip_path, pairs, splits, n_valid, n_test)
+        _step(root / "raw", _make_raw(splits))
     if not (root / "spm").exists():
         log(f"data: learning a joint sentencepiece vocabulary ({vocab_size}) on train")
         _step(root / "spm", _make_spm(root / "raw", vocab_size, seed))

@@ -1,5 +1,6 @@
 """The demo's report: results.json, results.md, loss_curves.png, grad-norm plots and index.md."""
 
+import hashlib
 import json
 
 from ..analysis import grad_norms
@@ -48,6 +49,7 @@ def plot_curves(records, path):
 
 
 def write_report(out, records, cfg, meta, total_s, gn_files):
+    remove_stale(out, gn_files)
     public = [{k: v for k, v in r.items() if k != "curves"} for r in records]
     payload = {"runs": public, "config": vars(cfg) | {"depths": list(cfg.depths)}, "data": meta,
                "total_wall_s": round(total_s, 1), "machine": machine()}
@@ -73,8 +75,17 @@ def write_report(out, records, cfg, meta, total_s, gn_files):
 
 # --- gradient norms ------------------------------------------------------------------------------
 
+def grad_norms_key(kind, specs, deep, model_args, data_root, cfg, records):
+    """A hash of what shapes one grad-norm measurement: models (and the runs they come from), data, batches."""
+    shape = {"kind": kind, "archs": [a for a, _, _ in specs], "layers": deep, "model": model_args,
+             "batches": cfg.gn_batches, "max_tokens": cfg.max_tokens, "seed": cfg.seed, "data": data_root.name,
+             "runs": sorted(r["key"] for r in records if r["layers"] == deep) if kind == "trained" else []}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def do_grad_norms(out, data_root, cfg, records):
-    """Fresh-init and trained gradient norms of the deep models (cached in OUT/grad_norms_*.json)."""
+    """Fresh-init and trained gradient norms of the deep models (cached in OUT/grad_norms/KIND-KEY.json,
+    KEY a hash of what shapes them; copied to OUT/grad_norms_KIND.json for the report)."""
     deep = max(cfg.depths)
     model_args = ["--encoder-embed-dim", str(cfg.dim), "--decoder-embed-dim", str(cfg.dim),
                   "--encoder-ffn-embed-dim", str(4 * cfg.dim), "--decoder-ffn-embed-dim", str(4 * cfg.dim),
@@ -86,20 +97,32 @@ def do_grad_norms(out, data_root, cfg, records):
         if kind == "init":
             specs = [(a, f"transformer_{a}_tiny", None) for a in cfg.archs]
         else:
-            specs = [(r["arch"], None, out / "runs" / f"{r['arch']}-{deep}L" / "checkpoint_last.pt")
+            specs = [(r["arch"], None, out / "runs" / r["run_dir"] / "checkpoint_last.pt")
                      for r in records if r["layers"] == deep]
             specs = [s for s in specs if s[2].is_file()]
         if not specs or (kind == "trained" and cfg.quick):
             continue
-        if js.is_file():
-            res = json.loads(js.read_text())
+        key = grad_norms_key(kind, specs, deep, model_args, data_root, cfg, records)
+        cached = out / "grad_norms" / f"{kind}-{key}.json"
+        if cached.is_file():
+            res = json.loads(cached.read_text())
         else:
             log(f"gradient norms ({kind}, {deep} layers)")
             res = grad_norms.run_models(data_root / "bin", specs, layers=deep, model_args=model_args,
                                         k=cfg.gn_batches, max_tokens=cfg.max_tokens, seed=cfg.seed,
                                         log=lambda m: log("  " + m))
-            write_json(js, res)
+            write_json(cached, res)
+        write_json(js, res)
         grad_norms.write_csv(res, out / f"grad_norms_{kind}.csv")
         grad_norms.plot(res, out / f"grad_norms_{kind}.png", title=title)
         files.append((title, f"grad_norms_{kind}.png"))
     return files
+
+
+def remove_stale(out, gn_files):
+    """Report files an earlier run with other options left and this report does not make."""
+    made = {png.rsplit(".", 1)[0] for _, png in gn_files}
+    for kind in ("init", "trained"):
+        if f"grad_norms_{kind}" not in made:
+            for ext in ("json", "csv", "png"):
+                (out / f"grad_norms_{kind}.{ext}").unlink(missing_ok=True)

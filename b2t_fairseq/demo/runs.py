@@ -1,9 +1,17 @@
 """One demo run: train with b2t-train in a subprocess, follow its json log, translate, score.
 
-A run keeps its checkpoints in ``OUT/runs/NAME``; its ``result.json`` is written last, so an
-interrupted demo run again skips finished runs and resumes unfinished ones from checkpoint_last.pt.
+A run keeps its checkpoints in ``OUT/runs/NAME-KEY``, KEY being a hash of everything that shapes
+the run (its whole b2t-train and b2t-generate command lines but the paths, and the prepared data's
+tag); its ``result.json`` (which repeats the key) is written last, so an interrupted demo run again
+skips finished runs of the same configuration and resumes unfinished ones from checkpoint_last.pt,
+and a run with other options never reuses them.
+
+The run's state (updates done, finished or not, last validation loss) is read from its
+checkpoint_last.pt, not from the log: b2t-train writes its own log (train.log, line-buffered)
+and the curves keep only the records up to the checkpoint's update.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -14,6 +22,7 @@ import time
 from .. import recipe
 from ..errors import B2TError
 from ..util import atomic_write, log, parse_generate_output, parse_json_log, write_json
+from . import children
 
 LABELS = recipe.LABELS
 
@@ -63,38 +72,64 @@ def _floats(rec, *keys):
     return out
 
 
+def _progress(line, name, cfg):
+    for kind, rec in parse_json_log([line]):
+        if kind == "valid":
+            log(f"  {name}: update {rec.get('valid_num_updates')}/{cfg.max_update} "
+                f"valid loss {rec.get('valid_loss')}")
+        elif kind == "train_inner" and int(float(rec["num_updates"])) % 25 == 0:
+            log(f"  {name}: update {rec['num_updates']}/{cfg.max_update} train loss {rec['loss']}")
+    if getattr(cfg, "verbose", False):
+        log(f"  {name}| {line.rstrip()}")
+
+
 def run_training(cmd, run_dir, name, cfg, env):
-    """Run b2t-train, append its output to train.log, show progress; returns (returncode, seconds)."""
+    """Run b2t-train with its output appended to train.log (written by the child itself, unbuffered,
+    so nothing is lost when the demo is killed); follow the file for progress lines.
+
+    Returns (returncode, seconds); raises children.Stopped when the demo is being stopped.
+    """
     t0 = time.time()
-    with open(run_dir / "train.log", "a") as logf:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        try:
-            for line in p.stdout:
-                logf.write(line)
-                for kind, rec in parse_json_log([line]):
-                    if kind == "valid":
-                        log(f"  {name}: update {rec.get('valid_num_updates')}/{cfg.max_update} "
-                            f"valid loss {rec.get('valid_loss')}")
-                    elif kind == "train_inner" and int(float(rec["num_updates"])) % 25 == 0:
-                        log(f"  {name}: update {rec['num_updates']}/{cfg.max_update} train loss {rec['loss']}")
-            p.wait()
-        finally:
-            if p.poll() is None:
-                p.kill()
+    path = run_dir / "train.log"
+    with open(path, "ab") as logf:
+        start = logf.tell()
+        p = children.popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=dict(env, PYTHONUNBUFFERED="1"))
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            buf = b""
+            while True:
+                finished = p.poll() is not None
+                buf += f.read()
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    _progress(line.decode("utf-8", "replace"), name, cfg)
+                if finished:
+                    break
+                time.sleep(0.3)
+    finally:
+        if p.poll() is None:
+            children.stop_group(p)
+        children.forget(p)
+    if children.STOPPING.is_set():
+        raise children.Stopped()
     return p.returncode, time.time() - t0
 
 
 # --- evaluation ----------------------------------------------------------------------------------
 
+def generate_command(data_bin, checkpoint, cfg):
+    cmd = [sys.executable, "-m", "b2t_fairseq.commands.cli", "generate", str(data_bin), "--path", str(checkpoint),
+           "--gen-subset", "test", "--beam", "4", "--lenpen", "1.0", "--batch-size", "64",
+           "--max-len-a", "1.5", "--max-len-b", "10", "--post-process", "sentencepiece", "--num-workers", "0"]
+    return cmd + (["--fp16"] if cfg.fp16 else ["--cpu"])
+
+
 def translate_and_score(data_bin, raw_dir, checkpoint, cfg, env):
     """Beam search on the test split, sentencepiece removed; sacreBLEU (13a) against the raw references."""
     import sacrebleu
 
-    cmd = [sys.executable, "-m", "b2t_fairseq.commands.cli", "generate", str(data_bin), "--path", str(checkpoint),
-           "--gen-subset", "test", "--beam", "4", "--lenpen", "1.0", "--batch-size", "64",
-           "--max-len-a", "1.5", "--max-len-b", "10", "--post-process", "sentencepiece", "--num-workers", "0"]
-    cmd += ["--fp16"] if cfg.fp16 else ["--cpu"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    p = children.run(generate_command(data_bin, checkpoint, cfg), env=env)
     if p.returncode != 0:
         raise B2TError(f"b2t-generate failed on {checkpoint}: {p.stderr.strip().splitlines()[-1:]}; "
                        "delete that run's folder and run b2t-demo again")
@@ -104,59 +139,111 @@ def translate_and_score(data_bin, raw_dir, checkpoint, cfg, env):
     return sacrebleu.corpus_bleu(out, [refs]).score, out
 
 
-def count_params(checkpoint):
+def checkpoint_state(checkpoint):
+    """What a checkpoint says about its run: updates done, last validation loss, parameter count."""
     import torch
 
-    state = torch.load(checkpoint, map_location="cpu")["model"]
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model = state["model"]
+        hist = state.get("optimizer_history") or [{}]
+        extra = state.get("extra_state") or {}
+    except Exception as e:  # noqa: BLE001 - truncated, damaged or not a fairseq checkpoint: same fix
+        why = str(e).splitlines()[0][:150] if str(e) else ""
+        raise B2TError(f"cannot read {checkpoint} ({type(e).__name__}: {why}); "
+                       f"delete {checkpoint.parent} and run b2t-demo again") from None
     seen, n = set(), 0
-    for t in state.values():
+    for t in model.values():
         key = (t.data_ptr(), t.shape)
         if key not in seen:  # shared embeddings are stored once
             seen.add(key)
             n += t.numel()
-    return n
+    val = extra.get("val_loss")
+    return {"updates": int(hist[-1].get("num_updates", 0)), "params": n,
+            "val_loss": float(val) if isinstance(val, (int, float)) else None}
+
+
+def count_params(checkpoint):
+    return checkpoint_state(checkpoint)["params"]
+
+
+def run_key(arch, layers, data_root, cfg):
+    """A hash of everything that shapes a run: its train and generate command lines (paths left out:
+    every other option is in them) and the prepared data's tag (corpus digest, splits, vocabulary, seed)."""
+    shape = {"train": train_command("DATA", "RUN", arch, layers, cfg)[1:],
+             "generate": generate_command("DATA", "CKPT", cfg)[1:], "data": data_root.name}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def truncate_curves(curves, updates):
+    """Only the log records up to the checkpoint's update: later ones came from a run killed before saving."""
+    return dict(curves, train=[r for r in curves["train"] if r["num_updates"] <= updates],
+                valid=[r for r in curves["valid"] if r["num_updates"] <= updates])
 
 
 # --- one run -------------------------------------------------------------------------------------
 
 def do_run(arch, layers, data_root, out, cfg, unigram_bits):
+    if children.STOPPING.is_set():
+        raise children.Stopped()
+    key = run_key(arch, layers, data_root, cfg)
     name = f"{arch}-{layers}L"
-    run_dir = out / "runs" / name
+    run_dir = out / "runs" / f"{name}-{key}"
     done = run_dir / "result.json"
     if done.is_file():
-        log(f"{name}: finished earlier, reusing {done}")
-        return json.loads(done.read_text())
+        rec = _read_json(done, {})
+        if rec.get("key") == key:
+            log(f"{name}: finished earlier with the same options, reusing {done}")
+            return rec
+        log(f"{name}: {done} was made with other options; running again")
+        done.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
-    resumed = (run_dir / "checkpoint_last.pt").is_file()
-    log_text = (run_dir / "train.log").read_text(errors="replace") if (run_dir / "train.log").is_file() else ""
-    if resumed and "done training" in log_text:
+    ckpt = run_dir / "checkpoint_last.pt"
+    state = checkpoint_state(ckpt) if ckpt.is_file() else None
+    if state and state["updates"] >= cfg.max_update:
         # training had finished when the demo was stopped; fairseq restarted at max_update would
         # run one update more, so go straight to the evaluation
         rc, secs = 0, 0.0
     else:
-        log(f"{name}: training{' (resuming)' if resumed else ''}, {cfg.max_update} updates")
+        resumed = f" (resuming at update {state['updates']})" if state else ""
+        log(f"{name}: training{resumed}, {cfg.max_update} updates")
         rc, secs = run_training(train_command(data_root / "bin", run_dir, arch, layers, cfg), run_dir, name, cfg,
                                 env)
-    prev = json.loads((run_dir / "seconds.json").read_text()) if (run_dir / "seconds.json").is_file() else 0.0
+        state = checkpoint_state(ckpt) if ckpt.is_file() else None
+    prev = _read_json(run_dir / "seconds.json", 0.0)
     secs += prev
     atomic_write(run_dir / "seconds.json", json.dumps(secs))
-    curves = parse_log((run_dir / "train.log").read_text(errors="replace").splitlines())
+    log_text = (run_dir / "train.log").read_text(errors="replace") if (run_dir / "train.log").is_file() else ""
+    curves = parse_log(log_text.splitlines())
     crashed = rc != 0
     if crashed and not curves["error"]:
-        tail = (run_dir / "train.log").read_text(errors="replace").strip().splitlines()[-1:]
+        tail = log_text.strip().splitlines()[-1:]
         raise B2TError(f"training {name} failed (exit {rc}: {tail}); see {run_dir / 'train.log'}, "
                        "then run b2t-demo again to resume")
+    updates = state["updates"] if state else 0
+    curves = truncate_curves(curves, updates)
+    last_valid = curves["valid"][-1]["num_updates"] if curves["valid"] else -1
+    if state and state["val_loss"] is not None and last_valid < updates:
+        # the log lost its last validation (edited, or written by an old demo): the checkpoint has it
+        curves["valid"].append({"num_updates": updates, "valid_loss": state["val_loss"]})
+    if not crashed and updates < cfg.max_update:
+        raise B2TError(f"training {name} ended at update {updates} of {cfg.max_update} without an error; "
+                       f"see {run_dir / 'train.log'}, then run b2t-demo again to resume")
     rec = summarize(arch, layers, curves, secs, unigram_bits, cfg)
-    ckpt = run_dir / "checkpoint_last.pt"
-    rec["params"] = count_params(ckpt) if ckpt.is_file() else None
-    if rec["diverged"] and (crashed or not ckpt.is_file()):
+    rec["updates"] = updates  # the checkpoint's count, not the log's
+    if state and state["val_loss"] is not None:
+        rec["valid_loss"] = state["val_loss"]  # fairseq validates before it saves: the loss at `updates`
+    rec["params"] = state["params"] if state else None
+    if rec["diverged"] and (crashed or state is None):
         rec["bleu"] = 0.0
     else:
         log(f"{name}: translating {cfg.n_test} test sentences (beam 4)")
         rec["bleu"], hyps = translate_and_score(data_root / "bin", data_root / "raw", ckpt, cfg, env)
         atomic_write(run_dir / "test.hyp.de", "\n".join(hyps) + "\n")
     rec["curves"] = curves
+    rec["key"] = key
+    rec["run_dir"] = run_dir.name
     for extra in list(run_dir.glob("checkpoint_*_*.pt")) + [run_dir / "checkpoint_best.pt"]:
         extra.unlink(missing_ok=True)  # checkpoint_last.pt is all the report and a re-run need
     write_json(done, rec)
@@ -165,13 +252,23 @@ def do_run(arch, layers, data_root, out, cfg, unigram_bits):
     return rec
 
 
+def _read_json(path, default):
+    """A small state file's content, or default when it is missing or damaged (it is then rebuilt)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
 def summarize(arch, layers, curves, secs, unigram_bits, cfg):
     train, valid = curves["train"], curves["valid"]
     last_t = train[-1] if train else {}
     last_v = valid[-1] if valid else {}
     losses = [r.get("loss", math.nan) for r in train] + [r.get("valid_loss", math.nan) for r in valid]
     nonfinite = any(not math.isfinite(x) for x in losses) or curves["error"] is not None
-    v_nll = last_v.get("valid_nll_loss", math.nan)
+    # without the nll, the label-smoothed loss (never below it) stands in: the verdict errs towards "learned"
+    # only when the smoothed loss itself is below the unigram level
+    v_nll = last_v.get("valid_nll_loss", last_v.get("valid_loss", math.nan))
     not_learning = not (v_nll < unigram_bits)  # NaN counts as not learning
     return {"arch": arch, "label": LABELS.get(arch, arch), "layers": layers, "updates": last_t.get("num_updates", 0),
             "wall_s": round(secs, 1), "train_loss": last_t.get("loss"), "valid_loss": last_v.get("valid_loss"),
