@@ -295,11 +295,14 @@ def select_inputs(args):
         return args.inputs
     kind = "update" if by_update else "epoch"
     if n < 1:
-        raise B2TError(f"--num-{kind}-checkpoints {n}: must be at least 1 (the paper averages the last 10 epochs)")
+        raise B2TError(f"--num-{kind}-checkpoints {n} is not a number of checkpoints; pass 1 or more (the paper averages "
+                       "the last 10 epochs)")
     if args.checkpoint_upper_bound is not None and args.checkpoint_upper_bound < 1:
-        raise B2TError(f"--checkpoint-upper-bound {args.checkpoint_upper_bound}: must be a positive {kind} number")
+        raise B2TError(f"--checkpoint-upper-bound {args.checkpoint_upper_bound} is not a positive {kind} number; pass the "
+                       f"last {kind} to include")
     if len(args.inputs) != 1:
-        raise B2TError(f"with --num-{kind}-checkpoints give one folder as --inputs, not {len(args.inputs)} paths")
+        raise B2TError(f"--num-{kind}-checkpoints needs one folder as --inputs, got {len(args.inputs)} paths; pass the "
+                       f"run's --save-dir alone, or list checkpoint files without --num-{kind}-checkpoints")
     return last_checkpoints(args.inputs[0], n, by_update=by_update, upper_bound=args.checkpoint_upper_bound)
 
 

@@ -104,13 +104,13 @@ def score_year(hyps_tok, refs_raw, refs_tok):
 def check_options(args):
     """Refuse impossible numbers before anything is loaded."""
     if args.beam < 1:
-        raise B2TError(f"--beam {args.beam}: must be at least 1 (the paper: 4)")
+        raise B2TError(f"--beam {args.beam} is not a beam size; pass --beam 1 or more (the paper: 4)")
     if args.max_tokens < 1:
-        raise B2TError(f"--max-tokens {args.max_tokens}: must be a positive number of tokens per batch (default 8192)")
+        raise B2TError(f"--max-tokens {args.max_tokens} is not a positive number of tokens; pass e.g. --max-tokens 8192 (the default)")
     for flag, v in (("--lenpen-test", args.lenpen_test), ("--lenpen-other", args.lenpen_other)):
         if not math.isfinite(v):
-            raise B2TError(f"{flag} {v}: must be a finite number (the paper: 0.6 on newstest{TEST_YEAR}, 1.0 "
-                           "on the other years)")
+            raise B2TError(f"{flag} {v} is not a finite number; pass a length penalty (the paper: 0.6 on "
+                           f"newstest{TEST_YEAR}, 1.0 on the other years)")
     if args.name is not None and not args.name.strip():
         raise B2TError("--name is empty; give the run a name for the table, or leave --name out")
     try:

@@ -43,9 +43,9 @@ def hyperparameters(layers):
 def resolve_arch(arch, layers):
     """ARCH LAYERS -> (fairseq --arch, extra layer flags). 6 and 18 are named architectures."""
     if arch not in ARCH_FAMILIES:
-        raise B2TError(f"unknown ARCH '{arch}': choose one of {', '.join(ARCH_FAMILIES)}")
+        raise B2TError(f"unknown ARCH '{arch}'; choose one of {', '.join(ARCH_FAMILIES)}")
     if layers < 1:
-        raise B2TError(f"LAYERS {layers}: must be a positive number of layers per stack (the paper: 6 or 18)")
+        raise B2TError(f"LAYERS {layers} is not a number of layers; pass a positive number of layers per stack (the paper: 6 or 18)")
     name = arch + ("_18l" if layers >= 18 else "")
     extra = [] if layers in (6, 18) else [("--encoder-layers", str(layers)), ("--decoder-layers", str(layers))]
     return name, extra
@@ -123,23 +123,24 @@ def check_numbers(args):
     """One line for every impossible number, before anything is computed from it (no --update-freq 0 or
     negative is ever printed)."""
     if args.layers < 1:
-        raise B2TError(f"LAYERS {args.layers}: must be a positive number of layers per stack (the paper: 6 or 18)")
+        raise B2TError(f"LAYERS {args.layers} is not a number of layers; pass a positive number of layers per stack "
+                       "(the paper: 6 or 18)")
     if args.max_tokens < 1:
-        raise B2TError(f"--max-tokens {args.max_tokens}: must be a positive number of tokens per GPU batch "
-                       f"(the paper: {recipe.MAX_TOKENS})")
+        raise B2TError(f"--max-tokens {args.max_tokens} is not a positive number of tokens; pass the tokens per GPU batch, "
+                       f"e.g. --max-tokens {recipe.MAX_TOKENS} (the paper's)")
     if args.tokens_per_update < 1:
-        raise B2TError(f"--tokens-per-update {args.tokens_per_update}: must be a positive number of tokens "
-                       f"(the paper: {TOKENS_PER_UPDATE})")
+        raise B2TError(f"--tokens-per-update {args.tokens_per_update} is not a positive number of tokens; pass e.g. "
+                       f"--tokens-per-update {TOKENS_PER_UPDATE} (the paper's)")
     if args.gpus is not None and args.gpus < 0:
-        raise B2TError(f"--gpus {args.gpus}: must be 0 (CPU) or more GPUs per node")
+        raise B2TError(f"--gpus {args.gpus} is negative; pass the number of GPUs per node, or 0 for the CPU")
     if args.nodes is not None and args.nodes < 1:
-        raise B2TError(f"--nodes {args.nodes}: must be at least 1")
+        raise B2TError(f"--nodes {args.nodes} is not a number of nodes; pass 1 or more")
     if args.cpu_procs < 1:
-        raise B2TError(f"--cpu-procs {args.cpu_procs}: must be at least 1")
+        raise B2TError(f"--cpu-procs {args.cpu_procs} is not a number of processes; pass 1 or more")
     if not 1 <= args.master_port <= 65535:
-        raise B2TError(f"--master-port {args.master_port}: must be a TCP port, 1-65535 (default 29500)")
+        raise B2TError(f"--master-port {args.master_port} is not a TCP port; pass one in 1-65535 (default 29500)")
     if args.node_rank < 0:
-        raise B2TError(f"--node-rank {args.node_rank}: must be 0 (the first node) or more")
+        raise B2TError(f"--node-rank {args.node_rank} is negative; pass this node's rank, 0 for the first node")
 
 
 def world_layout(args):
@@ -156,7 +157,7 @@ def world_layout(args):
                                "pass --nodes N")
             nodes = int(env)
     if args.node_rank >= nodes:
-        raise B2TError(f"--node-rank {args.node_rank}: must be below --nodes {nodes} (ranks count from 0)")
+        raise B2TError(f"--node-rank {args.node_rank} does not exist with --nodes {nodes}; pass 0 to {nodes - 1} (ranks count from 0)")
     if gpus == 0:
         if nodes > 1 or args.launcher == "slurm":
             raise B2TError("several nodes or SLURM need GPUs: pass --gpus N (CPU runs use --cpu-procs on one node)")
