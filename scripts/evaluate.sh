@@ -30,8 +30,11 @@ while [ $# -gt 0 ]; do
 done
 OUT="${OUT:-results/wmt16_en_de/$NAME.json}"
 case "$LAST" in
-  ''|*[!0-9]*) echo "evaluate.sh: error: --last $LAST: must be a whole number of checkpoints (the paper: 10); fix --last" >&2; exit 2 ;;
+  ''|*[!0-9]*) LAST_OK=0 ;;
+  *) LAST_OK=$(( 10#$LAST >= 1 )) ;;
 esac
+[ "$LAST_OK" = 1 ] || { echo "evaluate.sh: error: --last $LAST is not a number of checkpoints; pass --last N with N >= 1 (the paper: 10)" >&2; exit 2; }
+LAST=$(( 10#$LAST ))
 AVG="$SAVE/checkpoint_avg_${KIND}_last$LAST.pt"
 "$PY" -m b2t_fairseq.commands.average_checkpoints --inputs "$SAVE" "--num-$KIND-checkpoints" "$LAST" --output "$AVG" \
   --reuse-if-current

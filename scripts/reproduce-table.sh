@@ -20,8 +20,11 @@ SETTINGS="${SETTINGS:-transformer_post_ln:6 transformer_pre_ln:6 transformer_b2t
 PY="${B2T_PYTHON:-$HERE/../.venv/bin/python}"
 [ -x "$PY" ] || PY="$(command -v python3)"
 
-eval "PREPARE=(${PREPARE_ARGS:-})"
-eval "EVAL=(${EVAL_ARGS:-})"
+for var in PREPARE_ARGS EVAL_ARGS; do
+  eval "${var%_ARGS}=(${!var:-})" 2>/dev/null || {
+    echo "reproduce-table.sh: error: $var cannot be split into words (unbalanced quotes?); fix its quoting, e.g. $var=\"--last 5 -- --generate-args '--max-len-b 50'\"" >&2
+    exit 2; }
+done
 
 "$HERE/prepare-wmt16-en-de.sh" --dest "$DATA" "${PREPARE[@]}"
 mkdir -p "$RESULTS"

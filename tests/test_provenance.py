@@ -173,3 +173,23 @@ def test_table_refuses_changed_checkpoint_and_old_results(run_dir, data, decoded
     old["provenance"] = prov
     result.write_text(json.dumps(old))
     assert _table(result) == 0 and "not checked" in capsys.readouterr().out
+
+
+def test_deleted_inputs_do_not_make_a_result_stale_but_a_rotated_selection_does(run_dir, data, decoded, tmp_path,
+                                                                                 capsys):
+    """fairseq's --keep-last-epochs deletes old checkpoints: an average whose inputs were deleted is still what
+    it was; one whose folder has a newer checkpoint among the last N is not the run's final average."""
+    avg_pt, result = tmp_path / "avg.pt", tmp_path / "res" / "r.json"
+    _average(run_dir, avg_pt, capsys)
+    assert _evaluate(data, avg_pt, result) == 0
+    (run_dir / "checkpoint1.pt").unlink()
+    assert _table(result) == 0 and "| current |" in capsys.readouterr().out
+    _ckpt(run_dir / "checkpoint3.pt", 3, 3, 300)
+    assert _table(result) == 2 and "now has checkpoint3.pt among its last 2 epoch" in capsys.readouterr().err
+
+
+def test_legacy_checkpoint_is_evaluated_not_called_corrupt(data, decoded, tmp_path):
+    ckpt = tmp_path / "old.pt"
+    torch.save({"model": {"w": torch.full((2, 3), 2.0)}}, ckpt, _use_new_zipfile_serialization=False)
+    assert _evaluate(data, ckpt, tmp_path / "r.json") == 0
+    assert json.loads((tmp_path / "r.json").read_text())["provenance"]["fingerprint"].startswith("sha256:")

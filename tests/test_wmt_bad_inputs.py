@@ -275,3 +275,26 @@ def test_empty_sums_file_is_accepted(world, monkeypatch):
     assert prepare.read_sums_option(world / "sums_empty") == {}
     (world / "sums_ok").write_text("d41d8cd98f00b204e9800998ecf8427e  *dev.tgz\n\n")
     assert prepare.read_sums_option(world / "sums_ok") == {"dev.tgz": "d41d8cd98f00b204e9800998ecf8427e"}
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--last", "-1"], "--last -1 is not a number of checkpoints"),
+    (["--last", "0"], "--last 0 is not a number of checkpoints"),
+    (["--last", "ten"], "--last ten is not a number of checkpoints"),
+    (["--out"], "--out needs a value"),
+    (["--bogus"], "unknown option --bogus"),
+])
+def test_evaluate_sh_options_are_one_line(world, args, expect):
+    """The shell wrapper refuses its own bad options before any Python starts (milliseconds)."""
+    from helpers import REPO, run
+
+    p = run(["bash", REPO / "scripts" / "evaluate.sh", world / "run"] + args, check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("evaluate.sh: error: ")
+    assert expect in p.stderr and "; " in p.stderr and not list((world / "run").glob("checkpoint_avg*"))
+
+
+def test_reproduce_table_refuses_unbalanced_quotes(world):
+    from helpers import REPO, run
+
+    p = run(["bash", REPO / "scripts" / "reproduce-table.sh"], check=False, env={"EVAL_ARGS": "--last '5"})
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "EVAL_ARGS cannot be split" in p.stderr

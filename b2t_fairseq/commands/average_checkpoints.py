@@ -41,8 +41,9 @@ EPOCH_RE = re.compile(r"^checkpoint(\d+)\.pt$")
 UPDATE_RE = re.compile(r"^checkpoint_\d+_(\d+)\.pt$")
 
 
-def last_checkpoints(folder, n, by_update=False, upper_bound=None):
-    """Paths of the newest n epoch (or update) checkpoints in folder, newest first."""
+def last_checkpoints(folder, n, by_update=False, upper_bound=None, at_most=False):
+    """Paths of the newest n epoch (or update) checkpoints in folder, newest first (fewer than n only with
+    at_most, else an error)."""
     if not os.path.isdir(folder):
         what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
         raise B2TError(f"checkpoint folder {folder} {what}; pass the --save-dir of a training run")
@@ -55,7 +56,7 @@ def last_checkpoints(folder, n, by_update=False, upper_bound=None):
             found.append((int(m.group(1)), os.path.join(folder, name)))
     found.sort(reverse=True)
     kind = "update" if by_update else "epoch"
-    if len(found) < n:
+    if len(found) < n and not at_most:
         raise B2TError(f"{folder} has {len(found)} {kind} checkpoint(s), {n} needed; lower "
                        f"--num-{kind}-checkpoints or train longer (or save more: --keep-last-epochs, "
                        "--save-interval-updates)")
@@ -81,6 +82,7 @@ def load(path, mmap=False):
         raise B2TError(f"cannot read checkpoint {path} ({damage}); it is truncated or corrupt: delete it and "
                        "average other checkpoints")
     try:
+        mmap = mmap and zipfile.is_zipfile(path)  # old non-zip checkpoints cannot be memory-mapped
         state = torch.load(path, map_location="cpu", weights_only=True, **({"mmap": True} if mmap else {}))
     except Exception as e:  # truncated zip, wrong magic, unpickling errors ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

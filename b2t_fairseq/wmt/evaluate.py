@@ -203,7 +203,7 @@ def evaluate(args):
     data, ckpt = Path(args.data), Path(args.checkpoint)
     provenance = checkpoint_provenance(ckpt)
     subsets = read_subsets(data)
-    years = args.years or list(YEARS)
+    years = sorted(set(args.years)) if args.years else list(YEARS)  # a year given twice is scored once
     check_inputs(data, years, subsets)
     check_writable(args.out, "--out")
     if args.keep_outputs:

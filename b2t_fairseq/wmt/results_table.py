@@ -109,15 +109,17 @@ def status(run):
     if isinstance(sel, dict) and os.path.isdir(str(sel.get("folder"))):
         try:
             now = avg.last_checkpoints(sel["folder"], int(sel["n"]), by_update=sel.get("kind") == "update",
-                                       upper_bound=sel.get("upper_bound"))
+                                       upper_bound=sel.get("upper_bound"), at_most=True)
         except (B2TError, KeyError, TypeError, ValueError):
-            now = None
-        then = avg.identity(prov.get("averaged_from") or [])
-        if now is None or avg.identity([{"name": os.path.basename(p), "fingerprint": avg.fingerprint(p)}
-                                        for p in now]) != then:
-            newest = os.path.basename(now[0]) if now else "other checkpoints"
-            return "stale", (f"its average is of {', '.join(n for n, _ in then)}, but {sel['folder']} now has "
-                             f"{newest} among its last {sel['n']} {sel.get('kind')} checkpoints")
+            now = []
+        then = dict(avg.identity(prov.get("averaged_from") or []))
+        newer = [os.path.basename(p) for p in now if os.path.basename(p) not in then]
+        if newer:
+            return "stale", (f"its average is of {', '.join(then)}, but {sel['folder']} now has {', '.join(newer)} "
+                             f"among its last {sel['n']} {sel.get('kind')} checkpoints")
+        changed = [os.path.basename(p) for p in now if avg.fingerprint(p) != then[os.path.basename(p)]]
+        if changed:
+            return "stale", f"{', '.join(changed)} in {sel['folder']} changed since it was averaged"
     return "current", ""
 
 
