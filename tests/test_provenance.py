@@ -12,7 +12,6 @@ from b2t_fairseq.commands import average_checkpoints as avg
 from b2t_fairseq.wmt import evaluate as ev
 from b2t_fairseq.wmt import results_table
 
-
 SENT = "Das ist ein kleines Haus am See ."
 
 
