@@ -410,7 +410,9 @@ def test_wmt_evaluate_decodes_in_fp32_unless_asked(tmp_path, monkeypatch):
     (data / "subsets.json").write_text(json.dumps({"2014": "test"}))
     (data / "refs" / "newstest2014.de").write_text("Ein Haus .\n")
     (data / "refs" / "newstest2014.tok.de").write_text("Ein Haus .\n")
-    (tmp_path / "avg.pt").write_bytes(b"x")
+    for f in ("test.en-de.en.bin", "test.en-de.en.idx", "test.en-de.de.bin", "test.en-de.de.idx"):
+        (data / f).write_bytes(b"x")  # evaluate checks that the subsets exist before translating
+    torch.save({"model": {}}, tmp_path / "avg.pt")
     seen = []
 
     def fake_generate(data, ckpt, subset, lenpen, args, workdir):

@@ -115,3 +115,58 @@ def test_average_evaluate_and_table(trained, prepared, capsys):
     table = capsys.readouterr().out
     assert "| tiny_b2t |" in table and "| paper: B2T 18L (2023 code) | 25.27 |" in table
     assert "Tokenized BLEU with compound splitting" in table
+
+
+def _weights(path):
+    import torch
+
+    return {k: v.float() for k, v in torch.load(path, weights_only=True)["model"].items() if v.is_floating_point()}
+
+
+def test_progress_check_is_rebuilt_by_evaluate_and_reproduce_table(trained, prepared, mirror, tmp_path):
+    """Issue 13 item 1, end to end: evaluate.sh as a progress check mid-training, training saves a newer
+    checkpoint and finishes; then evaluate.sh and reproduce-table.sh must average and score the new checkpoints
+    (they used to reuse the early average and skip the existing result: 0.24 BLEU where the final scored 36.55)."""
+    import shutil
+
+    save, _ = trained
+    work, dest, _ = prepared
+    root, sums = mirror
+    name = "transformer_b2t_6l"
+    run_dir, results = tmp_path / "ckpts" / name, tmp_path / "results"
+    shutil.copytree(save, run_dir, ignore=shutil.ignore_patterns("checkpoint_avg_*", "checkpoint_1_4.pt", "DONE"))
+    fast = ["--last", "1", "--updates", "--", "--years", "2014", "--generate-args", "--max-len-a 1 --max-len-b 2"]
+    out, avg = results / f"{name}.json", run_dir / "checkpoint_avg_update_last1.pt"
+    run(["bash", SCRIPTS / "evaluate.sh", run_dir, "--data", dest, "--out", out] + fast)  # mid-training
+    early_avg, early_out = avg.read_bytes(), out.read_bytes()
+    shutil.copy(save / "checkpoint_1_4.pt", run_dir)  # training goes on ...
+    (run_dir / "DONE").write_text("finished\n")  # ... and finishes
+    final = _weights(run_dir / "checkpoint_1_4.pt")
+
+    # evaluate.sh again: a new average of the new last checkpoint, and a result that says so
+    run(["bash", SCRIPTS / "evaluate.sh", run_dir, "--data", dest, "--out", out] + fast)
+    assert all(torch_equal(_weights(avg)[k], v) for k, v in final.items()), "the progress-check average was reused"
+    result = json.loads(out.read_text())
+    assert [s["name"] for s in result["provenance"]["averaged_from"]] == ["checkpoint_1_4.pt"]
+    assert result["provenance"]["averaged_from"][0]["num_updates"] == 4
+
+    # reproduce-table.sh finding the progress check's average and result: both are rebuilt, not skipped
+    avg.write_bytes(early_avg)
+    out.write_bytes(early_out)
+    env = {"SETTINGS": "transformer_b2t:6", "CKPTS": str(run_dir.parent), "RESULTS": str(results), "DATA": str(dest),
+           "PREPARE_ARGS": f"--mirror file://{root / 'mirror'} --sums {sums} --work {work} --bpe-merges 40 "
+                           "--workers 1",
+           "EVAL_ARGS": "--last 1 --updates -- --years 2014 --generate-args '--max-len-a 1 --max-len-b 2'"}
+    p = run(["bash", SCRIPTS / "reproduce-table.sh"], env=env)
+    assert "out of date" in p.stdout and "evaluating again" in p.stdout
+    assert all(torch_equal(_weights(avg)[k], v) for k, v in final.items())
+    result = json.loads(out.read_text())
+    assert [s["name"] for s in result["provenance"]["averaged_from"]] == ["checkpoint_1_4.pt"]
+    assert result["provenance"]["fingerprint"] != json.loads(early_out)["provenance"]["fingerprint"]
+    table = (results / "table.md").read_text()
+    assert f"| {name} | checkpoint_avg_update_last1.pt | 1: checkpoint_1_4.pt | 4 |" in table and "stale" not in table
+    # (a re-run that finds everything current redoes nothing: tests/test_provenance.py, in-process)
+
+
+def torch_equal(a, b):
+    return a.shape == b.shape and bool((a == b).all())

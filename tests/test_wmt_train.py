@@ -78,7 +78,7 @@ def test_gpu_count_from_cuda_visible_devices(monkeypatch):
 
 def test_missing_data_and_finished_run_are_refused(tmp_path, capsys, toy_data_bin):
     rc = recipe.main(["transformer_b2t", "6", "--gpus", "0", "--data", str(tmp_path / "nope")])
-    assert rc == 2 and "is not a binarized WMT folder" in capsys.readouterr().err
+    assert rc == 2 and f"--data {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
     save = tmp_path / "run"
     save.mkdir()
     (save / "DONE").write_text("x\n")

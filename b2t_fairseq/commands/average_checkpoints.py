@@ -11,53 +11,79 @@ model configurations differ (B2T vs Post-LN, other sizes: see MODEL_KEYS) are re
 parameter names are the same.
 Checkpoints are read with torch's safe (weights_only) loader: importing b2t_fairseq allows the few
 globals that fairseq checkpoints pickle.
+
+Provenance: the average records what it was built from under the top-level key ``b2t_average``
+(fairseq ignores it): the selection rule (folder, epoch/update, N, upper bound) and, for every input,
+its file name, epoch, update number and content fingerprint (see :func:`fingerprint`).
+``--reuse-if-current`` keeps an existing ``--output`` only when it records exactly the inputs the
+selection gives now, with the same fingerprints; otherwise it is rebuilt (``scripts/evaluate.sh``
+uses it, so a progress-check average is never reused once training has saved newer checkpoints).
 """
 
 import argparse
 import collections
+import errno
+import hashlib
+import json
 import os
 import re
 import sys
+import zipfile
 
 import torch
 
 from ..errors import B2TError
 from ..repairs import find_damage
-from ..util import atomic_open
+from ..util import atomic_open, check_writable
 from . import run_command
 
 EPOCH_RE = re.compile(r"^checkpoint(\d+)\.pt$")
 UPDATE_RE = re.compile(r"^checkpoint_\d+_(\d+)\.pt$")
 
 
-def last_checkpoints(folder, n, by_update=False, upper_bound=None):
-    """Paths of the newest n epoch (or update) checkpoints in folder, newest first."""
+def last_checkpoints(folder, n, by_update=False, upper_bound=None, at_most=False):
+    """Paths of the newest n epoch (or update) checkpoints in folder, newest first (fewer than n only with
+    at_most, else an error)."""
     if not os.path.isdir(folder):
-        raise B2TError(f"checkpoint folder {folder} does not exist; pass the --save-dir of a training run")
+        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise B2TError(f"checkpoint folder {folder} {what}; pass the --save-dir of a training run")
     pattern = UPDATE_RE if by_update else EPOCH_RE
     found = []
     for name in os.listdir(folder):
         m = pattern.match(name)
-        if m and (upper_bound is None or int(m.group(1)) <= upper_bound):
+        if m and (upper_bound is None or int(m.group(1)) <= upper_bound) and \
+                os.path.isfile(os.path.join(folder, name)):
             found.append((int(m.group(1)), os.path.join(folder, name)))
     found.sort(reverse=True)
     kind = "update" if by_update else "epoch"
-    if len(found) < n:
+    if len(found) < n and not at_most:
         raise B2TError(f"{folder} has {len(found)} {kind} checkpoint(s), {n} needed; lower "
                        f"--num-{kind}-checkpoints or train longer (or save more: --keep-last-epochs, "
                        "--save-interval-updates)")
     return [path for _, path in found[:n]]
 
 
-def load(path):
+def check_checkpoint_file(path, flag="--inputs"):
+    """Refuse a path that is not a regular, non-empty file (one line naming the fix)."""
+    if os.path.isdir(path):
+        raise B2TError(f"{flag} {path} is a folder, not a checkpoint file; pass a .pt file (or, for "
+                       "b2t-average-checkpoints, the folder with --num-epoch-checkpoints N)")
     if not os.path.isfile(path):
         raise B2TError(f"checkpoint {path} does not exist; check the path")
+    if os.path.getsize(path) == 0:
+        raise B2TError(f"checkpoint {path} is empty (0 bytes); it was not written completely: delete it "
+                       "and use another checkpoint")
+
+
+def load(path, mmap=False):
+    check_checkpoint_file(path)
     damage = find_damage(path)  # torch.load does not check CRCs: flipped bytes would load silently
     if damage:
         raise B2TError(f"cannot read checkpoint {path} ({damage}); it is truncated or corrupt: delete it and "
                        "average other checkpoints")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        mmap = mmap and zipfile.is_zipfile(path)  # old non-zip checkpoints cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True, **({"mmap": True} if mmap else {}))
     except Exception as e:  # truncated zip, wrong magic, unpickling errors ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise B2TError(f"cannot read checkpoint {path} ({type(e).__name__}: {first[:200]}); it is truncated or "
@@ -66,6 +92,86 @@ def load(path):
         raise B2TError(f"{path} is not a fairseq checkpoint (no 'model' state dict); pass checkpoints written "
                        "by b2t-train / fairseq-train")
     return state
+
+
+# --- provenance -------------------------------------------------------------------------------
+
+PROVENANCE_KEY = "b2t_average"
+PROVENANCE_VERSION = 1
+
+
+def fingerprint(path):
+    """A content fingerprint of a checkpoint file that costs a few KB of reading whatever its size.
+
+    torch.save writes a zip archive whose directory holds every record's name, size and CRC-32: their
+    SHA-256 (with the file size) changes whenever any byte of any tensor or of the pickled state
+    changes, survives copying and renaming (unlike size + mtime), and costs milliseconds where a
+    SHA-256 of the whole file costs seconds per GB (10 inputs of an 18-layer run at every check).
+    CRC-32 guards against accidents, not forgery. Old (non-zip) files get a SHA-256 of their bytes.
+    """
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            entries = [(i.filename, i.file_size, i.CRC) for i in z.infolist()]
+        return "zipcrc:" + hashlib.sha256(json.dumps([size, entries]).encode()).hexdigest()[:32]
+    except (zipfile.BadZipFile, EOFError, ValueError):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return "sha256:" + h.hexdigest()[:32]
+
+
+def position(state, path=None):
+    """(epoch, update number) a loaded checkpoint was saved at; None where it does not say."""
+    updates = None
+    history = state.get("optimizer_history")
+    if isinstance(history, list) and history and isinstance(history[-1], dict):
+        updates = history[-1].get("num_updates")
+    extra = state.get("extra_state") if isinstance(state.get("extra_state"), dict) else {}
+    itr = extra.get("train_iterator") if isinstance(extra.get("train_iterator"), dict) else {}
+    epoch = itr.get("epoch", extra.get("epoch"))
+    if updates is None and path is not None:
+        m = UPDATE_RE.match(os.path.basename(path))
+        updates = int(m.group(1)) if m else None
+    return epoch, updates
+
+
+def source_record(path, state):
+    epoch, updates = position(state, path)
+    return {"name": os.path.basename(path), "path": os.path.abspath(path), "epoch": epoch, "num_updates": updates,
+            "fingerprint": fingerprint(path)}
+
+
+def identity(sources):
+    """What decides whether an average is current: its inputs' names and fingerprints, in order."""
+    return [[s.get("name"), s.get("fingerprint")] for s in sources]
+
+
+def read_provenance(path):
+    """The provenance recorded in an averaged checkpoint, or None (not an average, or unreadable)."""
+    try:
+        state = load(path, mmap=True)
+    except B2TError:
+        return None
+    prov = state.get(PROVENANCE_KEY)
+    return prov if isinstance(prov, dict) and prov.get("version") == PROVENANCE_VERSION else None
+
+
+def stale_reason(output, paths):
+    """Why the average at output is not the average of paths as they are now; None when it is."""
+    prov = read_provenance(output)
+    if prov is None:
+        return "it records no inputs (written by an older version, or not an average)"
+    now = identity([{"name": os.path.basename(p), "fingerprint": fingerprint(p)} for p in paths])
+    then = identity(prov.get("sources", []))
+    if [n for n, _ in now] != [n for n, _ in then]:
+        return (f"it was averaged from {', '.join(n for n, _ in then) or 'nothing'}, the selection is now "
+                f"{', '.join(n for n, _ in now)}")
+    changed = [n for (n, a), (_, b) in zip(now, then) if a != b]
+    if changed:
+        return f"{', '.join(changed)} changed since (other content, same name)"
+    return None
 
 
 # the arguments that shape the function a checkpoint computes (its layer type is compared separately)
@@ -101,11 +207,19 @@ def check_same_model(first, path, config, paths):
                            "average checkpoints of one training run only")
 
 
-def average(paths):
-    """The newest checkpoint's state with its 'model' replaced by the average over paths."""
-    sums, newest, keys, first_config = collections.OrderedDict(), None, None, None
+def average(paths, selection=None):
+    """The newest checkpoint's state with its 'model' replaced by the average over paths, and the
+    provenance (selection rule, every input's name, position and fingerprint) under PROVENANCE_KEY."""
+    seen = set()
+    for path in paths:
+        if os.path.realpath(path) in seen:
+            raise B2TError(f"checkpoint {path} is given twice; list each input once (a repeated one would "
+                           "count double in the average)")
+        seen.add(os.path.realpath(path))
+    sums, newest, keys, first_config, sources = collections.OrderedDict(), None, None, None, []
     for path in paths:
         state = load(path)
+        sources.append(source_record(path, state))
         params = state["model"]
         config = model_config(state)
         if keys is None:
@@ -131,13 +245,19 @@ def average(paths):
         # fp32 whatever the inputs were (fp16 training saves fp16 weights), as the authors' script writes
         out[k] = (sums[k] / n).to(torch.float32) if torch.is_floating_point(p) else p
     newest["model"] = out
+    newest[PROVENANCE_KEY] = {"version": PROVENANCE_VERSION, "method": "mean in float64, stored as float32",
+                              "selection": selection, "sources": sources}
     return newest
 
 
 def save(state, output):
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with atomic_open(output, "wb") as f:
-        torch.save(state, f)
+    try:
+        with atomic_open(output, "wb") as f:
+            torch.save(state, f)
+    except OSError as e:
+        full = e.errno == errno.ENOSPC
+        raise B2TError(f"cannot write --output {output} ({e.strerror or e}); "
+                       + ("free some space or choose another --output" if full else "choose another --output")) from None
 
 
 def parse_args(argv):
@@ -150,27 +270,64 @@ def parse_args(argv):
     g.add_argument("--num-update-checkpoints", type=int, help="average the last N update checkpoints")
     p.add_argument("--checkpoint-upper-bound", type=int,
                    help="only checkpoints at or below this epoch (or update) number")
+    p.add_argument("--reuse-if-current", action="store_true",
+                   help="keep an existing --output that was averaged from exactly these inputs (same names and "
+                        "content fingerprints); rebuild it otherwise")
     return p.parse_args(argv)
 
 
+def selection_of(args):
+    """The selection rule as recorded in the provenance (None for explicit --inputs)."""
+    n = args.num_epoch_checkpoints if args.num_epoch_checkpoints is not None else args.num_update_checkpoints
+    if n is None:
+        return None
+    return {"folder": os.path.abspath(args.inputs[0]), "kind": "update" if args.num_update_checkpoints is not None
+            else "epoch", "n": n, "upper_bound": args.checkpoint_upper_bound}
+
+
 def select_inputs(args):
-    n = args.num_epoch_checkpoints or args.num_update_checkpoints
+    by_update = args.num_update_checkpoints is not None
+    n = args.num_update_checkpoints if by_update else args.num_epoch_checkpoints
     if n is None:
         if args.checkpoint_upper_bound is not None:
-            raise B2TError("--checkpoint-upper-bound needs --num-epoch-checkpoints or --num-update-checkpoints")
+            raise B2TError("--checkpoint-upper-bound needs --num-epoch-checkpoints or --num-update-checkpoints; "
+                           "add one of them (with a folder as --inputs)")
+        for path in args.inputs:
+            check_checkpoint_file(path)
         return args.inputs
+    kind = "update" if by_update else "epoch"
     if n < 1:
-        raise B2TError("--num-epoch/update-checkpoints must be >= 1")
+        raise B2TError(f"--num-{kind}-checkpoints {n} is not a number of checkpoints; pass 1 or more (the paper averages "
+                       "the last 10 epochs)")
+    if args.checkpoint_upper_bound is not None and args.checkpoint_upper_bound < 1:
+        raise B2TError(f"--checkpoint-upper-bound {args.checkpoint_upper_bound} is not a positive {kind} number; pass the "
+                       f"last {kind} to include")
     if len(args.inputs) != 1:
-        raise B2TError("with --num-epoch/update-checkpoints give one folder as --inputs")
-    return last_checkpoints(args.inputs[0], n, by_update=args.num_update_checkpoints is not None,
-                            upper_bound=args.checkpoint_upper_bound)
+        raise B2TError(f"--num-{kind}-checkpoints needs one folder as --inputs, got {len(args.inputs)} paths; pass the "
+                       f"run's --save-dir alone, or list checkpoint files without --num-{kind}-checkpoints")
+    return last_checkpoints(args.inputs[0], n, by_update=by_update, upper_bound=args.checkpoint_upper_bound)
+
+
+def check_output(output, paths):
+    """Refuse an --output that would overwrite an input or cannot be written (before any loading)."""
+    real = os.path.realpath(output)
+    if any(os.path.realpath(p) == real for p in paths):
+        raise B2TError(f"--output {output} is one of the inputs; write the average to another file")
+    check_writable(output, "--output")
 
 
 def run(argv):
     args = parse_args(argv)
     paths = select_inputs(args)
-    state = average(paths)
+    check_output(args.output, paths)
+    if args.reuse_if_current and os.path.exists(args.output):
+        why = stale_reason(args.output, paths)
+        if why is None:
+            print(f"{args.output} is up to date (averaged from {', '.join(map(os.path.basename, paths))}); "
+                  "reused")
+            return
+        print(f"{args.output} is out of date: {why}; averaging again")
+    state = average(paths, selection_of(args))
     save(state, args.output)
     print(f"averaged {len(paths)} checkpoint(s) into {args.output}:")
     for path in paths:

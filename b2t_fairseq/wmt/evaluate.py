@@ -11,10 +11,18 @@ Moses-detokenized as ``detokenizer.perl -l de`` (which also undoes the escapes &
   ``X-Y`` (non-space on both sides) rewritten ``X ##AT##-##AT## Y``, scored as whitespace tokens: corpus BLEU-4,
   case-sensitive, no smoothing, standard brevity penalty (= multi-bleu.perl = sacreBLEU tokenize='none').
 One JSON file per run; ``b2t-results-table`` puts them beside the paper's numbers.
+
+Every result records where it came from (``provenance``: the checkpoint's path, content fingerprint,
+epoch and update, and for an average the checkpoints it averaged, with theirs) and what decides it
+(``key``: that fingerprint, the data's, and the generation settings). ``--skip-if-current`` keeps an
+existing ``--out`` whose key is the one this run would have; anything else is evaluated again.
+All inputs and output places are checked before the first sentence is translated.
 """
 
 import argparse
+import hashlib
 import json
+import math
 import shlex
 import sys
 import tempfile
@@ -23,7 +31,7 @@ from pathlib import Path
 from ..commands import run_command
 from ..commands.cli import PLUGIN_DIR
 from ..errors import B2TError
-from ..util import parse_generate_output, write_json
+from ..util import check_writable, parse_generate_output
 from . import TEST_YEAR, YEARS
 
 PROG = "b2t-wmt-evaluate"
@@ -92,26 +100,130 @@ def score_year(hyps_tok, refs_raw, refs_tok):
     return s, t, sacre.get_signature(), detok
 
 
-def evaluate(args):
-    data, ckpt = Path(args.data), Path(args.checkpoint)
+def check_options(args):
+    """Refuse impossible numbers before anything is loaded."""
+    if args.beam < 1:
+        raise B2TError(f"--beam {args.beam} is not a beam size; pass --beam 1 or more (the paper: 4)")
+    if args.max_tokens < 1:
+        raise B2TError(f"--max-tokens {args.max_tokens} is not a positive number of tokens; pass e.g. --max-tokens 8192 (the default)")
+    for flag, v in (("--lenpen-test", args.lenpen_test), ("--lenpen-other", args.lenpen_other)):
+        if not math.isfinite(v):
+            raise B2TError(f"{flag} {v} is not a finite number; pass a length penalty (the paper: 0.6 on "
+                           f"newstest{TEST_YEAR}, 1.0 on the other years)")
+    if args.name is not None and not args.name.strip():
+        raise B2TError("--name is empty; give the run a name for the table, or leave --name out")
+    try:
+        shlex.split(args.generate_args or "")
+    except ValueError as e:
+        raise B2TError(f"--generate-args {args.generate_args!r} cannot be split into flags ({e}); quote it as one "
+                       "string, e.g. --generate-args '--max-len-b 50'") from None
+
+
+def read_subsets(data):
+    """{year: subset} from DATA/subsets.json, with one-line errors for a missing or damaged file."""
+    if not data.exists():
+        raise B2TError(f"--data {data} does not exist; pass the --dest folder of b2t-wmt-prepare")
+    if not data.is_dir():
+        raise B2TError(f"--data {data} is a file, not a folder; pass the --dest folder of b2t-wmt-prepare")
+    f = data / "subsets.json"
+    if not f.is_file():
+        raise B2TError(f"{f} is missing; --data must be a folder written by b2t-wmt-prepare")
+    try:
+        raw = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise B2TError(f"{f} is not valid JSON ({e}); run b2t-wmt-prepare again to rewrite it") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, str) and str(k).isdigit() for k, v in raw.items()):
+        raise B2TError(f"{f} is not a year -> subset map such as {{\"2014\": \"test\"}}; run b2t-wmt-prepare "
+                       "again to rewrite it")
+    return {int(y): v for y, v in raw.items()}
+
+
+def check_inputs(data, years, subsets):
+    """Every year's binarized subset and both references exist, before any translating."""
+    for year in years:
+        if year not in subsets:
+            raise B2TError(f"newstest{year} is not in {data / 'subsets.json'}; choose --years from {sorted(subsets)}")
+        sub = subsets[year]
+        for lang in ("en", "de"):
+            for ext in ("bin", "idx"):
+                f = data / f"{sub}.en-de.{lang}.{ext}"
+                if not f.is_file() or f.stat().st_size == 0:
+                    raise B2TError(f"{f} is missing or empty; --data is incomplete: run b2t-wmt-prepare again")
+        refs_raw, refs_tok = read_refs(data, year)
+        if len(refs_raw) != len(refs_tok):
+            raise B2TError(f"newstest{year}: {len(refs_raw)} raw references but {len(refs_tok)} tokenized ones in "
+                           f"{data / 'refs'}; run b2t-wmt-prepare again")
+
+
+def data_fingerprint(data, years, subsets):
+    """SHA-256 of the sizes and times of what decoding and scoring read (dictionaries, subsets, references)."""
+    files = [data / "dict.en.txt", data / "dict.de.txt", data / "subsets.json"]
+    for y in years:
+        files += [data / f"{subsets[y]}.en-de.{lang}.{ext}" for lang in ("en", "de") for ext in ("bin", "idx")]
+        files += [data / "refs" / f"newstest{y}.de", data / "refs" / f"newstest{y}.tok.de"]
+    stats = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] if f.exists() else [f.name, None] for f in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:32]
+
+
+def checkpoint_provenance(ckpt):
+    """What the result is built from: the checkpoint (fingerprint, epoch, update) and, for an average, its inputs."""
+    from ..commands import average_checkpoints as avg
+
+    if ckpt.is_dir():
+        raise B2TError(f"--checkpoint {ckpt} is a folder; pass a checkpoint file, e.g. the average "
+                       f"{ckpt / 'checkpoint_avg_epoch_last10.pt'} that scripts/evaluate.sh writes")
     if not ckpt.is_file():
         raise B2TError(f"checkpoint {ckpt} does not exist; train first or pass --checkpoint")
-    subsets_file = data / "subsets.json"
-    if not subsets_file.exists():
-        raise B2TError(f"{subsets_file} is missing; --data must be a folder written by b2t-wmt-prepare")
-    subsets = {int(y): s for y, s in json.loads(subsets_file.read_text()).items()}
-    years = args.years or list(YEARS)
+    state = avg.load(str(ckpt), mmap=True)  # one-line errors for empty, truncated, corrupt, not a checkpoint
+    epoch, updates = avg.position(state, str(ckpt))
+    averaged = state.get(avg.PROVENANCE_KEY) if isinstance(state.get(avg.PROVENANCE_KEY), dict) else None
+    return {"checkpoint": str(ckpt.resolve()), "fingerprint": avg.fingerprint(str(ckpt)), "epoch": epoch,
+            "num_updates": updates, "averaged_from": averaged.get("sources") if averaged else None,
+            "selection": averaged.get("selection") if averaged else None}
+
+
+def settings(args, years):
+    """The generation settings that shape the numbers (part of the result's key)."""
+    return {"years": list(years), "beam": args.beam, "lenpen_test": args.lenpen_test,
+            "lenpen_other": args.lenpen_other, "precision": precision(args), "max_tokens": args.max_tokens,
+            "generate_args": args.generate_args or ""}
+
+
+def recorded_key(out):
+    try:
+        old = json.loads(Path(out).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return old.get("key") if isinstance(old, dict) else None
+
+
+def evaluate(args):
+    check_options(args)
+    data, ckpt = Path(args.data), Path(args.checkpoint)
+    provenance = checkpoint_provenance(ckpt)
+    subsets = read_subsets(data)
+    years = sorted(set(args.years)) if args.years else list(YEARS)  # a year given twice is scored once
+    check_inputs(data, years, subsets)
+    check_writable(args.out, "--out")
+    if args.keep_outputs:
+        check_writable(Path(args.keep_outputs) / f"newstest{years[0]}.de", "--keep-outputs")
+    key = {"checkpoint_fingerprint": provenance["fingerprint"], "data": data_fingerprint(data, years, subsets),
+           "settings": settings(args, years)}
+    if args.skip_if_current and Path(args.out).is_file():
+        if recorded_key(args.out) == key:
+            print(f"{args.out} is up to date (same checkpoint content, data and settings); not evaluated again")
+            return None
+        print(f"{args.out} was built from another checkpoint, data or settings; evaluating again", flush=True)
     result = {"name": args.name or ckpt.parent.name, "checkpoint": str(ckpt), "data": str(data),
               "generate_args": args.generate_args or "",
               "generation": {"beam": args.beam, "lenpen": {str(y): lenpen_for(y, args.lenpen_test, args.lenpen_other)
                                                            for y in years}, "remove_bpe": "subword_nmt (@@ )",
                              "detokenizer": "detokenizer.perl -l de (sacremoses port, parity-tested)",
                              "precision": precision(args)},
-              "labels": {"sacrebleu": SACRE_LABEL, "tok_bleu": TOK_LABEL}, "years": {}}
+              "labels": {"sacrebleu": SACRE_LABEL, "tok_bleu": TOK_LABEL}, "provenance": provenance, "key": key,
+              "years": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for year in years:
-            if year not in subsets:
-                raise B2TError(f"newstest{year} is not in {subsets_file}; choose --years from {sorted(subsets)}")
             lp = lenpen_for(year, args.lenpen_test, args.lenpen_other)
             hyps = generate(data, ckpt, subsets[year], lp, args, tmp)
             refs_raw, refs_tok = read_refs(data, year)
@@ -126,17 +238,27 @@ def evaluate(args):
                   f"tokenized+compound BLEU {tok.score:.2f}", flush=True)
             if args.keep_outputs:
                 out = Path(args.keep_outputs)
-                out.mkdir(parents=True, exist_ok=True)
-                (out / f"newstest{year}.tok.de").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-                (out / f"newstest{year}.de").write_text("".join(h + "\n" for h in detok), encoding="utf-8")
+                write_text(out / f"newstest{year}.tok.de", "".join(h + "\n" for h in hyps), "--keep-outputs")
+                write_text(out / f"newstest{year}.de", "".join(h + "\n" for h in detok), "--keep-outputs")
     if set(YEARS) <= {int(y) for y in result["years"]}:
         result["average_2010_2016"] = {k: round(sum(result["years"][str(y)][k] for y in YEARS) / len(YEARS), 2)
                                        for k in ("sacrebleu", "tok_bleu")}
         print(f"average 2010-2016: SacreBLEU {result['average_2010_2016']['sacrebleu']:.2f}  "
               f"tokenized+compound BLEU {result['average_2010_2016']['tok_bleu']:.2f}")
     print(f"SacreBLEU signature: {result.get('sacrebleu_signature')}")
-    write_json(args.out, result)
+    write_text(args.out, json.dumps(result, indent=1) + "\n", "--out")
     return result
+
+
+def write_text(path, text, flag):
+    """atomic_write with one-line errors (a full disk after hours of decoding names the fix)."""
+    from ..util import atomic_write
+
+    try:
+        atomic_write(path, text)
+    except OSError as e:
+        raise B2TError(f"cannot write {flag} {path} ({e.strerror or e}); free some space or choose another "
+                       f"{flag}") from None
 
 
 def parse_args(argv):
@@ -155,6 +277,8 @@ def parse_args(argv):
                    help="decode in fp16 on a GPU (default: fp32, as the authors; the JSON records which)")
     p.add_argument("--generate-args", help="more fairseq generation flags, one string (e.g. '--max-len-b 50')")
     p.add_argument("--keep-outputs", help="also write the translations (tokenized and detokenized) here")
+    p.add_argument("--skip-if-current", action="store_true",
+                   help="keep an existing --out built from the same checkpoint content, data and settings")
     return p.parse_args(argv)
 
 

@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -167,6 +168,26 @@ def read_sums(path):
             if len(parts) == 2:
                 sums[parts[1].lstrip("*")] = parts[0]
     return sums
+
+
+def read_sums_option(path):
+    """The --sums file, strictly: it must exist and hold only ``MD5  NAME`` lines (md5sum's format)."""
+    f = Path(path)
+    if f.is_dir():
+        raise B2TError(f"--sums {f} is a folder; pass a file in md5sum format (lines 'MD5 NAME')")
+    if not f.is_file():
+        raise B2TError(f"--sums {f} does not exist; fix the path, or leave --sums out to use the built-in sums "
+                       "and record the others on first download")
+    try:
+        lines = f.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise B2TError(f"--sums {f} is not a text file; pass a file in md5sum format (lines 'MD5 NAME')") from None
+    for i, line in enumerate(lines, 1):
+        parts = line.split()
+        if parts and (len(parts) != 2 or not re.fullmatch(r"[0-9a-fA-F]{32}", parts[0])):
+            raise B2TError(f"--sums {f} line {i} is not 'MD5 NAME' (32 hex digits, then the file name): "
+                           f"{line.strip()[:80]!r}; fix the line (md5sum FILE writes this format)")
+    return read_sums(f)
 
 
 def check_tar(path, name):
@@ -582,8 +603,10 @@ def check_options(args):
                         ("--workers", args.workers)):
         if value < 1:
             raise B2TError(f"{flag} {value}: must be at least 1")
-    if args.ratio <= 0:
+    if not args.ratio > 0 or args.ratio == float("inf"):  # nan and inf too
         raise B2TError(f"--ratio {args.ratio}: must be positive (Google's recipe: 9)")
+    if args.sums is not None:
+        read_sums_option(args.sums)  # a missing or malformed --sums used to be ignored silently
 
 
 def prepare(args):

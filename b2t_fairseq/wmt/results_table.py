@@ -3,16 +3,25 @@
 RESULTS are JSON files or folders holding them. The first table is SacreBLEU (the paper's metric) with
 the paper's 18L-18L rows (Takase et al. 2023, Table; reference section 3); the second is tokenized BLEU
 with compound splitting, which the paper does not report (labelled, for comparison with older papers).
+A third table gives each run's provenance: the checkpoint, the checkpoints it averaged and their updates.
+
+A result is checked against the checkpoints it records where they are on this machine: if its checkpoint's
+content changed, or the run it averaged has saved newer checkpoints since (a progress check evaluated
+mid-training), the table is refused (``--allow-stale`` shows such rows marked "(stale)" instead).
+A result from before provenance was recorded counts as stale. Results whose checkpoints are not here
+(copied from another machine) are shown as recorded, marked "not checked".
 """
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 from ..commands import run_command
 from ..errors import B2TError
-from ..util import atomic_write
+from ..util import atomic_write, check_writable
 from . import YEARS
 
 PROG = "b2t-results-table"
@@ -29,20 +38,127 @@ def load_results(paths):
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(p.glob("*.json"))
+            found = sorted(p.glob("*.json"))
+            if not found:
+                raise B2TError(f"{p} holds no result JSON; run scripts/evaluate.sh (or b2t-wmt-evaluate) first, "
+                               "or pass the folder it wrote to")
+            files += found
         elif p.exists():
             files.append(p)
         else:
             raise B2TError(f"{p} does not exist; pass result JSON files or folders")
     runs = []
     for f in files:
+        if f.is_dir():
+            raise B2TError(f"{f} is a folder, not a result JSON; move it out of the results folder")
         try:
-            r = json.loads(f.read_text())
+            r = json.loads(f.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise B2TError(f"{f} is not valid JSON ({e}); delete it or re-run the evaluation")
-        if isinstance(r, dict) and "years" in r:
-            runs.append(r)
+            raise B2TError(f"{f} is not valid JSON ({e}); delete it or re-run the evaluation") from None
+        except OSError as e:
+            raise B2TError(f"cannot read {f} ({e.strerror or e}); fix its permissions or pass another file") from None
+        problem = shape_problem(r)
+        if problem:
+            raise B2TError(f"{f} is not a b2t-wmt-evaluate result ({problem}); re-run scripts/evaluate.sh for it, or "
+                           "move the file out of the results folder")
+        r["_file"] = str(f)
+        runs.append(r)
     return runs
+
+
+def _number(x):
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
+
+
+def shape_problem(r):
+    """What is wrong with the shape of a loaded result, or None."""
+    if not isinstance(r, dict):
+        return f"a JSON {type(r).__name__}, not an object"
+    if not isinstance(r.get("name"), str) or not r["name"].strip():
+        return "no run name"
+    years = r.get("years")
+    if not isinstance(years, dict):
+        return "no 'years' object"
+    for y, v in years.items():
+        if not (isinstance(v, dict) and _number(v.get("sacrebleu")) and _number(v.get("tok_bleu"))):
+            return f"year {y} has no numeric sacrebleu and tok_bleu"
+    avg = r.get("average_2010_2016", {})
+    if not (isinstance(avg, dict) and _number(avg.get("sacrebleu")) and _number(avg.get("tok_bleu"))):
+        return "average_2010_2016 is not numeric"
+    prov = r.get("provenance")
+    if prov is not None and not (isinstance(prov, dict) and isinstance(prov.get("checkpoint"), str)):
+        return "a damaged 'provenance'"
+    return None
+
+
+# --- provenance ---------------------------------------------------------------------------------
+
+def status(run):
+    """("current" | "not checked" | "stale", why) for a loaded result, checked against the files here."""
+    from ..commands import average_checkpoints as avg
+
+    prov = run.get("provenance")
+    if prov is None:
+        return "stale", "it records no checkpoint provenance (written by an older b2t-wmt-evaluate)"
+    ckpt = prov["checkpoint"]
+    if not os.path.isfile(ckpt):
+        return "not checked", f"its checkpoint {ckpt} is not on this machine"
+    if avg.fingerprint(ckpt) != prov.get("fingerprint"):
+        return "stale", f"its checkpoint {ckpt} changed since it was evaluated"
+    sel = prov.get("selection")
+    if isinstance(sel, dict) and os.path.isdir(str(sel.get("folder"))):
+        try:
+            now = avg.last_checkpoints(sel["folder"], int(sel["n"]), by_update=sel.get("kind") == "update",
+                                       upper_bound=sel.get("upper_bound"), at_most=True)
+        except (B2TError, KeyError, TypeError, ValueError):
+            now = []
+        then = dict(avg.identity(prov.get("averaged_from") or []))
+        newer = [os.path.basename(p) for p in now if os.path.basename(p) not in then]
+        if newer:
+            return "stale", (f"its average is of {', '.join(then)}, but {sel['folder']} now has {', '.join(newer)} "
+                             f"among its last {sel['n']} {sel.get('kind')} checkpoints")
+        changed = [os.path.basename(p) for p in now if avg.fingerprint(p) != then[os.path.basename(p)]]
+        if changed:
+            return "stale", f"{', '.join(changed)} in {sel['folder']} changed since it was averaged"
+    return "current", ""
+
+
+def _updates(sources):
+    ups = [s.get("num_updates") for s in sources if isinstance(s, dict) and s.get("num_updates") is not None]
+    if not ups:
+        return "-"
+    return str(min(ups)) if min(ups) == max(ups) else f"{min(ups)}-{max(ups)}"
+
+
+def provenance_rows(runs):
+    out = ["### Provenance", "", "| run | checkpoint | averaged from | updates | fingerprint | status |",
+           "|---|---|---|---|---|---|"]
+    for r in runs:
+        prov = r.get("provenance") or {}
+        sources = prov.get("averaged_from") or []
+        if sources:
+            names = [s.get("name", "?") for s in sources if isinstance(s, dict)]
+            frm = f"{len(names)}: " + (", ".join(names) if len(names) <= 3 else f"{names[-1]} ... {names[0]}")
+            ups = _updates(sources)
+        else:
+            frm = "-"
+            ups = "-" if prov.get("num_updates") is None else str(prov["num_updates"])
+        ckpt = os.path.basename(prov.get("checkpoint", r.get("checkpoint", "?")))
+        state, why = r["_status"]
+        out.append(f"| {r['name']} | {ckpt} | {frm} | {ups} | {str(prov.get('fingerprint', '-'))[:15]} | "
+                   f"{state}{': ' + why if why and state != 'current' else ''} |")
+    return out
+
+
+def check_current(runs, allow_stale):
+    for r in runs:
+        r["_status"] = status(r)
+        state, why = r["_status"]
+        if state == "stale":
+            if not allow_stale:
+                raise B2TError(f"{r['_file']} is stale: {why}; re-run scripts/evaluate.sh for run '{r['name']}' "
+                               "(it rebuilds the average), or pass --allow-stale to show it marked")
+            r["name"] += " (stale)"
 
 
 def _cell(x):
@@ -71,6 +187,8 @@ def render(runs, paper=True):
         out += ["", "SacreBLEU signature: " + "; ".join(f"`{s}`" for s in sigs)]
     out += ["", "### Tokenized BLEU with compound splitting (##AT##), not reported in the paper", "", head]
     out += [_row(r["name"], run_values(r, "tok_bleu")) for r in runs]
+    if runs and all("_status" in r for r in runs):
+        out += [""] + provenance_rows(runs)
     return "\n".join(out) + "\n"
 
 
@@ -79,10 +197,19 @@ def run(argv):
     p.add_argument("results", nargs="+", help="result JSON files or folders")
     p.add_argument("--out", help="also write the markdown here")
     p.add_argument("--no-paper", action="store_true", help="leave out the paper's rows")
+    p.add_argument("--allow-stale", action="store_true",
+                   help="show results whose checkpoints changed since (marked '(stale)') instead of refusing")
     args = p.parse_args(argv)
-    text = render(load_results(args.results), paper=not args.no_paper)
     if args.out:
-        atomic_write(args.out, text)
+        check_writable(args.out, "--out")
+    runs = load_results(args.results)
+    check_current(runs, args.allow_stale)
+    text = render(runs, paper=not args.no_paper)
+    if args.out:
+        try:
+            atomic_write(args.out, text)
+        except OSError as e:
+            raise B2TError(f"cannot write --out {args.out} ({e.strerror or e}); choose another --out") from None
     print(text, end="")
 
 
