@@ -130,11 +130,11 @@ def test_quick_demo_runs_deepnorm_and_admin(quick_demo, tmp_path):
     _, cache, _, zip_path = quick_demo
     out = tmp_path / "out"
     p = run(["b2t-demo", "--quick", "--corpus", zip_path, "--cache", cache, "--out", out, "--archs", "deepnorm,admin",
-             "--depths", "2", "--max-update", "4", "--no-grad-norms"])
+             "--depths", "2", "--max-update", "10", "--no-grad-norms"])
     assert "data: reusing" in p.stdout
     recs = json.loads((out / "results.json").read_text())["runs"]
     assert {(r["arch"], r["label"], r["layers"]) for r in recs} == {("deepnorm", "DeepNorm", 2), ("admin", "Admin", 2)}
-    assert all(r["updates"] == 4 and 0.0 <= r["bleu"] <= 100.0 for r in recs)
+    assert all(r["updates"] == 10 and 0.0 <= r["bleu"] <= 100.0 for r in recs)
     by = {r["arch"]: r for r in recs}
     dim = json.loads((out / "results.json").read_text())["config"]["dim"]
     assert by["admin"]["params"] == by["deepnorm"]["params"] + 2 * (2 + 3) * dim  # Admin's omega vectors
