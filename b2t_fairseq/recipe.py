@@ -1,8 +1,9 @@
 """The paper's training recipe: the single source of every hyperparameter the project uses.
 
 Read by the named architectures (``transformer_b2t.py``), the WMT launcher (``scripts/train.sh``),
-the demo, the benchmark and the GPU script; the Hydra configs in ``configs/`` are checked against
-it by ``tests/test_configs.py``. Source: the authors' 2023 command (reference doc, section 3).
+the demo, the benchmark and the GPU script; the Hydra configs in ``configs/`` are generated from
+it (``python -m b2t_fairseq.wmt.configs --write configs/``) and ``tests/test_configs.py`` checks that
+the committed files are exactly that output. Source: the authors' 2023 command (reference doc, section 3).
 """
 
 # layer types selectable with --ln-position, and the architecture family of each

@@ -56,6 +56,9 @@ def test_quick_run_ratios_are_computed_from_the_records(quick_run):
         # the same architecture built two ways holds the same parameters; pre-LN adds two final LayerNorms
         assert depth["plugin_post_ln"]["parameters"] == base["parameters"] == depth["plugin_b2t"]["parameters"]
         assert depth["stock_pre_ln"]["parameters"] == base["parameters"] + 2 * 2 * bench.SIZES["quick"]["dim"]
+        # DeepNorm changes the init only; Admin adds one omega vector per residual (2 a encoder layer, 3 a decoder layer)
+        assert depth["plugin_deepnorm"]["parameters"] == base["parameters"]
+        assert depth["plugin_admin"]["parameters"] == base["parameters"] + n * (2 + 3) * bench.SIZES["quick"]["dim"]
 
 
 def test_quick_profile_splits_the_update(quick_run):
@@ -111,6 +114,27 @@ def test_b2t_variant_is_a_different_computation_with_the_same_weights(workdir):
     assert not torch.allclose(seeded_loss(post, sample), seeded_loss(b2t, sample))
     # the bottom-to-top term is an addition: autograd saves no more bytes for it than for Post-LN
     assert bench.saved_activation_bytes(b2t, sample) == bench.saved_activation_bytes(post, sample)
+
+
+@pytest.mark.parametrize("variant,layer,extra", [("plugin_deepnorm", "DeepNorm", set()),
+                                                 ("plugin_admin", "Admin", {"self_attn_residual_scale",
+                                                                            "encoder_attn_residual_scale",
+                                                                            "ffn_residual_scale"})])
+def test_deepnorm_and_admin_variants_build_their_layers(workdir, variant, layer, extra):
+    """The two new variants are the layer types they name: their classes, fairseq's parameter names (plus Admin's
+    omega), and a different loss from Post-LN with the shared weights; one update runs."""
+    post, other = trainer_for("plugin_post_ln", workdir), trainer_for(variant, workdir)
+    assert type(other.model.encoder.layers[0]).__name__ == f"{layer}EncoderLayer"
+    assert type(other.model.decoder.layers[-1]).__name__ == f"{layer}DecoderLayer"
+    names = set(other.model.state_dict())
+    assert {n.rsplit(".", 1)[-1] for n in names - set(post.model.state_dict())} == extra
+    missing, unexpected = other.model.load_state_dict(post.model.state_dict(), strict=False)
+    assert not unexpected and {m.rsplit(".", 1)[-1] for m in missing} == extra
+    sample = first_batch(post)
+    assert not torch.allclose(seeded_loss(post, sample), seeded_loss(other, sample))
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    other.train_step([sample])
+    assert any(not torch.equal(before[k], v) for k, v in other.model.state_dict().items())
 
 
 def test_batches_look_like_fairseq_batches(workdir):

@@ -1,14 +1,18 @@
-"""configs/*.yaml agree with `scripts/train.sh --dry-run`, and one of them trains through fairseq-hydra-train."""
+"""configs/*.yaml are what the recipe generates (b2t_fairseq.wmt.configs), agree with `scripts/train.sh --dry-run`,
+and train through fairseq-hydra-train."""
 
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from b2t_fairseq import recipe as core_recipe
+from b2t_fairseq.wmt import configs as generator
 from b2t_fairseq.wmt import train as recipe
-from helpers import REPO, run
+from helpers import REPO, assert_one_line_error, run
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SETTINGS = [(a, n) for a in recipe.ARCH_FAMILIES for n in (6, 18)]
@@ -52,8 +56,52 @@ def _same(a, b):
         return a.replace(" ", "") == b.replace(" ", "")
 
 
-def test_six_configs_exist():
+def test_ten_configs_exist():
+    assert len(SETTINGS) == 10 and {"transformer_deepnorm", "transformer_admin"} <= set(recipe.ARCH_FAMILIES)
     assert sorted(p.stem for p in CONFIGS) == sorted(f"{a}_{n}l" for a, n in SETTINGS)
+
+
+def test_committed_configs_are_the_generated_ones():
+    """The single source: every committed YAML is byte for byte what the recipe generates."""
+    want = generator.generated()
+    assert sorted(want) == sorted(p.name for p in CONFIGS)
+    for path in CONFIGS:
+        assert path.read_text() == want[path.name], \
+            f"{path.name} differs from the recipe; run python -m b2t_fairseq.wmt.configs --write configs/"
+
+
+def test_generator_follows_the_recipe(monkeypatch):
+    """Changing the recipe changes the generated YAML (so the equality above is not vacuous)."""
+    before = yaml.safe_load(generator.render("transformer_deepnorm", 18))
+    assert before["lr_scheduler"]["warmup_updates"] == 4000 and before["model"]["word_dropout_src"] == 0.1
+    monkeypatch.setattr(recipe.recipe, "OPTIMIZATION", [(f, "8000" if f == "--warmup-updates" else v)
+                                                        for f, v in core_recipe.OPTIMIZATION])
+    assert yaml.safe_load(generator.render("transformer_deepnorm", 18))["lr_scheduler"]["warmup_updates"] == 8000
+
+
+@pytest.mark.parametrize("arch,layers", SETTINGS)
+def test_config_names_a_registered_architecture_of_its_layer_type(arch, layers):
+    import b2t_fairseq  # noqa: F401
+    from argparse import Namespace
+
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+
+    name = yaml.safe_load((REPO / "configs" / f"{arch}_{layers}l.yaml").read_text())["model"]["_name"]
+    args = Namespace()
+    ARCH_CONFIG_REGISTRY[name](args)
+    ln = {v: k for k, v in core_recipe.FAMILIES.items()}[arch]
+    assert args.ln_position == ln and args.encoder_layers == args.decoder_layers == layers
+
+
+def test_check_command_finds_a_changed_or_stray_file(tmp_path):
+    assert generator.main(["--write", str(tmp_path)]) == 0
+    assert generator.main(["--check", str(tmp_path)]) == 0
+    victim = tmp_path / "transformer_admin_18l.yaml"
+    victim.write_text(victim.read_text().replace("dropout: 0.5", "dropout: 0.3"))
+    (tmp_path / "extra.yaml").write_text("model: {}\n")
+    p = run([sys.executable, "-m", "b2t_fairseq.wmt.configs", "--check", tmp_path], check=False)
+    assert p.returncode == 2
+    assert_one_line_error(p.stderr, "b2t_fairseq.wmt.configs", "transformer_admin_18l.yaml", "extra.yaml", "--write")
 
 
 @pytest.mark.parametrize("arch,layers", SETTINGS)
@@ -116,3 +164,16 @@ def test_b2t_hydra_train_takes_the_same_overrides(toy_data_bin, tmp_path):
              "optimization.max_update=1", "dataset.max_tokens=512", f"checkpoint.save_dir={tmp_path}",
              "checkpoint.no_epoch_checkpoints=true"], cwd=tmp_path)
     assert "B2TEncoderLayer" in p.stdout + p.stderr and (tmp_path / "checkpoint_last.pt").exists()
+
+
+@pytest.mark.parametrize("config,tiny,layer", [("transformer_admin_18l", "transformer_admin_tiny", "AdminEncoderLayer")])
+def test_new_layer_type_config_trains_through_hydra(config, tiny, layer, toy_data_bin, tmp_path):
+    """A DeepNorm/Admin config goes through b2t-hydra-train like the paper's three (one update, tiny width)."""
+    p = run(["b2t-hydra-train", "--config-dir", REPO / "configs", "--config-name", config,
+             f"task.data={toy_data_bin}", f"model._name={tiny}", "common.fp16=false", "common.cpu=true",
+             "distributed_training.distributed_world_size=1", "optimization.update_freq=[1]",
+             "optimization.max_update=1", "dataset.max_tokens=512", f"checkpoint.save_dir={tmp_path}",
+             "checkpoint.no_epoch_checkpoints=true"], cwd=tmp_path)
+    assert layer in p.stdout + p.stderr
+    state = torch.load(tmp_path / "checkpoint_last.pt", weights_only=True)
+    assert state["cfg"]["model"]["ln_position"] == "admin" and state["cfg"]["model"]["dropout"] == 0.5

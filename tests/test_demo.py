@@ -106,3 +106,36 @@ def test_deep_b2t_ends_below_deep_post_ln(quick_demo):
     out, _, _, _ = quick_demo
     deep = {r["arch"]: r for r in json.loads((out / "results.json").read_text())["runs"] if r["layers"] == 18}
     assert deep["b2t"]["valid_loss"] < deep["post_ln"]["valid_loss"], deep
+
+
+def test_archs_default_is_the_papers_three_and_takes_deepnorm_and_admin():
+    """--archs: the default stays post_ln,pre_ln,b2t; deepnorm and admin give b2t-train commands of their layer type."""
+    import b2t_fairseq  # noqa: F401
+    from fairseq import options
+
+    assert demo.resolve_config(demo.get_parser().parse_args(["--quick"])).archs == ("post_ln", "pre_ln", "b2t")
+    cfg = demo.resolve_config(demo.get_parser().parse_args(["--quick", "--archs", "deepnorm,admin"]))
+    assert cfg.archs == ("deepnorm", "admin")
+    for arch in cfg.archs:
+        cmd = runs.train_command("DATA", "RUN", arch, 18, cfg)
+        args = options.parse_args_and_arch(options.get_training_parser(), cmd[cmd.index("train") + 1:])
+        assert args.arch == f"transformer_{arch}_tiny" and args.ln_position == arch
+        assert args.encoder_layers == args.decoder_layers == 18 and args.encoder_embed_dim == cfg.dim
+    with pytest.raises(Exception, match="unknown --archs deepnet"):
+        demo.resolve_config(demo.get_parser().parse_args(["--archs", "b2t,deepnet"]))
+
+
+def test_quick_demo_runs_deepnorm_and_admin(quick_demo, tmp_path):
+    """b2t-demo --archs deepnorm,admin end to end on the quick data (reused), at a small budget."""
+    _, cache, _, zip_path = quick_demo
+    out = tmp_path / "out"
+    p = run(["b2t-demo", "--quick", "--corpus", zip_path, "--cache", cache, "--out", out, "--archs", "deepnorm,admin",
+             "--depths", "2", "--max-update", "10", "--no-grad-norms"])
+    assert "data: reusing" in p.stdout
+    recs = json.loads((out / "results.json").read_text())["runs"]
+    assert {(r["arch"], r["label"], r["layers"]) for r in recs} == {("deepnorm", "DeepNorm", 2), ("admin", "Admin", 2)}
+    assert all(r["updates"] == 10 and 0.0 <= r["bleu"] <= 100.0 for r in recs)
+    by = {r["arch"]: r for r in recs}
+    dim = json.loads((out / "results.json").read_text())["config"]["dim"]
+    assert by["admin"]["params"] == by["deepnorm"]["params"] + 2 * (2 + 3) * dim  # Admin's omega vectors
+    assert "| DeepNorm | 2+2 |" in (out / "results.md").read_text()

@@ -75,3 +75,32 @@ def test_post_ln_lower_decoder_layers_vanish_at_18_layers(real_or_toy_bin):
     # and inside the top Post-LN decoder layer the LayerNorm shrinks the gradient on its way down
     top = res["post_ln"]["decoder_ln_points"][-1]
     assert top["self_attn_ln.in"] < top["self_attn_ln.out"], top
+
+
+def test_deepnorm_and_admin_by_short_name(toy_data_bin, tmp_path):
+    """--arch deepnorm / admin build their layer types (tiny width); Admin's omegas count in its layers' norms."""
+    specs = grad_norms.parse_specs(grad_norms.get_parser().parse_args(
+        [str(toy_data_bin), "--arch", "deepnorm", "--arch", "admin", "--json", "x"]))
+    assert specs == [("deepnorm", "transformer_deepnorm_tiny", None), ("admin", "transformer_admin_tiny", None)]
+    res = grad_norms.run_models(toy_data_bin, specs, layers=3, k=1, max_tokens=256)
+    assert res["deepnorm"]["ln_position"] == "deepnorm" and res["admin"]["ln_position"] == "admin"
+    for name, r in res.items():
+        for side in ("encoder", "decoder"):
+            assert len(r[side]) == 3 and all(v > 0 for v in r[side]), (name, side)
+            for total, subs in zip(r[side], r[f"{side}_sublayers"]):
+                assert total == pytest.approx(sum(v * v for v in subs.values()) ** 0.5, rel=1e-6)
+    assert "other" not in res["deepnorm"]["decoder_sublayers"][0]  # no parameter outside fairseq's sub-layers
+    assert res["admin"]["decoder_sublayers"][0]["other"] > 0  # the omega vectors get gradients
+
+
+def test_committed_five_layer_type_measurement():
+    """results/grad-norms-five-18l.json: all five layer types at 18+18 layers, fresh init (see the README)."""
+    from helpers import REPO
+
+    res = json.loads((REPO / "results" / "grad-norms-five-18l.json").read_text())
+    assert list(res) == ["post_ln", "pre_ln", "b2t", "deepnorm", "admin"]
+    for name, r in res.items():
+        assert r["source"] == "fresh init" and r["layers"] == {"encoder": 18, "decoder": 18}
+        assert r["ln_position"] == {"post_ln": "post", "pre_ln": "pre"}.get(name, name)
+        assert len(r["decoder"]) == 18 and all(v > 0 for v in r["decoder"] + r["encoder"])
+    assert (REPO / "results" / "grad-norms-five-18l.png").stat().st_size > 10000

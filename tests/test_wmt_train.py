@@ -87,3 +87,33 @@ def test_missing_data_and_finished_run_are_refused(tmp_path, capsys, toy_data_bi
     err = capsys.readouterr().err
     assert rc == 2 and "holds a finished run" in err and "--force" in err
     assert (save / "checkpoint_last.pt").read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("arch,layers,ln,name", [("transformer_deepnorm", 18, "deepnorm", "transformer_deepnorm_18l"),
+                                                 ("transformer_admin", 6, "admin", "transformer_admin"),
+                                                 ("transformer_deepnorm", 12, "deepnorm", "transformer_deepnorm"),
+                                                 ("transformer_admin", 18, "admin", "transformer_admin_18l")])
+def test_deepnorm_and_admin_commands_parse_as_fairseq_would(capsys, arch, layers, ln, name):
+    """The dry-run command of the two new layer types is a command b2t-train accepts, with the recipe by depth."""
+    import shlex
+
+    import b2t_fairseq  # noqa: F401
+    from fairseq import options
+
+    rc, out, _ = dry(capsys, arch, layers, "--gpus", 8)
+    assert rc == 0 and f"--arch {name} " in out and "--update-freq 16" in out
+    words = shlex.split(out)
+    args = options.parse_args_and_arch(options.get_training_parser(), words[1:])
+    assert args.arch == name and args.ln_position == ln
+    assert args.encoder_layers == args.decoder_layers == layers
+    assert args.dropout == (0.5 if layers >= 18 else 0.3)
+    assert args.word_dropout_src == (0.1 if layers >= 18 else 0.0)
+    assert args.lr == [0.001] and args.warmup_updates == 4000 and args.max_update == 50000
+
+
+@pytest.mark.e2e
+def test_script_takes_the_new_layer_types():
+    for arch, layers, name in (("transformer_deepnorm", "18", "transformer_deepnorm_18l"),
+                               ("transformer_admin", "6", "transformer_admin")):
+        p = run(["bash", TRAIN_SH, arch, layers, "--gpus", "8", "--dry-run"])
+        assert f"--arch {name} " in p.stdout and "--update-freq 16" in p.stdout

@@ -1,6 +1,6 @@
 """b2t-bench: what the B2T connection costs against stock fairseq, in speed and memory.
 
-Builds five models with identical sizes, seed and batches, each exactly as ``fairseq-train``
+Builds its variants with identical sizes, seed and batches, each exactly as ``fairseq-train``
 would (fairseq's option parser, ``tasks.setup_task``, ``task.build_model``, ``Trainer``):
 
     stock_post_ln   fairseq ``transformer`` (``--arch transformer_wmt_en_de``), Post-LN
@@ -8,6 +8,9 @@ would (fairseq's option parser, ``tasks.setup_task``, ``task.build_model``, ``Tr
     plugin_post_ln  ``transformer_b2t --ln-position post``
     plugin_pre_ln   ``transformer_b2t --ln-position pre``
     plugin_b2t      ``transformer_b2t --ln-position b2t``
+    plugin_deepnorm ``transformer_b2t --ln-position deepnorm`` (DeepNet's LN(alpha x + f(x)), its init)
+    plugin_admin    ``transformer_b2t --ln-position admin`` (LN(omega x + f(x)), omega trainable vectors)
+    fast_*          the plugin's Post-LN, Pre-LN and B2T with ``--b2t-fast`` (fast.py)
 
 and times complete updates through ``Trainer.train_step`` (forward, backward, gradient scaling,
 clipping, Adam step, lr schedule; ``--fp16`` on a GPU), interleaving the variants round by round
@@ -51,6 +54,9 @@ VARIANTS = {
     "plugin_post_ln": ["--arch", "transformer_b2t", "--ln-position", "post"],
     "plugin_pre_ln": ["--arch", "transformer_b2t", "--ln-position", "pre"],
     "plugin_b2t": ["--arch", "transformer_b2t", "--ln-position", "b2t"],
+    # the field's other fixes for deep Post-LN (issue 11), at their defaults
+    "plugin_deepnorm": ["--arch", "transformer_b2t", "--ln-position", "deepnorm"],
+    "plugin_admin": ["--arch", "transformer_b2t", "--ln-position", "admin"],
     # the fast path (fast.py): SDPA attention and fairseq's Adam with foreach kernels (b2t_adam)
     "fast_post_ln": ["--arch", "transformer_b2t", "--ln-position", "post", "--b2t-fast"],
     "fast_pre_ln": ["--arch", "transformer_b2t", "--ln-position", "pre", "--b2t-fast"],

@@ -1,10 +1,11 @@
-"""``b2t-grad-norms``: per-layer gradient norms of Post-LN, Pre-LN and B2T transformers.
+"""``b2t-grad-norms``: per-layer gradient norms of Post-LN, Pre-LN, B2T, DeepNorm and Admin transformers.
 
 For each model (an architecture at fresh initialization, or a trained checkpoint) it runs
 forward and backward on K real batches in fp32 and records, for the encoder and the decoder:
 
 - per layer: the norm of the gradient of all the layer's parameters;
-- per sub-layer: self-attention, its LayerNorm, cross-attention, its LayerNorm, FFN, its LayerNorm;
+- per sub-layer: self-attention, its LayerNorm, cross-attention, its LayerNorm, FFN, its LayerNorm
+  (Admin's omega vectors count in the layer's norm, under "other");
 - the points the paper analyses inside a Post-LN layer: the gradient with respect to the input
   of each LayerNorm (the residual sum before it) and its output, taken with hooks on the
   layer's LayerNorm modules (the layer classes are not changed).
@@ -15,6 +16,9 @@ number is the mean over the K batches of the per-batch norm. Layers are listed l
 
     b2t-grad-norms DATA-BIN --layers 18 --json gn.json --csv gn.csv --png gn.png
     b2t-grad-norms DATA-BIN --checkpoint b2t=runs/b2t-18L/checkpoint_last.pt --json gn.json
+    b2t-grad-norms DATA-BIN --arch post_ln --arch pre_ln --arch b2t --arch deepnorm --arch admin --layers 18 --png five.png
+
+The default is the paper's three; DeepNorm and Admin (issue 11) are asked for by name.
 """
 
 import argparse
@@ -250,6 +254,12 @@ def plot(results, path, title=None):
     plt.close(fig)
 
 
+def default_title(results):
+    sources = sorted({"fresh initialization" if r["source"] == "fresh init" else "trained" for r in results.values()})
+    depths = sorted({f"{r['layers']['encoder']}+{r['layers']['decoder']} layers" for r in results.values()})
+    return f"gradient norms, {' and '.join(sources)}, {', '.join(depths)}"
+
+
 def parse_specs(args):
     specs = []
     for c in args.checkpoint or []:
@@ -268,8 +278,9 @@ def get_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="fairseq data-bin folder with a joined dictionary (e.g. b2t-demo's cache .../bin)")
     p.add_argument("--arch", action="append", metavar="ARCH",
-                   help="post_ln, pre_ln, b2t (-> transformer_<x>_<size>) or a full --arch name; repeatable "
-                        "(default: all three unless only --checkpoint is given)")
+                   help=f"{', '.join(recipe.ARCHS)} (-> transformer_<x>_<size>) or a full --arch name; "
+                        "repeatable (default: the paper's three, post_ln, pre_ln and b2t, unless only "
+                        "--checkpoint is given)")
     p.add_argument("--size", default="tiny", choices=("tiny", "18l", "base"),
                    help="architecture family for the short names: tiny (width 64) or the paper's sizes")
     p.add_argument("--checkpoint", action="append", metavar="[NAME=]PATH", help="a trained checkpoint; repeatable")
@@ -283,6 +294,7 @@ def get_parser():
     p.add_argument("--json", metavar="PATH", help="write {model: {encoder: [...], decoder: [...], ...}}")
     p.add_argument("--csv", metavar="PATH")
     p.add_argument("--png", metavar="PATH")
+    p.add_argument("--title", help="title of the --png figure (default: the source and depth)")
     return p
 
 
@@ -302,7 +314,7 @@ def run(argv):
     if args.csv:
         write_csv(results, args.csv)
     if args.png:
-        plot(results, args.png)
+        plot(results, args.png, args.title or default_title(results))
     for name, res in results.items():
         print(f"{name}: decoder lowest/top-3 grad-norm ratio {bottom_top_ratio(res['decoder']):.3g}, "
               f"encoder {bottom_top_ratio(res['encoder']):.3g}")

@@ -1,6 +1,7 @@
 """``b2t-demo``: the paper's comparison in miniature, on Tatoeba English-German, on a CPU.
 
-Trains Post-LN, Pre-LN and B2T transformers at a shallow and a deep depth with the same budget
+Trains Post-LN, Pre-LN and B2T transformers (``--archs`` adds DeepNorm and Admin, e.g.
+``--archs post_ln,b2t,deepnorm,admin``) at a shallow and a deep depth with the same budget
 (same updates, batch size, learning rate and seed), evaluates each on the test split with beam
 search and sacreBLEU on detokenized text, measures per-layer gradient norms, and writes a report
 folder (``--out``, default ``demo-out/``): results.json, results.md, loss_curves.png,

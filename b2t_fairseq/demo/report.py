@@ -29,7 +29,8 @@ def plot_curves(records, path):
     plt = pyplot()
     depths = sorted({r["layers"] for r in records})
     fig, axes = plt.subplots(1, len(depths), figsize=(6 * len(depths), 4.2), squeeze=False)
-    colors = {"post_ln": "tab:red", "pre_ln": "tab:blue", "b2t": "tab:green"}
+    colors = {"post_ln": "tab:red", "pre_ln": "tab:blue", "b2t": "tab:green", "deepnorm": "tab:purple",
+              "admin": "tab:orange"}
     for ax, d in zip(axes[0], depths):
         for r in (r for r in records if r["layers"] == d):
             c = r["curves"]

@@ -10,6 +10,9 @@ content changed, or the run it averaged has saved newer checkpoints since (a pro
 mid-training), the table is refused (``--allow-stale`` shows such rows marked "(stale)" instead).
 A result from before provenance was recorded counts as stale. Results whose checkpoints are not here
 (copied from another machine) are shown as recorded, marked "not checked".
+A fourth table, kept apart, lists the WMT En-De numbers published for DeepNorm and Admin
+(``published.py``), each with its source, setting, metric and the flags that select its variant here:
+other data, test sets and metrics than the paper's, so never a like-for-like row of the tables above.
 """
 
 import argparse
@@ -23,6 +26,8 @@ from ..commands import run_command
 from ..errors import B2TError
 from ..util import atomic_write, check_writable
 from . import YEARS
+from .published import FLAGS as PUBLISHED_FLAGS
+from .published import PAPER_TABLES_NOT_CONFIRMED, PUBLISHED
 
 PROG = "b2t-results-table"
 # SacreBLEU, newstest2010..2016 and their average, 18L-18L (reference section 3)
@@ -192,6 +197,32 @@ def render(runs, paper=True):
     return "\n".join(out) + "\n"
 
 
+def render_published():
+    """The published DeepNorm/Admin numbers as their own table, with every row's source and setting."""
+    depths = []
+    for entry in PUBLISHED.values():
+        depths += [d for d in entry["bleu"] if d not in depths]
+    out = ["### Published DeepNorm and Admin numbers, WMT En-De (other settings: not comparable with the tables "
+           "above)", "",
+           "| published run | " + " | ".join(depths) + " | source, setting, metric | flags here |",
+           "|" + "---|" * (len(depths) + 3)]
+    notes, explicit = [], None
+    for i, (label, entry) in enumerate(PUBLISHED.items(), 1):
+        if entry["setting"] == "as above" and explicit:
+            where = f"setting and metric as [{explicit}]"
+        else:
+            explicit, where = i, f"setting: {entry['setting']}; metric: {entry['metric']}"
+        notes.append(f"[{i}] Source: {entry['source']}; {where}.")
+        flags = PUBLISHED_FLAGS.get(label)
+        out.append("| " + " | ".join([label] + [_cell(entry["bleu"].get(d)) for d in depths] +
+                                     [f"[{i}]", f"`{flags}`" if flags else "-"]) + " |")
+    out += [""] + [n + "  " for n in notes[:-1]] + notes[-1:]
+    if PAPER_TABLES_NOT_CONFIRMED:
+        out += ["", "Not included (could not be read from the source during this work):"]
+        out += [f"- {t}" for t in PAPER_TABLES_NOT_CONFIRMED]
+    return "\n".join(out) + "\n"
+
+
 def run(argv):
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="result JSON files or folders")
@@ -199,12 +230,16 @@ def run(argv):
     p.add_argument("--no-paper", action="store_true", help="leave out the paper's rows")
     p.add_argument("--allow-stale", action="store_true",
                    help="show results whose checkpoints changed since (marked '(stale)') instead of refusing")
+    p.add_argument("--no-published", action="store_true",
+                   help="leave out the table of published DeepNorm/Admin numbers (other settings)")
     args = p.parse_args(argv)
     if args.out:
         check_writable(args.out, "--out")
     runs = load_results(args.results)
     check_current(runs, args.allow_stale)
     text = render(runs, paper=not args.no_paper)
+    if not args.no_published:
+        text += "\n" + render_published()
     if args.out:
         try:
             atomic_write(args.out, text)
