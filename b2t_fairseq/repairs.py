@@ -18,18 +18,32 @@ fails if that code changes shape.
    is loaded: a damaged one is a :class:`CheckpointError`. A checkpoint of the authors' fairseq-0.9
    fork is converted on load (authors.py), and a B2T checkpoint is refused by a model that is not B2T
    (it would silently run as Post-LN).
+3b. A checkpoint must fit its data (``Trainer.load_checkpoint``/``state_dict``,
+   ``checkpoint_utils.load_model_ensemble_and_task``): checkpoints record their languages and
+   dictionaries (``extra_state["b2t_data"]``); training, decoding or validating with another language
+   direction or dictionary is refused, and a model that does not fit a checkpoint (another depth) is
+   one line naming the difference.
 4. ``collective_timeout(seconds)`` (not applied at import; the torchrun launcher calls it for
    ``--heartbeat-timeout``): ``torch.distributed.init_process_group``/``new_group`` get that timeout,
    so a worker blocked in a gloo collective fails instead of waiting torch's default 30 minutes.
+5. Exact resume after epoch 1 (``fairseq.trainer.Trainer.get_train_iterator``): an uninterrupted run
+   makes its batches once, in epoch 1 (``FairseqTask.get_batch_iterator`` breaks length ties with a
+   permutation seeded by seed + epoch, then caches the batches and only reshuffles their order each
+   epoch), but a run resumed in epoch E > 1 made them afresh with seed + E: other sentences in each
+   batch, and losses that drift from the uninterrupted run. A resumed run now makes the epoch-1
+   batches, so it continues bit for bit. Runs whose batches fairseq rebuilds every epoch (sharded
+   data, --update-epoch-batch-itr, rebuild_batches) were exact already and are left alone.
 """
 
 
 import argparse
 import datetime
 import functools
+import hashlib
 import logging
 import os
 import pickle
+import re
 import shutil
 import zipfile
 import zlib
@@ -93,9 +107,6 @@ def keep_remainder_batches():
 
 # --- 3. checkpoints that survive a kill -------------------------------------------------------
 
-
-
-
 class CheckpointError(B2TError):
     """A checkpoint file that cannot be read; ``path`` names it, ``reason`` says why.
 
@@ -141,26 +152,11 @@ def find_damage(path):
     return f"corrupt: CRC mismatch in {bad}" if bad else None
 
 
-def _readable(load):
-    def load_checkpoint_to_cpu(path, *args, **kwargs):
-        local = os.path.expanduser(path)
-        damage = find_damage(local) if os.path.isfile(local) else None
-        if damage:
-            raise CheckpointError(path, damage)
-        try:
-            return load(path, *args, **kwargs)
-        except pickle.UnpicklingError as e:
-            if "Weights only load failed" not in str(e):
-                raise
-            raise CheckpointError(path, "torch.load(weights_only=True) refuses an object in it: not a fairseq "
-                                        "checkpoint, or one from an untrusted source", kind="unsafe") from e
-
-    load_checkpoint_to_cpu.b2t_wrapped = True
-    return load_checkpoint_to_cpu
-
-
 _loading = []  # the checkpoint path being loaded (for messages from the upgrade hook)
 _layer_type_of = {}  # id(state["model"]) -> layer type of the checkpoint it came from ('b2t', 'pre', 'post')
+_data_of = {}  # id(state["model"]) -> (checkpoint_data(state), where)
+_collectors = []  # lists collecting (checkpoint_data(state), where) of each checkpoint loaded meanwhile
+_tasks = []  # the task whose data the checkpoint being loaded must fit (Trainer.load_checkpoint, generate)
 
 
 def _readable(load):
@@ -198,6 +194,9 @@ def _importing(upgrade):
             if len(_layer_type_of) > 8:  # ids of dicts long gone: keep the table small
                 _layer_type_of.clear()
             _layer_type_of[id(state["model"])] = (imp.layer_type_of_state(state), where)
+            _data_of[id(state["model"])] = (checkpoint_data(state, _loading[-1] if _loading else None), where)
+            for seen in _collectors:
+                seen.append(_data_of[id(state["model"])])
         return state
 
     _upgrade_state_dict.b2t_wrapped = True
@@ -220,6 +219,9 @@ def _b2t_guard(load_state_dict):
     """Refuse a B2T checkpoint's weights for a model whose layers are not B2T (it would run as Post-LN)."""
     def guarded_load_state_dict(self, state_dict, *args, **kwargs):
         ckpt_type, where = _layer_type_of.pop(id(state_dict), (None, None))
+        data, _ = _data_of.pop(id(state_dict), (None, None))
+        if data is not None:
+            check_fits(data, where, model_data(self, _tasks[-1] if _tasks else None))
         if ckpt_type == "b2t":
             model_type = _model_layer_type(self)
             if model_type not in (None, "b2t"):
@@ -228,7 +230,15 @@ def _b2t_guard(load_state_dict):
                                "as the wrong model; pass --arch transformer_b2t (or the authors' --arch "
                                "transformer_wmt_en_de --residual-bottom-to-top with b2t-train), and convert a "
                                "checkpoint of the authors' fork once with b2t-import-checkpoint IN.pt OUT.pt")
-        return load_state_dict(self, state_dict, *args, **kwargs)
+        try:
+            return load_state_dict(self, state_dict, *args, **kwargs)
+        except RuntimeError as e:
+            if "Error(s) in loading state_dict" not in str(e):
+                raise
+            raise B2TError(f"{where or 'the checkpoint'} does not fit the model built from the command line "
+                           f"({_state_dict_mismatch(self, state_dict, str(e))}); pass the model flags of the run "
+                           "that wrote it (--arch, --encoder-layers, --decoder-layers, the embedding sizes), or "
+                           "start afresh in another --save-dir") from e
 
     guarded_load_state_dict.b2t_wrapped = True
     return guarded_load_state_dict
@@ -258,6 +268,217 @@ def safe_checkpoints():
 
     if not getattr(BaseFairseqModel.load_state_dict, "b2t_wrapped", False):
         BaseFairseqModel.load_state_dict = _b2t_guard(BaseFairseqModel.load_state_dict)
+    _check_data_fit()
+
+# --- 3b. a checkpoint fits the data it is used with ------------------------------------------------
+# fairseq builds the model from the data directory's dictionaries and runs it in the direction of the
+# command line (-s/-t, else the data's file names): an en->de checkpoint decodes a de->en data-bin
+# with a joined dictionary without a word. Checkpoints now record their data (extra_state["b2t_data"]:
+# languages, dictionary sizes and digests); older ones are judged by their cfg and embedding sizes.
+
+def _dict_md5(d):
+    return hashlib.md5("\n".join(d.symbols).encode("utf-8")).hexdigest()
+
+
+def task_data(task):
+    """The languages and dictionaries of a task's data (what a checkpoint records of its training data)."""
+    out = {}
+    cfg = getattr(task, "cfg", None)
+    for side, attr in (("source", "source_dictionary"), ("target", "target_dictionary")):
+        try:
+            d = getattr(task, attr)
+        except (AttributeError, NotImplementedError):
+            d = None
+        lang = getattr(cfg, f"{side}_lang", None) if cfg is not None else None
+        if d is not None or lang is not None:
+            out[side] = {"lang": lang, "types": len(d) if d is not None else None,
+                         "md5": _dict_md5(d) if d is not None else None}
+    return out
+
+
+def model_data(model, task=None):
+    """task_data for a model about to be loaded: its dictionaries, the task's languages if known."""
+    out = task_data(task) if task is not None else {}
+    for side, part in (("source", "encoder"), ("target", "decoder")):
+        d = getattr(getattr(model, part, None), "dictionary", None)
+        if d is not None:
+            out.setdefault(side, {"lang": None})
+            out[side].update(types=len(d), md5=_dict_md5(d))
+    return out
+
+
+def _cfg_get(cfg, key):
+    if cfg is None:
+        return None
+    if isinstance(cfg, dict):
+        return cfg.get(key)
+    return getattr(cfg, key, None)
+
+
+_before_overrides = {}  # checkpoint path -> its task's data, source_lang, target_lang before fairseq's overrides
+
+
+def _remember_before_overrides(overwrite):
+    """fairseq-validate overrides a checkpoint's data path with its own before we see the checkpoint."""
+    def overwrite_args_by_name(cfg, overrides):
+        task = _cfg_get(cfg, "task")
+        if _loading and task is not None:
+            _before_overrides[_loading[-1]] = {k: _cfg_get(task, k) for k in ("data", "source_lang", "target_lang")}
+        return overwrite(cfg, overrides)
+
+    overwrite_args_by_name.b2t_wrapped = True
+    return overwrite_args_by_name
+
+
+def checkpoint_data(state, path=None):
+    """What a checkpoint says of the data it was trained on: {side: {lang, types, md5}} (entries may be None)."""
+    recorded = (state.get("extra_state") or {}).get("b2t_data")
+    if recorded:
+        return recorded
+    task_cfg = _cfg_get(state.get("cfg"), "task") or state.get("args")
+    original = _before_overrides.pop(path, None) or {}
+    langs = [original.get("source_lang", _cfg_get(task_cfg, "source_lang")),
+             original.get("target_lang", _cfg_get(task_cfg, "target_lang"))]
+    data = original.get("data", _cfg_get(task_cfg, "data"))
+    if None in langs and isinstance(data, str):
+        try:  # the run inferred its pair from its data folder's file names: look again if it is still there
+            from fairseq.data.data_utils import infer_language_pair
+
+            first = data.split(os.pathsep)[0]
+            if os.path.isdir(first):
+                langs = list(infer_language_pair(first))
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+    model = state.get("model") or {}
+    out = {}
+    for side, lang, key in (("source", langs[0], "encoder.embed_tokens.weight"),
+                            ("target", langs[1], "decoder.embed_tokens.weight")):
+        w = model.get(key)
+        out[side] = {"lang": lang, "types": int(w.shape[0]) if hasattr(w, "shape") else None, "md5": None}
+    return out
+
+
+def _pair(data):
+    return tuple((data.get(side) or {}).get("lang") for side in ("source", "target"))
+
+
+def check_fits(ckpt, where, data):
+    """Raise a B2TError if a checkpoint trained on `ckpt` (checkpoint_data) would run on `data` (task_data)."""
+    (cs, ct), (ds, dt) = _pair(ckpt), _pair(data)
+    if None not in (cs, ct, ds, dt) and (cs, ct) != (ds, dt):
+        how = ("reversed: " if (cs, ct) == (dt, ds) else "") + f"{ds}->{dt}"
+        raise B2TError(f"{where} translates {cs}->{ct}, but the data is read {how} (from -s/-t or the data "
+                       f"directory's file names); pass -s {cs} -t {ct} with data binarized for that pair "
+                       "(fairseq finds a de-en folder's files for -s en -t de too)")
+    for side in ("source", "target"):
+        c, d = ckpt.get(side) or {}, data.get(side) or {}
+        lang = d.get("lang") or c.get("lang")
+        name = f"dict.{lang}.txt" if lang else f"{side} dictionary"
+        fix = ("binarize the data with fairseq-preprocess --srcdict and --tgtdict given the dict files of the "
+               "data the checkpoint was trained on")
+        if c.get("types") is not None and d.get("types") is not None and c["types"] != d["types"]:
+            raise B2TError(f"{where} was trained with a {c['types']}-type {side} dictionary, but the data "
+                           f"directory's {name} has {d['types']} types, so token ids would not match; {fix}")
+        if c.get("md5") and d.get("md5") and c["md5"] != d["md5"]:
+            raise B2TError(f"{where} was trained with another {side} dictionary than the data directory's "
+                           f"{name} (same size, other words or order), so token ids would not match; {fix}")
+
+
+def _layer_counts(keys):
+    counts = {}
+    for k in keys:
+        m = re.match(r"(encoder|decoder)\.layers\.(\d+)\.", k)
+        if m:
+            counts[m.group(1)] = max(counts.get(m.group(1), 0), int(m.group(2)) + 1)
+    return counts
+
+
+def _state_dict_mismatch(model, state_dict, msg):
+    """A short account of why a state dict does not load into a model."""
+    have, want = _layer_counts(state_dict), _layer_counts(model.state_dict())
+    if have != want:
+        fmt = lambda c: " and ".join(f"{c.get(p, 0)} {p} layers" for p in ("encoder", "decoder"))  # noqa: E731
+        return f"it has {fmt(have)}, the model {fmt(want)}"
+    m = re.search(r"size mismatch for (\S+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from checkpoint, "
+                  r"the shape in current model is (torch.Size\(\[[^\]]*\]\))", msg)
+    if m:
+        return f"{m.group(1)} is {list(_sizes(m.group(2)))} in it, {list(_sizes(m.group(3)))} in the model"
+    missing = re.findall(r'"([^"]+)"', msg.split("Missing key(s) in state_dict:", 1)[-1].split("Unexpected", 1)[0]) \
+        if "Missing key(s)" in msg else []
+    unexpected = re.findall(r'"([^"]+)"', msg.split("Unexpected key(s) in state_dict:", 1)[-1].split("size mismatch", 1)[0]) \
+        if "Unexpected key(s)" in msg else []
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} weights of the model missing from it, such as {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weights the model lacks, such as {unexpected[0]}")
+    return ", ".join(parts) or " ".join(msg.split())[:200]
+
+
+def _sizes(text):
+    return [int(x) for x in re.findall(r"\d+", text)]
+
+
+def _check_data_fit():
+    """Install the checks (idempotent): Trainer.load_checkpoint and load_model_ensemble_and_task name the
+    task the checkpoint must fit; the trainer's checkpoints record their data."""
+    from fairseq import checkpoint_utils
+    from fairseq.trainer import Trainer
+
+    if not getattr(checkpoint_utils.overwrite_args_by_name, "b2t_wrapped", False):
+        checkpoint_utils.overwrite_args_by_name = _remember_before_overrides(checkpoint_utils.overwrite_args_by_name)
+    if not getattr(Trainer.load_checkpoint, "b2t_wrapped", False):
+        load = Trainer.load_checkpoint
+
+        @functools.wraps(load)
+        def load_checkpoint(self, *args, **kwargs):
+            _tasks.append(self.task)
+            try:
+                return load(self, *args, **kwargs)
+            finally:
+                _tasks.pop()
+
+        load_checkpoint.b2t_wrapped = True
+        Trainer.load_checkpoint = load_checkpoint
+
+    if not getattr(Trainer.state_dict, "b2t_wrapped", False):
+        state_dict = Trainer.state_dict
+
+        @functools.wraps(state_dict)
+        def with_data(self):
+            state = state_dict(self)
+            if self.task is not None and isinstance(state.get("extra_state"), dict):
+                try:
+                    state["extra_state"]["b2t_data"] = task_data(self.task)
+                except Exception as e:  # noqa: BLE001 - a task without dictionaries: record nothing
+                    logger.debug("no b2t_data recorded: %s", e)
+            return state
+
+        with_data.b2t_wrapped = True
+        Trainer.state_dict = with_data
+
+    if not getattr(checkpoint_utils.load_model_ensemble_and_task, "b2t_wrapped", False):
+        ensemble = checkpoint_utils.load_model_ensemble_and_task
+
+        @functools.wraps(ensemble)
+        def load_model_ensemble_and_task(filenames, arg_overrides=None, task=None, *args, **kwargs):
+            if task is not None:
+                _tasks.append(task)
+            seen = []
+            _collectors.append(seen)
+            try:
+                out = ensemble(filenames, arg_overrides, task, *args, **kwargs)
+            finally:
+                _collectors.remove(seen)
+                if task is not None:
+                    _tasks.pop()
+            if task is None:  # fairseq-validate: the task was built from the checkpoint and the data folder
+                for data, where in seen:
+                    check_fits(data, where, task_data(out[2]))
+            return out
+
+        load_model_ensemble_and_task.b2t_wrapped = True
+        checkpoint_utils.load_model_ensemble_and_task = load_model_ensemble_and_task
 
 # --- 4. collective timeout (for the torchrun launcher) ----------------------------------------
 
@@ -281,8 +502,50 @@ def collective_timeout(seconds):
     dist.new_group = with_timeout(dist.new_group)
 
 
+# --- 5. exact resume after epoch 1 --------------------------------------------------------------
+
+def _batches_rebuilt_every_epoch(trainer, disable_iterator_cache):
+    task, split = trainer.task, trainer.cfg.dataset.train_subset
+    return (disable_iterator_cache or getattr(trainer.cfg.dataset, "update_epoch_batch_itr", False)
+            or getattr(task.cfg, "rebuild_batches", False) or task.has_sharded_data(split))
+
+
+def exact_resume():
+    """A run resumed in epoch E > 1 gets the batches an uninterrupted run made in epoch 1 (idempotent)."""
+    from fairseq.trainer import Trainer
+
+    get = Trainer.get_train_iterator
+    if getattr(get, "b2t_wrapped", False):
+        return
+
+    @functools.wraps(get)
+    def get_train_iterator(self, epoch, combine=True, load_dataset=True, data_selector=None,
+                           shard_batch_itr=True, disable_iterator_cache=False):
+        kw = dict(combine=combine, data_selector=data_selector, shard_batch_itr=shard_batch_itr,
+                  disable_iterator_cache=disable_iterator_cache)
+        if epoch <= 1 or _batches_rebuilt_every_epoch(self, disable_iterator_cache):
+            return get(self, epoch, load_dataset=load_dataset, **kw)
+        task, split = self.task, self.cfg.dataset.train_subset
+        if load_dataset:
+            logger.info("loading train data for epoch %d", epoch)
+            task.load_dataset(split, epoch=epoch, combine=combine, data_selector=data_selector, tpu=self.tpu)
+        dataset = task.dataset(split)
+        if dataset in getattr(task, "dataset_to_epoch_iter", {}) or not task.can_reuse_epoch_itr(dataset):
+            return get(self, epoch, load_dataset=False, **kw)  # cached, or rebuilt every epoch anyway
+        logger.info("resuming in epoch %d: making the batches of epoch 1, as an uninterrupted run did", epoch)
+        itr = get(self, 1, load_dataset=False, **kw)
+        itr.epoch = epoch
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        return itr
+
+    get_train_iterator.b2t_wrapped = True
+    Trainer.get_train_iterator = get_train_iterator
+
+
 def apply():
-    """Apply repairs 1-3 (idempotent); called when the plugin is imported."""
+    """Apply repairs 1-3 and 5 (idempotent); called when the plugin is imported."""
     allow_fairseq_checkpoints()
     keep_remainder_batches()
     safe_checkpoints()
+    exact_resume()
