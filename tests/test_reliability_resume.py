@@ -162,3 +162,20 @@ def test_sigkill_in_a_later_epoch_resumes_bit_for_bit(toy_data_bin, tmp_path, ki
     assert {u: got[u] for u in got} == {u: ref[u] for u in got}
     a, b = load(whole[1] / "checkpoint_last.pt")["model"], load(tmp_path / "run/checkpoint_last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ"
+
+
+def test_a_finished_run_stays_finished(toy_data_bin, whole, capsys):
+    """fairseq-train re-run on a finished run trains one more update and overwrites checkpoint_last.pt;
+    b2t-train says the run is finished (exit 0) and touches nothing."""
+    from b2t_fairseq.commands import cli
+
+    save = whole[1]
+    before = {p.name: p.read_bytes() for p in save.iterdir()}
+    for limit, words in ((["--max-update", "36"], "reached --max-update 36"),
+                         (["--max-update", "20"], "reached --max-update 20"),
+                         (["--max-epoch", "2"], "trained --max-epoch 2 epochs")):
+        assert cli.train([str(toy_data_bin), *TRAIN, *limit, "--save-dir", str(save)]) == 0
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("b2t-train: the run is finished: "), lines
+        assert words in lines[0] and "update 36, in epoch 3" in lines[0] and "to train on" in lines[0], lines[0]
+    assert {p.name: p.read_bytes() for p in save.iterdir()} == before
