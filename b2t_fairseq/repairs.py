@@ -26,6 +26,11 @@ fails if that code changes shape.
 4. ``collective_timeout(seconds)`` (not applied at import; the torchrun launcher calls it for
    ``--heartbeat-timeout``): ``torch.distributed.init_process_group``/``new_group`` get that timeout,
    so a worker blocked in a gloo collective fails instead of waiting torch's default 30 minutes.
+6. Binarized data and dictionaries are checked as fairseq opens them
+   (``fairseq.data.data_utils.load_indexed_dataset``, ``Dictionary.add_from_file``): a truncated
+   ``.bin`` or ``.idx``, an empty split or a malformed dictionary line is one line naming the file,
+   not an ``IndexError``/``AttributeError`` from deep inside numpy (or, for a short ``.bin``, a read past
+   its end).
 5. Exact resume after epoch 1 (``fairseq.trainer.Trainer.get_train_iterator``): an uninterrupted run
    makes its batches once, in epoch 1 (``FairseqTask.get_batch_iterator`` breaks length ties with a
    permutation seeded by seed + epoch, then caches the batches and only reshuffles their order each
@@ -543,9 +548,108 @@ def exact_resume():
     Trainer.get_train_iterator = get_train_iterator
 
 
+# --- 6. binarized data and dictionaries checked as fairseq opens them ------------------------------
+
+_MMAP_MAGIC = b"MMIDIDX\x00\x00"
+_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 8, 8: 2, 9: 4, 10: 8}  # fairseq's indexed_dataset._code_to_dtype
+
+
+def binarized_damage(prefix):
+    """Why PREFIX.idx/PREFIX.bin (fairseq's mmap format) cannot be used, or None if they look whole."""
+    idx, binf = prefix + ".idx", prefix + ".bin"
+    if not (os.path.isfile(idx) and os.path.isfile(binf)):
+        return None
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as f:
+        head = f.read(26)  # magic (9), version (8), dtype code (1), number of sentences (8)
+    if not head.startswith(_MMAP_MAGIC):
+        return None  # another format (lazy/cached/raw): fairseq checks it itself
+    if len(head) < 26:
+        return f"{idx} is truncated ({size} bytes, shorter than its header)"
+    n = int.from_bytes(head[18:26], "little")
+    item = _DTYPE_SIZES.get(head[17])
+    want = 26 + 12 * n  # then n int32 sizes and n int64 pointers
+    if size != want:
+        return f"{idx} is truncated or damaged ({size} bytes, its header promises {want})"
+    if n == 0:
+        return "empty"
+    sizes = np.memmap(idx, dtype=np.int32, mode="r", offset=26, shape=(n,))
+    tokens = int(sizes.sum(dtype=np.int64))
+    if item and os.path.getsize(binf) != tokens * item:
+        return (f"{binf} is truncated or damaged ({os.path.getsize(binf)} bytes, its index {os.path.basename(idx)} "
+                f"needs {tokens * item})")
+    return None
+
+
+def _checked_loading(load):
+    @functools.wraps(load)
+    def load_indexed_dataset(path, *args, **kwargs):
+        for k in range(1000):  # combine=True reads PATH, PATH1, PATH2, ...
+            part = path + (str(k) if k else "")
+            if not os.path.isfile(part + ".idx"):
+                break
+            damage = binarized_damage(part)
+            if damage == "empty":
+                split = os.path.basename(part).split(".")[0]
+                raise B2TError(f"split '{split}' in {os.path.dirname(part) or '.'} has no sentences ({part}.idx lists "
+                               "none); binarize it from a non-empty file with fairseq-preprocess, or leave it out "
+                               "(--disable-validation or --valid-subset for training, --gen-subset for decoding)")
+            if damage:
+                raise B2TError(f"{damage}; binarize the data again with fairseq-preprocess (a copy may have been cut short)")
+        return load(path, *args, **kwargs)
+
+    load_indexed_dataset.b2t_wrapped = True
+    return load_indexed_dataset
+
+
+def _checked_dictionary(add_from_file):
+    @functools.wraps(add_from_file)
+    def checked_add_from_file(self, f):
+        if not isinstance(f, str):
+            return add_from_file(self, f)
+        try:
+            return add_from_file(self, f)
+        except (ValueError, RuntimeError) as e:
+            text = str(e)
+            if not text.startswith(("Incorrect dictionary format", "Duplicate word found")):
+                raise
+            bad = text.split(": ", 1)[-1].strip().strip('"').strip()
+            line = None
+            try:
+                with open(f, encoding="utf-8") as fd:
+                    line = next((i for i, ln in enumerate(fd, 1) if ln.strip() == bad
+                                 or ln.rstrip("\n").rsplit(" ", 1)[0].strip() == bad), None)
+            except OSError:
+                pass
+            where = f"{f} line {line}" if line else f
+            what = "repeats a word" if text.startswith("Duplicate") else "is not '<word> <count>'"
+            raise B2TError(f"dictionary {where} {what} ({bad[:60]!r}); restore the dict file fairseq-preprocess "
+                           "wrote with this data, or binarize again") from e
+        except Exception as e:  # noqa: BLE001 - fairseq's "Incorrect encoding detected in ..." is a plain Exception
+            if not str(e).startswith("Incorrect encoding detected"):
+                raise
+            raise B2TError(f"dictionary {f} is not UTF-8; restore the dict file fairseq-preprocess wrote, or "
+                           "binarize again") from e
+
+    checked_add_from_file.b2t_wrapped = True
+    return checked_add_from_file
+
+
+def check_data_files():
+    """Install the data and dictionary checks (idempotent)."""
+    from fairseq.data import data_utils
+    from fairseq.data.dictionary import Dictionary
+
+    if not getattr(data_utils.load_indexed_dataset, "b2t_wrapped", False):
+        data_utils.load_indexed_dataset = _checked_loading(data_utils.load_indexed_dataset)
+    if not getattr(Dictionary.add_from_file, "b2t_wrapped", False):
+        Dictionary.add_from_file = _checked_dictionary(Dictionary.add_from_file)
+
+
 def apply():
-    """Apply repairs 1-3 and 5 (idempotent); called when the plugin is imported."""
+    """Apply repairs 1-3, 5 and 6 (idempotent); called when the plugin is imported."""
     allow_fairseq_checkpoints()
     keep_remainder_batches()
     safe_checkpoints()
     exact_resume()
+    check_data_files()
