@@ -98,6 +98,10 @@ def keep_remainder_batches():
     def batch_by_size(indices, *args, **kwargs):
         if not isinstance(indices, np.ndarray):
             indices = np.fromiter(indices, dtype=np.int64, count=-1)
+        if len(indices) == 0:  # fairseq: IndexError: list index out of range
+            raise B2TError("no sentence left to batch: the split is empty, or every sentence is longer than "
+                           "--max-tokens or the model's --max-source-positions/--max-target-positions (fairseq-train "
+                           "skips those); raise --max-tokens to at least the longest sentence pair, or the positions")
         batches = drops(indices, *args, **kwargs)
         fixed_shapes = kwargs.get("fixed_shapes", args[5] if len(args) > 5 else None)
         covered = sum(len(b) for b in batches)
@@ -199,6 +203,8 @@ def _importing(upgrade):
             if len(_layer_type_of) > 8:  # ids of dicts long gone: keep the table small
                 _layer_type_of.clear()
             _layer_type_of[id(state["model"])] = (imp.layer_type_of_state(state), where)
+            if len(_data_of) > 8:  # ids of dicts long gone: keep the table small
+                _data_of.clear()
             _data_of[id(state["model"])] = (checkpoint_data(state, _loading[-1] if _loading else None), where)
             for seen in _collectors:
                 seen.append(_data_of[id(state["model"])])

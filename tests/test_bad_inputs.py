@@ -147,6 +147,12 @@ def bad(toy_data_bin, tmp_path_factory):
         ("log_file_missing_folder", "train", train("--no-save", "--log-file", str(tmp / "nodir/train.log")), None),
         ("generate_path_folder", "generate", [d, "--path", str(tmp / "ck_folder"), *GEN], None),
         ("validate_path_folder", "validate", [d, "--path", str(tmp / "ck_folder"), *VALID], None),
+        ("save_interval_0", "train", train("--save-interval", "0", "--no-save"), None),
+        ("clip_norm_neg", "train", train("--clip-norm", "-1", "--no-save"), None),
+        ("inverse_sqrt_no_warmup", "train", train("--lr-scheduler", "inverse_sqrt", "--warmup-updates", "0",
+                                                  "--no-save"), None),
+        ("nbest_over_beam", "generate", [d, "--path", ck, "--batch-size", "16", "--beam", "2", "--nbest", "5",
+                                         "--cpu"], None),
         ("restore_folder", "train", train("--save-dir", str(tmp / "s1"), "--restore-file", str(tmp / "ck_folder")), None),
         # found as fairseq opens the data or the checkpoint
         ("short_bin", "train", train("--no-save", data=str(tmp / "short_bin")), None),
@@ -163,6 +169,10 @@ def bad(toy_data_bin, tmp_path_factory):
         ("validate_swapped_dict", "validate", [str(tmp / "swapped_dict"), "--path", ck, *VALID], None),
         ("restore_other_depth", "train", train("--save-dir", str(tmp / "s3"), "--restore-file", ck,
                                                "--max-update", "10", "--encoder-layers", "3"), None),
+        ("every_sentence_too_long", "train", train("--max-tokens", "3", "--no-save"), None),
+        ("data_is_a_file", "train", train("--no-save", data=str(tmp / "a_file")), None),
+        ("validate_missing_split", "validate", [d, "--path", ck, *VALID, "--valid-subset", "nope"], None),
+        ("max_len_below_min_len", "generate", [d, "--path", ck, *GEN, "--max-len-b", "-50"], None),
         ("full_disk", "train", train("--save-dir", str(tmp / "s4")), "full_disk"),
         ("ctrl_c", "train", train("--no-save"), "ctrl_c"),
     ]
@@ -197,6 +207,11 @@ def error(bad, name, prog, *words):
     ("restore_de_en", ["translates en->de", "reversed: de->en", "-s en -t de"]),
     ("restore_other_depth", ["does not fit the model", "2 encoder layers", "3 encoder layers", "--encoder-layers"]),
     ("full_disk", ["no space left on the device", "--keep-last-epochs"]),
+    ("save_interval_0", ["--save-interval 0", "at least 1"]),
+    ("clip_norm_neg", ["--clip-norm -1", "0 or more"]),
+    ("inverse_sqrt_no_warmup", ["--warmup-updates 0 divides by zero", "--lr-scheduler fixed"]),
+    ("every_sentence_too_long", ["no sentence left to batch", "raise --max-tokens"]),
+    ("data_is_a_file", ["a_file is a file, not a folder", "fairseq-preprocess"]),
 ])
 def test_b2t_train_bad_input(bad, name, words):
     error(bad, name, "b2t-train", *words)
@@ -215,6 +230,9 @@ def test_b2t_train_bad_input(bad, name, words):
     ("interactive_de_en", "b2t-interactive", ["translates en->de", "-s en -t de"]),
     ("generate_more_words", "b2t-generate", ["source dictionary", "has", "types", "--srcdict"]),
     ("validate_swapped_dict", "b2t-validate", ["another source dictionary", "same size", "--srcdict"]),
+    ("nbest_over_beam", "b2t-generate", ["--nbest 5 is more than --beam 2"]),
+    ("validate_missing_split", "b2t-validate", ["split 'nope' not found", "--valid-subset"]),
+    ("max_len_below_min_len", "b2t-generate", ["below --min-len", "--max-len-b"]),
 ])
 def test_evaluation_bad_input(bad, name, prog, words):
     error(bad, name, prog, *words)

@@ -62,9 +62,11 @@ def _explain_missing_file(e, prog):
     m = re.match(r"Dataset not found: (\S+) \((.*)\)$", str(e))
     if m:
         split, data = m.groups()
-        other = "--gen-subset" if prog.endswith(("generate", "validate")) else "--valid-subset or --disable-validation"
+        other = ("--gen-subset" if prog.endswith("generate") else "--valid-subset" if prog.endswith("validate")
+                 else "--valid-subset or --disable-validation")
+        pref = f"--{split}pref" if split in ("train", "valid", "test") else "--trainpref/--validpref/--testpref"
         return (f"split '{split}' not found in data directory {data}; binarize it with fairseq-preprocess "
-                f"(--{split}pref) or choose another split with {other}")
+                f"({pref}) or choose another split with {other}")
     path = getattr(e, "filename", None)
     if not path or not (_frames(e) & _DATA_READERS):
         return None  # not fairseq reading the data directory: not a data problem to explain
@@ -131,6 +133,12 @@ def explain(e, prog):
         return str(e)
     if isinstance(e, FileNotFoundError):
         return _explain_missing_file(e, prog)
+    if isinstance(e, NotADirectoryError) and e.filename and _frames(e) & _DATA_READERS:
+        return (f"data directory {e.filename} is a file, not a folder; pass the folder that fairseq-preprocess "
+                "wrote (its --destdir) as the first argument")
+    if isinstance(e, AssertionError) and str(e).startswith("min_len cannot be larger than max_len"):
+        return ("the longest output allowed (--max-len-a times the source length plus --max-len-b) is below "
+                "--min-len; raise --max-len-a/--max-len-b (the defaults are 0 and 200) or lower --min-len")
     for cause in _chain(e):
         if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
             msg = _explain_os_error(cause, prog)

@@ -100,6 +100,13 @@ AT_LEAST = {
     "--warmup-updates": (0, True, "the updates of learning rate warmup", "the paper uses 4000"),
     "--save-interval-updates": (0, True, "updates between checkpoints (0: only at epoch ends)", "e.g. 1000"),
     "--log-interval": (1, True, "updates between log lines", "e.g. --log-interval 100"),
+    "--save-interval": (1, True, "epochs between checkpoints", "e.g. --save-interval 1"),
+    "--validate-interval": (1, True, "epochs between validations", "e.g. --validate-interval 1, or "
+                            "--disable-validation"),
+    "--max-source-positions": (1, True, "the longest source sentence the model takes", "the default is 1024"),
+    "--max-target-positions": (1, True, "the longest target sentence the model takes", "the default is 1024"),
+    "--clip-norm": (0, False, "the gradient norm clipping threshold (0: no clipping)", "the paper uses 0.1 "
+                    "for deep models"),
 }
 POSITIVE = {"--lr": ("the learning rate", "the paper uses --lr 0.0005 or 0.001 (see recipe.py)")}
 PROBABILITIES = ("--dropout", "--attention-dropout", "--activation-dropout", "--label-smoothing")
@@ -121,7 +128,7 @@ def check_flags(argv, prog=""):
         text = flag_value(argv, flag)
         values = None if text is None else _numbers(flag, text, integer)
         if values and min(values) < low:
-            need = "a whole number of at least 1" if low == 1 else "0 or more"
+            need = ("a whole number of at least 1" if low == 1 else "0 or more") if integer else f"{low} or more"
             raise B2TError(f"{flag} {text}: {what} must be {need}; {fix}")
     for flag, (what, fix) in POSITIVE.items():
         text = flag_value(argv, flag)
@@ -134,6 +141,14 @@ def check_flags(argv, prog=""):
         if values and not all(0 <= v < 1 for v in values):
             raise B2TError(f"{flag} {text}: must be a probability from 0 up to 1 (1 itself excluded); the paper "
                            "uses 0.1 or 0.3")
+    warmup = _numbers("", flag_value(argv, "--warmup-updates") or "", True)
+    if flag_value(argv, "--lr-scheduler") == "inverse_sqrt" and warmup == [0]:
+        raise B2TError("--lr-scheduler inverse_sqrt with --warmup-updates 0 divides by zero; give it at least 1 "
+                       "warmup update (the paper uses 4000), or use --lr-scheduler fixed")
+    beam, nbest = (_numbers("", flag_value(argv, f) or "", True) for f in ("--beam", "--nbest"))
+    if beam and nbest and nbest[0] > beam[0]:
+        raise B2TError(f"--nbest {nbest[0]} is more than --beam {beam[0]}: a beam search keeps only --beam "
+                       "hypotheses; raise --beam or lower --nbest")
     for side in ("encoder", "decoder"):
         dim, heads = (_numbers("", flag_value(argv, f"--{side}-{k}") or "", True) for k in ("embed-dim", "attention-heads"))
         if dim and heads and len(dim) == len(heads) == 1 and dim[0] % heads[0]:
