@@ -10,7 +10,8 @@ fails if that code changes shape.
    Relies on: ``torch.serialization.add_safe_globals``.
 2. Remainder batches (``fairseq.data.data_utils.batch_by_size``): fairseq after 0.12.2 silently drops
    the last batch whose size is not a multiple of ``--required-batch-size-multiple`` (fairseq-generate
-   translated 16 of 21 test sentences); we keep it, as 0.12.2 and the authors' 0.9.0 did.
+   translated 16 of 21 test sentences); we keep it, as 0.12.2 and the authors' 0.9.0 did. Nothing to
+   batch (every sentence longer than --max-tokens) is one line instead of an IndexError.
 3. Checkpoints (``fairseq.checkpoint_utils.PathManager.copy``, ``load_checkpoint_to_cpu``,
    ``_upgrade_state_dict`` and ``BaseFairseqModel.load_state_dict``): fairseq copies a saved checkpoint
    onto ``checkpoint_last.pt``/``checkpoint_best.pt`` in place, so a kill mid-copy leaves a truncated
@@ -26,11 +27,6 @@ fails if that code changes shape.
 4. ``collective_timeout(seconds)`` (not applied at import; the torchrun launcher calls it for
    ``--heartbeat-timeout``): ``torch.distributed.init_process_group``/``new_group`` get that timeout,
    so a worker blocked in a gloo collective fails instead of waiting torch's default 30 minutes.
-6. Binarized data and dictionaries are checked as fairseq opens them
-   (``fairseq.data.data_utils.load_indexed_dataset``, ``Dictionary.add_from_file``): a truncated
-   ``.bin`` or ``.idx``, an empty split or a malformed dictionary line is one line naming the file,
-   not an ``IndexError``/``AttributeError`` from deep inside numpy (or, for a short ``.bin``, a read past
-   its end).
 5. Exact resume after epoch 1 (``fairseq.trainer.Trainer.get_train_iterator``): an uninterrupted run
    makes its batches once, in epoch 1 (``FairseqTask.get_batch_iterator`` breaks length ties with a
    permutation seeded by seed + epoch, then caches the batches and only reshuffles their order each
@@ -38,6 +34,10 @@ fails if that code changes shape.
    batch, and losses that drift from the uninterrupted run. A resumed run now makes the epoch-1
    batches, so it continues bit for bit. Runs whose batches fairseq rebuilds every epoch (sharded
    data, --update-epoch-batch-itr, rebuild_batches) were exact already and are left alone.
+6. Binarized data and dictionaries are checked as fairseq opens them
+   (``fairseq.data.data_utils.load_indexed_dataset``, ``Dictionary.add_from_file``): a truncated
+   ``.bin`` or ``.idx``, an empty split or a malformed dictionary line is one line naming the file,
+   not a ``ValueError``/``AttributeError`` from deep inside numpy.
 """
 
 
