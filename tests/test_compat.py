@@ -28,3 +28,19 @@ def test_generate_translates_every_test_sentence(tmp_path, toy_data_bin):
         p = run(["b2t-generate", tmp_path / "bin", "--path", tmp_path / "ckpt/checkpoint_last.pt", "--beam", "1",
                  "--cpu", "--max-len-b", "5", *extra])
         assert sum(line.startswith("H-") for line in p.stdout.splitlines()) == 21, extra
+
+
+def test_exact_resume_repair_matches_fairseq():
+    """repairs.exact_resume relies on these shapes of fairseq's code; fail loudly when they change."""
+    import inspect
+
+    from fairseq.tasks.fairseq_task import FairseqTask
+    from fairseq.trainer import Trainer
+
+    assert Trainer.get_train_iterator.b2t_wrapped  # applied by importing the plugin
+    params = list(inspect.signature(Trainer.get_train_iterator.__wrapped__).parameters)
+    assert params == ["self", "epoch", "combine", "load_dataset", "data_selector", "shard_batch_itr",
+                      "disable_iterator_cache"]
+    src = inspect.getsource(FairseqTask.get_batch_iterator)
+    # the reason for the repair: batches made once, their length ties broken by a seed + epoch permutation
+    assert "numpy_seed(seed + epoch)" in src and "self.dataset_to_epoch_iter[dataset] = epoch_iter" in src

@@ -1,4 +1,5 @@
-"""A training run killed with SIGKILL resumes exactly; a kill while a checkpoint is written loses nothing.
+"""A training run killed with SIGKILL resumes exactly, in any epoch; a kill while a checkpoint is
+written loses nothing; a finished run stays finished.
 
 The kills are real SIGKILLs, placed deterministically by a ``sitecustomize`` module put on the
 PYTHONPATH of the training process only (see KILL_HOOK): after update N, or in the middle of
@@ -96,6 +97,13 @@ def assert_killed(p):
     assert p.returncode == -signal.SIGKILL, f"the kill hook did not fire:\n{p.stderr[-3000:]}"
 
 
+@pytest.fixture(scope="module")
+def whole(toy_data_bin, tmp_path_factory):
+    """An uninterrupted run of 36 updates: epochs 1 and 2 (16 updates each) and 4 updates of epoch 3."""
+    save = tmp_path_factory.mktemp("whole")
+    return train(toy_data_bin, save, 36), save
+
+
 def test_sigkill_mid_epoch_then_same_command_resumes_exactly(toy_data_bin, tmp_path, kill_hook):
     whole = train(toy_data_bin, tmp_path / "whole", 30)
     killed = train(toy_data_bin, tmp_path / "run", 30, kill=(13, "step"), hook=kill_hook, check=False)
@@ -136,3 +144,38 @@ def test_kill_while_saving_checkpoint_keeps_previous_ones(toy_data_bin, tmp_path
     assert (save / "checkpoint_1_10.pt.tmp").exists() and not (save / "checkpoint_1_10.pt").exists()
     for name in ("checkpoint_1_5.pt", "checkpoint_last.pt", "checkpoint_best.pt"):
         assert load(save / name)["optimizer_history"][-1]["num_updates"] == 5, name
+
+
+@pytest.mark.parametrize("kill_at,resumed_at", [(18, (2, 16)), (23, (2, 20))], ids=["epoch_boundary", "mid_epoch_2"])
+def test_sigkill_in_a_later_epoch_resumes_bit_for_bit(toy_data_bin, tmp_path, kill_hook, whole, kill_at, resumed_at):
+    """Resumed in epoch 2 (from the end-of-epoch-1 checkpoint, or mid-epoch) and trained on into epoch 3,
+    the run has the uninterrupted run's losses and bitwise equal weights. Before repairs.exact_resume
+    fairseq made the batches of a run resumed in epoch E with seed + E ("creating new batches for
+    epoch 2"): other sentences per batch, losses up to 0.13 apart."""
+    killed = train(toy_data_bin, tmp_path / "run", 36, kill=(kill_at, "step"), hook=kill_hook, check=False)
+    assert_killed(killed)
+    resumed = train(toy_data_bin, tmp_path / "run", 36)
+    _, epoch, update = loaded_from(resumed.stderr)
+    assert (epoch, update) == resumed_at
+    ref, got = losses(whole[0].stderr), losses(resumed.stderr)
+    assert sorted(got) == list(range(update + 1, 37))
+    assert {u: got[u] for u in got} == {u: ref[u] for u in got}
+    a, b = load(whole[1] / "checkpoint_last.pt")["model"], load(tmp_path / "run/checkpoint_last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ"
+
+
+def test_a_finished_run_stays_finished(toy_data_bin, whole, capsys):
+    """fairseq-train re-run on a finished run trains one more update and overwrites checkpoint_last.pt;
+    b2t-train says the run is finished (exit 0) and touches nothing."""
+    from b2t_fairseq.commands import cli
+
+    save = whole[1]
+    before = {p.name: p.read_bytes() for p in save.iterdir()}
+    for limit, words in ((["--max-update", "36"], "reached --max-update 36"),
+                         (["--max-update", "20"], "reached --max-update 20"),
+                         (["--max-epoch", "2"], "trained --max-epoch 2 epochs")):
+        assert cli.train([str(toy_data_bin), *TRAIN, *limit, "--save-dir", str(save)]) == 0
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("b2t-train: the run is finished: "), lines
+        assert words in lines[0] and "update 36, in epoch 3" in lines[0] and "to train on" in lines[0], lines[0]
+    assert {p.name: p.read_bytes() for p in save.iterdir()} == before

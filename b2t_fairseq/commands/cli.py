@@ -17,6 +17,7 @@ from ..errors import B2TError
 from . import authors_argv, run_command
 from ..fast import translate_argv
 from .explain import check_args_before_fairseq
+from .preflight import finished_run
 
 PLUGIN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,6 +60,11 @@ def run_fairseq(main, argv=None, hydra=False, prog=None):
         if not hydra:
             argv = translate_argv(argv)  # --b2t-fast: --optimizer adam -> b2t_adam (fast.py)
             check_args_before_fairseq(argv, prog)
+            if prog == "b2t-train":
+                done = finished_run(argv)  # fairseq would train one more update (preflight.py)
+                if done:
+                    print(f"{prog}: {done}", file=sys.stderr)
+                    return 0
         sys.argv = [prog] + _with_user_dir(argv, hydra=hydra)
         return main()
 

@@ -4,6 +4,7 @@
 ``commands.run_command`` prints it. The README's Troubleshooting section lists every message.
 """
 
+import errno
 import os
 import re
 
@@ -16,6 +17,10 @@ from ..util import flag_value
 
 def check_args_before_fairseq(argv, prog):
     """Checks that are cheap to make before fairseq starts."""
+    from .preflight import check_flags, check_paths
+
+    check_flags(argv, prog)
+    check_paths(argv, prog)
     restore = flag_value(argv, "--restore-file")
     if prog.endswith("train") and restore not in (None, "checkpoint_last.pt") and not os.path.exists(restore):
         # fairseq would log "No existing checkpoint found" and silently train from scratch
@@ -40,16 +45,31 @@ def _checkpoint_fix(prog, err):
     return "pass another checkpoint with --path (checkpoint_best.pt, an epoch checkpoint or an averaged one)"
 
 
+# fairseq functions that open the data directory (a missing file there is a data problem)
+_DATA_READERS = {"infer_language_pair", "load_dictionary", "add_from_file", "setup_task", "load_langpair_dataset",
+                 "load_dataset", "split_exists"}
+
+
+def _frames(e):
+    tb, names = e.__traceback__, set()
+    while tb is not None:
+        names.add(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return names
+
+
 def _explain_missing_file(e, prog):
     m = re.match(r"Dataset not found: (\S+) \((.*)\)$", str(e))
     if m:
         split, data = m.groups()
-        other = "--gen-subset" if prog.endswith(("generate", "validate")) else "--valid-subset or --disable-validation"
+        other = ("--gen-subset" if prog.endswith("generate") else "--valid-subset" if prog.endswith("validate")
+                 else "--valid-subset or --disable-validation")
+        pref = f"--{split}pref" if split in ("train", "valid", "test") else "--trainpref/--validpref/--testpref"
         return (f"split '{split}' not found in data directory {data}; binarize it with fairseq-preprocess "
-                f"(--{split}pref) or choose another split with {other}")
+                f"({pref}) or choose another split with {other}")
     path = getattr(e, "filename", None)
-    if not path:
-        return None
+    if not path or not (_frames(e) & _DATA_READERS):
+        return None  # not fairseq reading the data directory: not a data problem to explain
     name = os.path.basename(os.path.normpath(path))
     folder = os.path.dirname(path) if re.fullmatch(r"dict\.[^/]*\.txt", name) else path
     if not os.path.isdir(folder):
@@ -84,6 +104,19 @@ def _explain_floating_point(e):
     return None
 
 
+def _explain_os_error(e, prog):
+    """A disk that is full, or a place that cannot be written (root ignores permissions: EROFS still hits)."""
+    name = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        keep = (" (--no-epoch-checkpoints, --keep-last-epochs N and --keep-interval-updates N keep fewer "
+                "checkpoints; a run resumes from its last intact checkpoint)") if prog.endswith("train") else ""
+        return f"no space left on the device{name}; free space there or write to a disk with room{keep}"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and e.filename:
+        where = "pass a --save-dir you can write" if prog.endswith("train") else "write to a place you can write"
+        return f"cannot write {e.filename} ({e.strerror}); {where}"
+    return None
+
+
 def _chain(e):
     seen = set()
     while e is not None and id(e) not in seen:
@@ -100,6 +133,17 @@ def explain(e, prog):
         return str(e)
     if isinstance(e, FileNotFoundError):
         return _explain_missing_file(e, prog)
+    if isinstance(e, NotADirectoryError) and e.filename and _frames(e) & _DATA_READERS:
+        return (f"data directory {e.filename} is a file, not a folder; pass the folder that fairseq-preprocess "
+                "wrote (its --destdir) as the first argument")
+    if isinstance(e, AssertionError) and str(e).startswith("min_len cannot be larger than max_len"):
+        return ("the longest output allowed (--max-len-a times the source length plus --max-len-b) is below "
+                "--min-len; raise --max-len-a/--max-len-b (the defaults are 0 and 200) or lower --min-len")
+    for cause in _chain(e):
+        if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+            msg = _explain_os_error(cause, prog)
+            if msg:
+                return msg
     if isinstance(e, OSError) and str(e).startswith("Model file not found: "):
         path = str(e).split(": ", 1)[1]
         return f"checkpoint {path} not found; fix --path (separate several checkpoints with ':')"
