@@ -44,3 +44,29 @@ def test_exact_resume_repair_matches_fairseq():
     src = inspect.getsource(FairseqTask.get_batch_iterator)
     # the reason for the repair: batches made once, their length ties broken by a seed + epoch permutation
     assert "numpy_seed(seed + epoch)" in src and "self.dataset_to_epoch_iter[dataset] = epoch_iter" in src
+
+
+def test_every_repair_is_in_place_and_its_fairseq_code_has_the_expected_shape():
+    """Importing the plugin wraps exactly the fairseq/torch names repairs.py documents; if fairseq renames
+    or re-signs one of them, this fails instead of the repair silently not applying."""
+    import inspect
+
+    import torch
+    from fairseq import checkpoint_utils
+    from fairseq.data import data_utils
+    from fairseq.models.fairseq_model import BaseFairseqModel
+    from fairseq.trainer import Trainer
+
+    assert data_utils.batch_by_size.b2t_keeps_remainder
+    assert list(inspect.signature(data_utils.batch_by_size.__wrapped__).parameters)[:7] == [
+        "indices", "num_tokens_fn", "num_tokens_vec", "max_tokens", "max_sentences", "required_batch_size_multiple",
+        "fixed_shapes"]  # fixed_shapes is read positionally (args[5] after indices)
+    assert checkpoint_utils.PathManager.b2t_atomic
+    for fn in (checkpoint_utils.load_checkpoint_to_cpu, checkpoint_utils._upgrade_state_dict,
+               checkpoint_utils.overwrite_args_by_name, checkpoint_utils.load_model_ensemble_and_task,
+               BaseFairseqModel.load_state_dict, Trainer.load_checkpoint, Trainer.state_dict,
+               Trainer.get_train_iterator):
+        assert getattr(fn, "b2t_wrapped", False), fn
+    import argparse
+
+    assert argparse.Namespace in torch.serialization.get_safe_globals()
