@@ -1,6 +1,7 @@
 """Shared test helpers (fixtures live in conftest.py): paths, the toy corpus, running commands,
 building models in-process, fairseq log parsing, the one-line error contract."""
 
+import json
 import os
 import random
 import subprocess
@@ -122,3 +123,66 @@ def train_args(data, save_dir, arch, max_update=30, *extra):
                                   "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
                                   "--max-update", max_update, "--save-dir", save_dir, *extra,
                                   arch=arch, lr="5e-3", max_tokens=1000)]
+
+
+# --- many command runs in one process (starting fairseq costs seconds a process) --------------
+
+# A case may name a patch applied in the driver for that case only: what a test machine cannot do for
+# real (root ignores chmod; a disk cannot be filled in a test) is simulated where the OS would answer.
+DRIVER = r'''
+import contextlib, errno, io, json, os, sys, traceback
+import torch
+import fairseq_cli.train, fairseq_cli.generate, fairseq_cli.validate, fairseq_cli.interactive
+import fairseq.trainer
+from b2t_fairseq.commands import cli
+
+def no_space(*a, **kw):  # what f.write says on a full disk: ENOSPC, no file name
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+def ctrl_c(*a, **kw):
+    raise KeyboardInterrupt
+
+real_access = os.access
+PATCHES = {
+    "full_disk": (torch, "save", no_space),
+    "ctrl_c": (fairseq.trainer.Trainer, "train_step", ctrl_c),
+    "read_only": (os, "access", lambda p, mode, **kw: False if str(p).startswith(os.environ["RO"]) else real_access(p, mode)),
+}
+cases_path, out_path = sys.argv[1:3]
+cases, out = json.load(open(cases_path)), {}
+for name, cmd, argv, *patch in cases:
+    patch = patch[0] if patch else None
+    err, so, code = io.StringIO(), io.StringIO(), 0
+    saved = None
+    if patch:
+        obj, attr, fn = PATCHES[patch]
+        saved = (obj, attr, getattr(obj, attr))
+        setattr(obj, attr, fn)
+    sys.stdin = io.StringIO("the cat\n")
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(so):
+        try:
+            getattr(cli, cmd)(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            code = 1
+            traceback.print_exc()
+    if saved:
+        setattr(*saved)
+    out[name] = {"code": code, "stderr": err.getvalue(), "stdout": so.getvalue()}
+with open(out_path, "w") as f:
+    json.dump(out, f)
+# the fake Ctrl-C leaves a torch thread that aborts the interpreter's shutdown ("terminate called without
+# an active exception"); a real SIGINT to b2t-train exits 130 cleanly (measured), so skip the shutdown
+os._exit(0)
+'''
+
+
+def run_commands_in_one_process(cases, tmp, env=None):
+    """Run (name, command, argv[, patch]) cases through the b2t console functions in ONE process;
+    returns {name: {"code", "stderr", "stdout"}}. A patch names an entry of PATCHES in the driver."""
+    tmp = Path(tmp)
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    (tmp / "driver.py").write_text(DRIVER)
+    run([sys.executable, tmp / "driver.py", tmp / "cases.json", tmp / "out.json"], env=env or {})
+    return json.loads((tmp / "out.json").read_text())

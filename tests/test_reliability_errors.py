@@ -4,9 +4,7 @@ The contract (commands/__init__.py run_command): ``PROG: error: <problem>; <fix>
 Failures outside the catalogue keep their traceback. The README's Troubleshooting section lists them all.
 """
 
-import json
 import shutil
-import sys
 import types
 
 import pytest
@@ -16,7 +14,7 @@ from b2t_fairseq import repairs as safe_checkpoint
 from b2t_fairseq.commands import explain as errors, run_command
 from b2t_fairseq.commands.torchrun_train import torchrun_argv
 from b2t_fairseq.errors import B2TError
-from helpers import run, toy_train_argv
+from helpers import run, run_commands_in_one_process, toy_train_argv
 
 TRAIN = toy_train_argv(json_log=False)
 GEN = ["--batch-size", "16", "--beam", "2", "--cpu"]
@@ -53,28 +51,9 @@ def truncate(src, dst, keep=0.5):
 
 # --- the catalogue, run through the console functions -----------------------------------------------
 # Starting fairseq costs ~4 s a process on the 2-core test machine, so the cases below run one after
-# another in ONE process (DRIVER), each through the same function as its console command (b2t-train is
+# another in ONE process (helpers.run_commands_in_one_process), each through the same function as its console command (b2t-train is
 # b2t_fairseq.commands.cli:train); test_missing_data_directory and the fp16 test run the installed commands.
 
-DRIVER = r"""
-import contextlib, io, json, sys, traceback
-import fairseq_cli.train, fairseq_cli.generate, fairseq_cli.validate  # logging set up outside the capture
-from b2t_fairseq.commands import cli
-cases_path, out_path = sys.argv[1:3]  # each command rewrites sys.argv
-cases, out = json.load(open(cases_path)), {}
-for name, cmd, argv in cases:
-    err, so, code = io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(so):
-        try:
-            getattr(cli, cmd)(argv)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        except BaseException:
-            code = 1
-            traceback.print_exc()
-    out[name] = {"code": code, "stderr": err.getvalue(), "stdout": so.getvalue()}
-json.dump(out, open(out_path, "w"))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +94,7 @@ def catalogue(toy_data_bin, trained, tmp_path_factory):
         ("restore_flipped", "train", [d, *t, "--save-dir", s, "--restore-file", str(paths["flipped"])]),
         ("restore_typo", "train", [d, *t, "--save-dir", s, "--restore-file", str(tmp / "typo.pt")]),
     ]
-    (tmp / "cases.json").write_text(json.dumps(cases))
-    (tmp / "driver.py").write_text(DRIVER)
-    run([sys.executable, tmp / "driver.py", tmp / "cases.json", tmp / "out.json"])
-    return json.loads((tmp / "out.json").read_text()), paths
+    return run_commands_in_one_process(cases, tmp), paths
 
 
 def case(catalogue, name):
