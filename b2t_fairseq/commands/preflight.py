@@ -81,16 +81,16 @@ AT_LEAST = {
     "--max-tokens-valid": (1, True, "the most tokens in a validation batch", "e.g. --max-tokens-valid 4096"),
     "--batch-size": (1, True, "the most sentences in a batch", "e.g. --batch-size 64, or drop it and use --max-tokens"),
     "--batch-size-valid": (1, True, "the most sentences in a validation batch", "e.g. --batch-size-valid 64"),
-    "--update-freq": (1, True, "batches accumulated per update", "1 accumulates none; the paper's 128-GPU "
-                      "batch on 8 GPUs is --update-freq 16"),
+    "--update-freq": (1, True, "batches accumulated per update", "1 accumulates none; the paper trains on 8 GPUs "
+                      "with --update-freq 16"),
     "--encoder-layers": (1, True, "the encoder depth", "the paper uses 6 or 18"),
     "--decoder-layers": (1, True, "the decoder depth", "the paper uses 6 or 18"),
-    "--encoder-embed-dim": (1, True, "the encoder width", "the paper uses 512 (base) or 1024 (big)"),
-    "--decoder-embed-dim": (1, True, "the decoder width", "the paper uses 512 (base) or 1024 (big)"),
-    "--encoder-ffn-embed-dim": (1, True, "the encoder FFN width", "the paper uses 2048 (base) or 4096 (big)"),
-    "--decoder-ffn-embed-dim": (1, True, "the decoder FFN width", "the paper uses 2048 (base) or 4096 (big)"),
-    "--encoder-attention-heads": (1, True, "the encoder's attention heads", "the paper uses 8 (base) or 16 (big)"),
-    "--decoder-attention-heads": (1, True, "the decoder's attention heads", "the paper uses 8 (base) or 16 (big)"),
+    "--encoder-embed-dim": (1, True, "the encoder width", "the paper uses 512"),
+    "--decoder-embed-dim": (1, True, "the decoder width", "the paper uses 512"),
+    "--encoder-ffn-embed-dim": (1, True, "the encoder FFN width", "the paper uses 2048"),
+    "--decoder-ffn-embed-dim": (1, True, "the decoder FFN width", "the paper uses 2048"),
+    "--encoder-attention-heads": (1, True, "the encoder's attention heads", "the paper uses 8"),
+    "--decoder-attention-heads": (1, True, "the decoder's attention heads", "the paper uses 8"),
     "--beam": (1, True, "the beam size", "--beam 1 is greedy search; the paper decodes with --beam 4"),
     "--nbest": (1, True, "hypotheses printed per sentence", "e.g. --nbest 1"),
     "--max-update": (0, True, "the number of updates to train (0: no limit)", "e.g. --max-update 50000"),
@@ -108,7 +108,7 @@ AT_LEAST = {
     "--clip-norm": (0, False, "the gradient norm clipping threshold (0: no clipping)", "the paper uses 0.1 "
                     "for deep models"),
 }
-POSITIVE = {"--lr": ("the learning rate", "the paper uses --lr 0.0005 or 0.001 (see recipe.py)")}
+POSITIVE = {"--lr": ("the learning rate", "the paper uses --lr 0.001 (see recipe.py)")}
 PROBABILITIES = ("--dropout", "--attention-dropout", "--activation-dropout", "--label-smoothing")
 
 
