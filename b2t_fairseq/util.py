@@ -1,6 +1,7 @@
 """Small helpers shared by the commands and tools (one copy of each)."""
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -74,6 +75,20 @@ def check_writable(path, flag):
     except OSError as e:
         raise B2TError(f"cannot write {flag} {path} ({e.strerror or e}); choose a writable place for {flag}"
                        ) from None
+
+
+def json_digest(obj, n=16):
+    """The first n hex digits of the SHA-256 of obj's JSON (keys sorted): a key for what built something."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:n]
+
+
+def file_digest(path, algo="sha256", n=None):
+    """The hex digest of a file's bytes (read in 1 MiB blocks), cut to n digits if n is given."""
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:n]
 
 
 def log(msg, stream=None):

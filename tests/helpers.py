@@ -86,6 +86,19 @@ def toy_batch(task, bsz=4, src_len=7, tgt_len=6, seed=0):
     return src, lengths, prev
 
 
+def assert_incremental_equals_full(model, task):
+    """Decoding step by step with fairseq's incremental_state gives the full-sequence decoder output."""
+    model.eval()
+    src, lengths, prev = toy_batch(task)
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=lengths)
+        full, _ = model.decoder(prev, encoder_out=enc)
+        state = {}
+        steps = [model.decoder(prev[:, : t + 1], encoder_out=enc, incremental_state=state)[0]
+                 for t in range(prev.size(1))]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
 # --- the one-line error contract -------------------------------------------------------------
 
 def assert_one_line_error(stderr, prog, *fragments):

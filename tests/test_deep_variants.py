@@ -23,7 +23,7 @@ from b2t_fairseq.layers import (
     deepnorm_constants,
 )
 from b2t_fairseq.transformer_b2t import B2TConfigError
-from helpers import TINY, build, parse, run, toy_batch, toy_train_argv
+from helpers import TINY, assert_incremental_equals_full, build, parse, run, toy_batch, toy_train_argv
 
 NO_DROPOUT = ["--dropout", "0", "--attention-dropout", "0"]
 
@@ -271,15 +271,7 @@ def test_incremental_decoding_equals_full_forward(toy_data_bin, arch, flags):
     model, task, _ = build(toy_data_bin, arch, *TINY, *flags)
     for layer in model.decoder.layers:
         _random_omegas_(layer)  # no-op for DeepNorm
-    model.eval()
-    src, lengths, prev = toy_batch(task)
-    with torch.no_grad():
-        enc = model.encoder(src, src_lengths=lengths)
-        full, _ = model.decoder(prev, encoder_out=enc)
-        state = {}
-        steps = [model.decoder(prev[:, : t + 1], encoder_out=enc, incremental_state=state)[0]
-                 for t in range(prev.size(1))]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert_incremental_equals_full(model, task)
 
 
 def test_admin_keys_are_stock_keys_plus_the_named_omegas(toy_data_bin):

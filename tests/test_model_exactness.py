@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from b2t_fairseq.layers import rescale_init_
-from helpers import TINY, build, toy_batch
+from helpers import TINY, assert_incremental_equals_full, build, toy_batch
 
 STOCK_PRE = ["--encoder-normalize-before", "--decoder-normalize-before"]
 
@@ -96,14 +96,7 @@ def test_b2t_decoder_layer_follows_the_equations(toy_data_bin):
 @pytest.mark.parametrize("arch", ["transformer_post_ln", "transformer_pre_ln", "transformer_b2t"])
 def test_incremental_decoding_equals_full_forward(toy_data_bin, arch):
     model, task, _ = build(toy_data_bin, arch, *TINY)
-    model.eval()
-    src, lengths, prev = toy_batch(task)
-    with torch.no_grad():
-        enc = model.encoder(src, src_lengths=lengths)
-        full, _ = model.decoder(prev, encoder_out=enc)
-        state = {}
-        steps = [model.decoder(prev[:, : t + 1], encoder_out=enc, incremental_state=state)[0] for t in range(prev.size(1))]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert_incremental_equals_full(model, task)
 
 
 def test_rescaled_init_scales_exactly_the_projection_weights(toy_data_bin):

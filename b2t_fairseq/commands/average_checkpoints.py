@@ -23,8 +23,6 @@ uses it, so a progress-check average is never reused once training has saved new
 import argparse
 import collections
 import errno
-import hashlib
-import json
 import os
 import re
 import sys
@@ -34,7 +32,7 @@ import torch
 
 from ..errors import B2TError
 from ..repairs import find_damage
-from ..util import atomic_open, check_writable
+from ..util import atomic_open, check_writable, file_digest, json_digest
 from . import run_command
 
 EPOCH_RE = re.compile(r"^checkpoint(\d+)\.pt$")
@@ -113,13 +111,9 @@ def fingerprint(path):
     try:
         with zipfile.ZipFile(path) as z:
             entries = [(i.filename, i.file_size, i.CRC) for i in z.infolist()]
-        return "zipcrc:" + hashlib.sha256(json.dumps([size, entries]).encode()).hexdigest()[:32]
+        return "zipcrc:" + json_digest([size, entries], 32)
     except (zipfile.BadZipFile, EOFError, ValueError):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return "sha256:" + h.hexdigest()[:32]
+        return "sha256:" + file_digest(path, n=32)
 
 
 def position(state, path=None):

@@ -10,7 +10,6 @@ no English sentence is in two splits. The joint sentencepiece model is learned o
 """
 
 import collections
-import hashlib
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from ..errors import B2TError
 from . import children
-from ..util import write_json
+from ..util import file_digest as util_file_digest, write_json
 
 DEFAULT_URL = "https://www.manythings.org/anki/deu-eng.zip"
 SPLITS = ("train", "valid", "test")
@@ -135,11 +134,7 @@ def check_splits(zip_path, pairs, splits, n_valid, n_test):
 
 
 def file_digest(path, n=16):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:n]
+    return util_file_digest(path, n=n)
 
 
 def _write_lines(path, lines):

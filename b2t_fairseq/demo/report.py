@@ -1,10 +1,9 @@
 """The demo's report: results.json, results.md, loss_curves.png, grad-norm plots and index.md."""
 
-import hashlib
 import json
 
 from ..analysis import grad_norms
-from ..util import atomic_write, describe_machine, log, machine, pyplot, write_json
+from ..util import atomic_write, describe_machine, json_digest, log, machine, pyplot, write_json
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -81,7 +80,7 @@ def grad_norms_key(kind, specs, deep, model_args, data_root, cfg, records):
     shape = {"kind": kind, "archs": [a for a, _, _ in specs], "layers": deep, "model": model_args,
              "batches": cfg.gn_batches, "max_tokens": cfg.max_tokens, "seed": cfg.seed, "data": data_root.name,
              "runs": sorted(r["key"] for r in records if r["layers"] == deep) if kind == "trained" else []}
-    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:10]
+    return json_digest(shape, 10)
 
 
 def do_grad_norms(out, data_root, cfg, records):

@@ -11,7 +11,6 @@ checkpoint_last.pt, not from the log: b2t-train writes its own log (train.log, l
 and the curves keep only the records up to the checkpoint's update.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -21,7 +20,7 @@ import time
 
 from .. import recipe
 from ..errors import B2TError
-from ..util import atomic_write, log, parse_generate_output, parse_json_log, write_json
+from ..util import atomic_write, json_digest, log, parse_generate_output, parse_json_log, write_json
 from . import children
 
 LABELS = recipe.LABELS
@@ -172,7 +171,7 @@ def run_key(arch, layers, data_root, cfg):
     every other option is in them) and the prepared data's tag (corpus digest, splits, vocabulary, seed)."""
     shape = {"train": train_command("DATA", "RUN", arch, layers, cfg)[1:],
              "generate": generate_command("DATA", "CKPT", cfg)[1:], "data": data_root.name}
-    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:10]
+    return json_digest(shape, 10)
 
 
 def truncate_curves(curves, updates):

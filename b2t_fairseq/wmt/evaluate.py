@@ -20,7 +20,6 @@ All inputs and output places are checked before the first sentence is translated
 """
 
 import argparse
-import hashlib
 import json
 import math
 import shlex
@@ -31,7 +30,7 @@ from pathlib import Path
 from ..commands import run_command
 from ..commands.cli import PLUGIN_DIR
 from ..errors import B2TError
-from ..util import check_writable, parse_generate_output
+from ..util import check_writable, json_digest, parse_generate_output
 from . import TEST_YEAR, YEARS
 
 PROG = "b2t-wmt-evaluate"
@@ -162,7 +161,7 @@ def data_fingerprint(data, years, subsets):
         files += [data / f"{subsets[y]}.en-de.{lang}.{ext}" for lang in ("en", "de") for ext in ("bin", "idx")]
         files += [data / "refs" / f"newstest{y}.de", data / "refs" / f"newstest{y}.tok.de"]
     stats = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] if f.exists() else [f.name, None] for f in files]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:32]
+    return json_digest(stats, 32)
 
 
 def checkpoint_provenance(ckpt):

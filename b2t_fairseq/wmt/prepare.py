@@ -23,7 +23,6 @@ only the binarize stage runs.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -38,7 +37,7 @@ from pathlib import Path
 
 from ..commands import run_command
 from ..errors import B2TError
-from ..util import atomic_open, log as util_log
+from ..util import atomic_open, file_digest, json_digest as digest, log as util_log
 from . import BPE_MERGES, TEST_YEAR, VALID_YEAR, YEARS
 
 PROG = "b2t-wmt-prepare"
@@ -80,11 +79,7 @@ def write_lines(path, lines):
 
 
 def md5sum(path):
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def fingerprint(paths):
@@ -94,10 +89,6 @@ def fingerprint(paths):
         st = Path(p).stat()
         out[str(p)] = [st.st_size, st.st_mtime_ns]
     return out
-
-
-def digest(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Stages:
