@@ -3,8 +3,8 @@
 Importing this package (``--user-dir b2t_fairseq`` or ``import b2t_fairseq``) registers the
 ``transformer_b2t`` model and its named architectures, and applies the runtime repairs listed in
 ``repairs.py`` (checkpoint loading under torch >= 2.6, remainder batches, atomic checkpoint copies).
-Nothing else happens at import time; the console commands and tools live in subpackages that the
-plugin core never imports.
+Nothing else happens at import time; the console commands and tools live in the sibling package
+``b2t_tools``, which the plugin never imports.
 """
 
 __version__ = "0.2.0"

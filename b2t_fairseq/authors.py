@@ -8,8 +8,9 @@ docstring there describes the conversion.
 import argparse
 import logging
 
+from . import layer_types
 from .errors import B2TError
-from .recipe import LN_POSITIONS
+from .layer_types import KEYS as LN_POSITIONS
 
 logger = logging.getLogger(__name__)
 PROG = "b2t-import-checkpoint"  # named in the messages: the command that converts a checkpoint once
@@ -95,8 +96,7 @@ def convert_args(args, where="checkpoint", init=None):
     dec_p = float(getattr(args, "dec_replace_rate", 0.0) or 0.0)
     new.word_dropout_src, new.word_dropout_tgt = (enc_p, dec_p) if method == "worddrop" else (0.0, 0.0)
     deep = min(getattr(args, "encoder_layers", 6), getattr(args, "decoder_layers", 6)) >= 18
-    family = {"b2t": "transformer_b2t", "post": "transformer_post_ln", "pre": "transformer_pre_ln"}[ln]
-    new.arch = family + ("_18l" if deep else "")
+    new.arch = layer_types.BY_KEY[ln].family + ("_18l" if deep else "")
     new.ln_position = ln
     new.residual_bottom_to_top = ln == "b2t"
     new.encoder_normalize_before = new.decoder_normalize_before = ln == "pre"

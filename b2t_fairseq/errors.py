@@ -13,3 +13,15 @@ class B2TError(Exception):
 
 class B2TConfigError(B2TError, ValueError):
     """A model flag combination the plugin refuses (raised while fairseq parses or builds)."""
+
+
+class CheckpointError(B2TError):
+    """A checkpoint file that cannot be read; ``path`` names it, ``reason`` says why.
+
+    ``kind`` is "corrupt" (truncated or damaged bytes) or "unsafe" (torch's weights-only loader
+    refuses an object in it); the console commands add the fix that fits their flags.
+    """
+
+    def __init__(self, path, reason, kind="corrupt"):
+        self.path, self.reason, self.kind = path, reason, kind
+        super().__init__(f"checkpoint {path} cannot be read ({reason})")

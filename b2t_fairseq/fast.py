@@ -45,11 +45,10 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from fairseq.modules.multihead_attention import MultiheadAttention
-from fairseq.optim import FairseqOptimizer, OPTIMIZER_REGISTRY, register_optimizer
+from fairseq.optim import OPTIMIZER_REGISTRY, FairseqOptimizer, register_optimizer
 from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
+from torch import Tensor
 
 from .errors import B2TError
 

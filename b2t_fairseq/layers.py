@@ -11,12 +11,11 @@ import math
 from typing import Dict, List, Optional
 
 import torch
-from torch import Tensor
-
 from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
     TransformerEncoderLayerBase,
 )
+from torch import Tensor
 
 
 class B2TEncoderLayer(TransformerEncoderLayerBase):

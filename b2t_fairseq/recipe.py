@@ -2,15 +2,9 @@
 
 Read by the named architectures (``transformer_b2t.py``), the WMT launcher (``scripts/train.sh``),
 the demo, the benchmark and the GPU script; the Hydra configs in ``configs/`` are generated from
-it (``python -m b2t_fairseq.wmt.configs --write configs/``) and ``tests/test_configs.py`` checks that
+it (``python -m b2t_tools.wmt.configs --write configs/``) and ``tests/test_configs.py`` checks that
 the committed files are exactly that output. Source: the authors' 2023 command (reference doc, section 3).
 """
-
-# layer types selectable with --ln-position, and the architecture family of each
-LN_POSITIONS = ("post", "pre", "b2t", "deepnorm", "admin")
-FAMILIES = {"post": "transformer_post_ln", "pre": "transformer_pre_ln", "b2t": "transformer_b2t",
-            "deepnorm": "transformer_deepnorm", "admin": "transformer_admin"}
-PAPER_LN_POSITIONS = ("post", "pre", "b2t")  # what the paper compares (the demo's default)
 
 DEEP = 18  # from this depth on, the paper's deep regularization applies
 
@@ -67,9 +61,4 @@ def optimizer_argv(lr=None, warmup=None):
 
 # the CPU-sized models of the tests, the demo and `_tiny` architectures
 TINY = {"embed_dim": 64, "ffn_embed_dim": 128, "attention_heads": 4, "layers": 2, "dropout": 0.1}
-
-# short names of the families (what b2t-demo --archs, b2t-grad-norms --arch, b2t-bench take)
-ARCHS = tuple(f[len("transformer_"):] for f in FAMILIES.values())
-PAPER_ARCHS = tuple(FAMILIES[ln][len("transformer_"):] for ln in PAPER_LN_POSITIONS)
-LABELS = {"post_ln": "Post-LN", "pre_ln": "Pre-LN", "b2t": "B2T", "deepnorm": "DeepNorm", "admin": "Admin"}
 

@@ -56,8 +56,8 @@ import zlib
 import numpy as np
 import torch
 
-from .errors import B2TError
-from .util import atomic_open
+from . import layer_types
+from .errors import B2TError, CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -116,22 +116,18 @@ def keep_remainder_batches():
 
 # --- 3. checkpoints that survive a kill -------------------------------------------------------
 
-class CheckpointError(B2TError):
-    """A checkpoint file that cannot be read; ``path`` names it, ``reason`` says why.
-
-    ``kind`` is "corrupt" (truncated or damaged bytes) or "unsafe" (torch's weights-only loader
-    refuses an object in it); the console commands add the fix that fits their flags.
-    """
-
-    def __init__(self, path, reason, kind="corrupt"):
-        self.path, self.reason, self.kind = path, reason, kind
-        super().__init__(f"checkpoint {path} cannot be read ({reason})")
-
-
 def atomic_copy(src, dst):
     """Copy src to dst so that dst is, at every moment, either the old file or the complete new one."""
-    with open(src, "rb") as fsrc, atomic_open(dst, "wb") as fdst:
-        shutil.copyfileobj(fsrc, fdst, 1 << 20)
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        with open(src, "rb") as fsrc, open(tmp, "wb") as fdst:
+            shutil.copyfileobj(fsrc, fdst, 1 << 20)
+            fdst.flush()
+            os.fsync(fdst.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return True
 
 
@@ -214,25 +210,6 @@ def _importing(upgrade):
     return _upgrade_state_dict
 
 
-def _model_layer_type(model):
-    """The layer type of a built model: 'b2t', 'deepnorm', 'admin', 'pre', 'post', or None if mixed/unknown."""
-    from .layers import (AdminDecoderLayer, AdminEncoderLayer, B2TDecoderLayer, B2TEncoderLayer,
-                         DeepNormDecoderLayer, DeepNormEncoderLayer)
-
-    kinds = {B2TEncoderLayer: "b2t", B2TDecoderLayer: "b2t", DeepNormEncoderLayer: "deepnorm",
-             DeepNormDecoderLayer: "deepnorm", AdminEncoderLayer: "admin", AdminDecoderLayer: "admin"}
-    types = set()
-    for m in model.modules():
-        if type(m) in kinds:
-            types.add(kinds[type(m)])
-        elif hasattr(m, "normalize_before") and hasattr(m, "final_layer_norm"):
-            types.add("pre" if m.normalize_before else "post")
-    return types.pop() if len(types) == 1 else None
-
-
-LABEL = {"b2t": "B2T", "deepnorm": "DeepNorm", "admin": "Admin", "pre": "Pre-LN", "post": "Post-LN"}
-
-
 def _b2t_guard(load_state_dict):
     """Refuse a B2T (or DeepNorm, Admin) checkpoint's weights for a model of another layer type: the
     parameter names are the same, so it would load silently and run as the wrong model. (A Post-LN
@@ -242,15 +219,15 @@ def _b2t_guard(load_state_dict):
         data, _ = _data_of.pop(id(state_dict), (None, None))
         if data is not None:
             check_fits(data, where, model_data(self, _tasks[-1] if _tasks else None))
-        if ckpt_type in ("b2t", "deepnorm", "admin"):
-            model_type = _model_layer_type(self)
+        if ckpt_type in layer_types.OWN_LAYERS:
+            model_type = layer_types.of_model(self)
             if model_type not in (None, ckpt_type):
                 fix = ("pass --arch transformer_b2t (or the authors' --arch transformer_wmt_en_de "
                        "--residual-bottom-to-top with b2t-train), and convert a checkpoint of the authors' fork "
                        "once with b2t-import-checkpoint IN.pt OUT.pt") if ckpt_type == "b2t" else \
                       f"pass --arch transformer_{ckpt_type} (or --ln-position {ckpt_type})"
-                raise B2TError(f"{where} holds a {LABEL[ckpt_type]} model but the model built from the command "
-                               f"line is {LABEL[model_type]}, so it would run as the wrong model; {fix}")
+                raise B2TError(f"{where} holds a {layer_types.BY_KEY[ckpt_type].label} model but the model built "
+                               f"from the command line is {layer_types.BY_KEY[model_type].label}, so it would run as the wrong model; {fix}")
         try:
             return load_state_dict(self, state_dict, *args, **kwargs)
         except RuntimeError as e:

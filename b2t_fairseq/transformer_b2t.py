@@ -9,35 +9,36 @@ for deep Post-LN: one value of the switch sets both the residual and the initial
 
 import argparse
 
-from omegaconf import OmegaConf
-
 from fairseq.distributed import fsdp_wrap
-from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY, register_model, register_model_architecture
-from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerEncoderBase, TransformerModel
+from fairseq.models import (
+    ARCH_MODEL_REGISTRY,
+    MODEL_REGISTRY,
+    register_model,
+    register_model_architecture,
+)
+from fairseq.models.transformer import (
+    TransformerConfig,
+    TransformerDecoderBase,
+    TransformerEncoderBase,
+    TransformerModel,
+)
 from fairseq.models.transformer.transformer_legacy import transformer_wmt_en_de
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from omegaconf import OmegaConf
 
-from . import fast, recipe
+from . import fast, layer_types, recipe
 from .errors import B2TConfigError
 from .layers import (
     ADMIN_OUTPUT_CHANGE_SCALES,
     DEEPNORM_REFERENCES,
-    AdminDecoderLayer,
-    AdminEncoderLayer,
-    B2TDecoderLayer,
-    B2TEncoderLayer,
-    DeepNormDecoderLayer,
-    DeepNormEncoderLayer,
     deepnorm_constants,
     deepnorm_init_,
     rescale_init_,
     word_dropout,
 )
 
-LN_POSITIONS = recipe.LN_POSITIONS
+LN_POSITIONS = layer_types.KEYS
 ADMIN_OMEGA_MODES = ("trainable", "fixed")
-ENCODER_LAYERS = {"b2t": B2TEncoderLayer, "deepnorm": DeepNormEncoderLayer, "admin": AdminEncoderLayer}
-DECODER_LAYERS = {"b2t": B2TDecoderLayer, "deepnorm": DeepNormDecoderLayer, "admin": AdminDecoderLayer}
 
 
 def resolve_layer_type(args):
@@ -112,7 +113,7 @@ def _wrap(layer, cfg):
 
 class B2TTransformerEncoder(TransformerEncoderBase):
     def build_encoder_layer(self, cfg):
-        layer_class = ENCODER_LAYERS.get(getattr(cfg, "ln_position", "post"))
+        layer_class = layer_types.BY_KEY[getattr(cfg, "ln_position", None) or "post"].encoder_layer
         if layer_class is None:
             return super().build_encoder_layer(cfg)
         return _wrap(layer_class(cfg, return_fc=self.return_fc), cfg)
@@ -128,7 +129,7 @@ class B2TTransformerEncoder(TransformerEncoderBase):
 
 class B2TTransformerDecoder(TransformerDecoderBase):
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
-        layer_class = DECODER_LAYERS.get(getattr(cfg, "ln_position", "post"))
+        layer_class = layer_types.BY_KEY[getattr(cfg, "ln_position", None) or "post"].decoder_layer
         if layer_class is None:
             return super().build_decoder_layer(cfg, no_encoder_attn)
         return _wrap(layer_class(cfg, no_encoder_attn), cfg)
@@ -267,9 +268,9 @@ def _tiny(args, ln_position):
 
 
 ARCHITECTURES = {}
-for _ln, _prefix in recipe.FAMILIES.items():
-    ARCHITECTURES[_prefix] = lambda args, ln=_ln: _paper(args, ln, 6)
-    ARCHITECTURES[_prefix + "_18l"] = lambda args, ln=_ln: _paper(args, ln, 18)
-    ARCHITECTURES[_prefix + "_tiny"] = lambda args, ln=_ln: _tiny(args, ln)
+for _t in layer_types.LAYER_TYPES:
+    ARCHITECTURES[_t.family] = lambda args, ln=_t.key: _paper(args, ln, 6)
+    ARCHITECTURES[_t.family + "_18l"] = lambda args, ln=_t.key: _paper(args, ln, 18)
+    ARCHITECTURES[_t.family + "_tiny"] = lambda args, ln=_t.key: _tiny(args, ln)
 for _name, _fn in ARCHITECTURES.items():
     _register_arch(_name, _fn)

@@ -36,6 +36,6 @@ esac
 [ "$LAST_OK" = 1 ] || { echo "evaluate.sh: error: --last $LAST is not a number of checkpoints; pass --last N with N >= 1 (the paper: 10)" >&2; exit 2; }
 LAST=$(( 10#$LAST ))
 AVG="$SAVE/checkpoint_avg_${KIND}_last$LAST.pt"
-"$PY" -m b2t_fairseq.commands.average_checkpoints --inputs "$SAVE" "--num-$KIND-checkpoints" "$LAST" --output "$AVG" \
+"$PY" -m b2t_tools.commands.average_checkpoints --inputs "$SAVE" "--num-$KIND-checkpoints" "$LAST" --output "$AVG" \
   --reuse-if-current
-exec "$PY" -m b2t_fairseq.wmt.evaluate --data "$DATA" --checkpoint "$AVG" --name "$NAME" --out "$OUT" "${REUSE[@]}" "$@"
+exec "$PY" -m b2t_tools.wmt.evaluate --data "$DATA" --checkpoint "$AVG" --name "$NAME" --out "$OUT" "${REUSE[@]}" "$@"

@@ -86,16 +86,16 @@ if [[ $FAST_PATH == 1 ]]; then
     FAST_BENCH=(--arch-size paper --layers 6 18 --max-tokens 3584 28672 --rounds 3 --warmup 1 --batches 3)
     echo "== 4a. b2t-bench fp16: stock fairseq vs --b2t-fast"
     # shellcheck disable=SC2086
-    timeout 140 "$PY" -m b2t_fairseq.analysis.bench "${FAST_BENCH[@]}" --dtype fp16 \
+    timeout 140 "$PY" -m b2t_tools.analysis.bench "${FAST_BENCH[@]}" --dtype fp16 \
         --variants stock_post_ln plugin_b2t fast_post_ln fast_b2t --json "$RES/fast-fp16.json" ${B2T_BENCH_ARGS:-} \
         2>"$WORK/fast-fp16.err" | tee "$RES/fast-fp16.txt" || { status=1; tail -n 40 "$WORK/fast-fp16.err"; }
     echo "== 4b. b2t-bench bf16 (--b2t-bf16): the fairseq path vs --b2t-fast"
     # shellcheck disable=SC2086
-    timeout 140 "$PY" -m b2t_fairseq.analysis.bench "${FAST_BENCH[@]}" --dtype bf16 \
+    timeout 140 "$PY" -m b2t_tools.analysis.bench "${FAST_BENCH[@]}" --dtype bf16 \
         --variants plugin_post_ln plugin_b2t fast_post_ln fast_b2t --json "$RES/fast-bf16.json" ${B2T_BENCH_ARGS:-} \
         2>"$WORK/fast-bf16.err" | tee "$RES/fast-bf16.txt" || { status=1; tail -n 40 "$WORK/fast-bf16.err"; }
     echo "== 5. loss curves, 18-layer B2T, 200 updates, fp16: plain vs --b2t-fast"
-    timeout 180 "$PY" -m b2t_fairseq.analysis.fast_curve --size paper --layers 18 --ln-position b2t --max-tokens 3584 \
+    timeout 180 "$PY" -m b2t_tools.analysis.fast_curve --size paper --layers 18 --ln-position b2t --max-tokens 3584 \
         --updates 200 --device cuda --dtype fp16 --json "$RES/fast-curve-18l-b2t.json" \
         2>"$WORK/fast-curve.err" | tee "$RES/fast-curve-18l-b2t.txt" || { status=1; tail -n 40 "$WORK/fast-curve.err"; }
     echo "gpu-checks: fast-path results in $RES (status $status)"
@@ -122,12 +122,12 @@ EOF
     local pids=() archs=() recipe=() families=()
     # the paper's optimizer (b2t_fairseq/recipe.py) with a short warmup
     mapfile -t recipe < <("$PY" -c 'import sys; from b2t_fairseq import recipe; print("\n".join(recipe.optimizer_argv(*sys.argv[1:])))' 0.0005 20)
-    mapfile -t families < <("$PY" -c 'from b2t_fairseq import recipe; print("\n".join(recipe.ARCHS))')
+    mapfile -t families < <("$PY" -c 'from b2t_fairseq import layer_types; print("\n".join(layer_types.SHORTS))')
     for ln in "${families[@]}"; do
         for suffix in "" _18l _tiny; do
             arch=transformer_${ln}${suffix}
             archs+=("$arch")
-            timeout 300 "$PY" -m b2t_fairseq.commands.cli train "$WORK/bin" \
+            timeout 300 "$PY" -m b2t_tools.commands.cli train "$WORK/bin" \
                 --arch "$arch" --fp16 "${recipe[@]}" --max-tokens 1024 \
                 --max-update 60 --log-format simple --log-interval 10 --no-save --disable-validation \
                 --seed 1 --num-workers 0 >"$WORK/train-$arch.log" 2>&1 &
@@ -178,7 +178,7 @@ fi
 if [[ ${B2T_SKIP_BENCH:-0} != 1 ]]; then
     echo "== 2. b2t-bench, paper sizes, fp16; 3. profile of one stock Post-LN update"
     # shellcheck disable=SC2086
-    timeout 420 "$PY" -m b2t_fairseq.analysis.bench --arch-size paper --layers 6 18 --max-tokens 3584 8192 32768 \
+    timeout 420 "$PY" -m b2t_tools.analysis.bench --arch-size paper --layers 6 18 --max-tokens 3584 8192 32768 \
         --variants stock_post_ln stock_pre_ln plugin_post_ln plugin_pre_ln plugin_b2t \
         --json "$RES/bench-gpu.json" --profile "$RES/profile-gpu.json" --profile-layers 6 --profile-max-tokens 8192 \
         ${B2T_BENCH_ARGS:-} 2>"$WORK/bench.err" | tee "$RES/bench-gpu.txt" || { status=1; tail -n 40 "$WORK/bench.err"; }

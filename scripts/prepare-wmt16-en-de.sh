@@ -10,4 +10,4 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="${B2T_PYTHON:-$HERE/../.venv/bin/python}"
 [ -x "$PY" ] || PY="$(command -v python3)"
-exec "$PY" -m b2t_fairseq.wmt.prepare "$@"
+exec "$PY" -m b2t_tools.wmt.prepare "$@"

@@ -45,4 +45,4 @@ for setting in $SETTINGS; do
   # --reuse: the average is rebuilt when the last checkpoints changed, the result when the average did
   "$HERE/evaluate.sh" "$save" --data "$DATA" --name "$name" --out "$RESULTS/$name.json" --reuse "${EVAL[@]}"
 done
-"$PY" -m b2t_fairseq.wmt.results_table "$RESULTS" --out "$RESULTS/table.md"
+"$PY" -m b2t_tools.wmt.results_table "$RESULTS" --out "$RESULTS/table.md"

@@ -4,7 +4,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from helpers import TATOEBA_ZIP, run, write_toy_corpus
 
 

@@ -12,7 +12,7 @@ import torch
 from fairseq import options, tasks
 
 import b2t_fairseq  # noqa: F401  (registers transformer_b2t)
-from b2t_fairseq.util import parse_json_log  # noqa: F401  (re-exported for the tests)
+from b2t_tools.util import parse_json_log  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: fairseq-* and b2t-* live here
@@ -147,7 +147,7 @@ import contextlib, errno, io, json, os, sys, traceback
 import torch
 import fairseq_cli.train, fairseq_cli.generate, fairseq_cli.validate, fairseq_cli.interactive
 import fairseq.trainer
-from b2t_fairseq.commands import cli
+from b2t_tools.commands import cli
 
 def no_space(*a, **kw):  # what f.write says on a full disk: ENOSPC, no file name
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -4,10 +4,10 @@ import pytest
 import torch
 from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.sequence_generator import SequenceGenerator
-
-from b2t_fairseq.transformer_b2t import ARCHITECTURES, B2TConfigError
-from b2t_fairseq.layers import B2TEncoderLayer
 from helpers import TINY, build, toy_batch
+
+from b2t_fairseq.layers import B2TEncoderLayer
+from b2t_fairseq.transformer_b2t import ARCHITECTURES, B2TConfigError
 
 EXPECTED = {  # arch: (ln_position, encoder layers, decoder layers, embed dim)
     "transformer_b2t": ("b2t", 6, 6, 512), "transformer_post_ln": ("post", 6, 6, 512),

@@ -15,13 +15,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
+from helpers import REPO, TINY, build, run, toy_batch
 
 from b2t_fairseq import authors
-from b2t_fairseq.commands import authors_argv, import_checkpoint as imp
 from b2t_fairseq.errors import B2TError
+from b2t_tools.errors import ToolError
 from b2t_fairseq.layers import B2TDecoderLayer, B2TEncoderLayer
-from helpers import REPO, TINY, build, run, toy_batch
+from b2t_tools.commands import authors_argv
+from b2t_tools.commands import import_checkpoint as imp
 
 DIMS = dict(encoder_embed_dim=32, decoder_embed_dim=32, encoder_ffn_embed_dim=64, decoder_ffn_embed_dim=64,
             encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=3, decoder_layers=2)
@@ -113,7 +114,9 @@ def _attention(p, prefix, q_in, kv_in, heads, key_pad=None, causal=False):
 
 def reference_logits(p, src, prev, pad, b2t=True):
     """y = LN_ffn(x + h + FFN(h)) (B2T) or LN_ffn(h + FFN(h)) (Post-LN), decoder likewise; shared embeddings."""
-    from fairseq.modules.sinusoidal_positional_embedding import SinusoidalPositionalEmbedding
+    from fairseq.modules.sinusoidal_positional_embedding import (
+        SinusoidalPositionalEmbedding,
+    )
 
     p = {k: v.float() for k, v in p.items()}
     d = DIMS["encoder_embed_dim"]
@@ -347,7 +350,7 @@ def _parse(argv):
 def test_readme_18l_command_trains_the_recipe_model(toy_data_bin):
     authors = shlex.split(README_2023_18L.replace("\\\n", " "))[3:]  # drop "python -u train.py"
     authors[0] = str(toy_data_bin)
-    ours = run([sys.executable, "-m", "b2t_fairseq.wmt.train", "transformer_b2t", "18", "--gpus", "8", "--dry-run",
+    ours = run([sys.executable, "-m", "b2t_tools.wmt.train", "transformer_b2t", "18", "--gpus", "8", "--dry-run",
                 "--data", toy_data_bin], cwd=REPO).stdout
     ours = shlex.split(ours.strip())[1:]  # drop the b2t-train program
     a, o = _parse(authors_argv.translate(authors)), _parse(ours)
@@ -383,11 +386,11 @@ def test_authors_flags_translate():
     assert t(cosine) == cosine  # cosine's own --min-lr (the floor of the schedule) is not the 0.9 stop flag
     plain = ["d", "--arch", "transformer_wmt_en_de", "--dropout", "0.3"]
     assert t(plain) == plain  # no fork flag: stock fairseq's model, untouched
-    with pytest.raises(B2TError, match="similarity .* not implemented"):
+    with pytest.raises(ToolError, match="similarity .* not implemented"):
         t(["d", "--sampling-method", "similarity"])
-    with pytest.raises(B2TError, match="--arch transformer_vaswani_wmt_en_de_big"):
+    with pytest.raises(ToolError, match="--arch transformer_vaswani_wmt_en_de_big"):
         t(["d", "--arch", "transformer_vaswani_wmt_en_de_big", "--residual-bottom-to-top"])
-    with pytest.raises(B2TError, match=r"must be in \[0, 1\)"):
+    with pytest.raises(ToolError, match=r"must be in \[0, 1\)"):
         t(["d", "--sampling-method", "worddrop", "--enc-replace-rate", "1.5"])
 
 
@@ -403,7 +406,7 @@ def test_other_sampling_method_is_one_line_from_b2t_train(toy_data_bin):
 def test_wmt_evaluate_decodes_in_fp32_unless_asked(tmp_path, monkeypatch):
     import json
 
-    from b2t_fairseq.wmt import evaluate as ev
+    from b2t_tools.wmt import evaluate as ev
 
     data = tmp_path / "data"
     (data / "refs").mkdir(parents=True)

@@ -4,9 +4,9 @@ import argparse
 
 import pytest
 import torch
-
-from b2t_fairseq.commands import average_checkpoints as avg
 from helpers import run
+
+from b2t_tools.commands import average_checkpoints as avg
 
 
 def _ckpt(path, value, epoch=1, extra_key=False, **model_args):
@@ -82,10 +82,10 @@ def test_truncated_checkpoint_is_one_line(run_dir, capsys):
 def test_not_a_checkpoint_and_mismatched_runs(run_dir, tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint\n")
-    with pytest.raises(avg.B2TError, match="truncated or corrupt"):
+    with pytest.raises(avg.ToolError, match="truncated or corrupt"):
         avg.average([str(junk)])
     other = _ckpt(tmp_path / "other.pt", 1, extra_key=True)
-    with pytest.raises(avg.B2TError, match="other parameters"):
+    with pytest.raises(avg.ToolError, match="other parameters"):
         avg.average([str(run_dir / "checkpoint1.pt"), str(other)])
 
 
@@ -96,7 +96,7 @@ def test_checkpoint_with_damaged_weights_is_refused_not_averaged(tmp_path):
     data[len(data) // 2] ^= 0xFF  # inside the weights: torch.load alone accepts the file
     big.write_bytes(bytes(data))
     assert torch.load(big, weights_only=True)["model"]["w"].shape == (20000,)
-    with pytest.raises(avg.B2TError, match="truncated or corrupt"):
+    with pytest.raises(avg.ToolError, match="truncated or corrupt"):
         avg.load(str(big))
 
 

@@ -11,10 +11,15 @@ import os
 import shutil
 
 import pytest
+from helpers import (
+    assert_one_line_error,
+    run,
+    run_commands_in_one_process,
+    toy_train_argv,
+)
 
-from b2t_fairseq.commands import preflight
-from b2t_fairseq.errors import B2TError
-from helpers import assert_one_line_error, run, run_commands_in_one_process, toy_train_argv
+from b2t_tools.commands import preflight
+from b2t_tools.errors import ToolError
 
 TRAIN = toy_train_argv(json_log=False)
 GEN = ["--batch-size", "16", "--beam", "2", "--cpu"]
@@ -213,14 +218,14 @@ def test_checkpoints_record_their_data(bad):
 def test_flag_checks_accept_good_values():
     preflight.check_flags(["--max-tokens", "4096", "--update-freq", "1,2", "--lr", "5e-4", "--dropout", "0",
                            "--encoder-embed-dim", "512", "--encoder-attention-heads", "8", "--max-update", "0"], "b2t-train")
-    with pytest.raises(B2TError, match="not divisible by --encoder-attention-heads 8"):
+    with pytest.raises(ToolError, match="not divisible by --encoder-attention-heads 8"):
         preflight.check_flags(["--max-tokens", "1", "--encoder-embed-dim", "500", "--encoder-attention-heads", "8"])
-    with pytest.raises(B2TError, match="--lr 0.1,0"):
+    with pytest.raises(ToolError, match="--lr 0.1,0"):
         preflight.check_flags(["--max-tokens", "1", "--lr", "0.1,0"])
 
 
 def test_explain_os_errors():
-    from b2t_fairseq.commands.explain import explain
+    from b2t_tools.commands.explain import explain
 
     full = OSError(errno.ENOSPC, "No space left on device", "/ck/checkpoint_last.pt.tmp")
     assert "no space left on the device writing /ck/checkpoint_last.pt.tmp" in explain(full, "b2t-train")

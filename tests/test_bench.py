@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-
-from b2t_fairseq.analysis import bench, measure
 from helpers import run
+
+from b2t_tools.analysis import bench, measure
 
 QUICK_LAYERS = bench.DEFAULTS["quick"]["layers"]
 FIELDS = {"variant": str, "layers": int, "tokens_per_s": float, "peak_mem_bytes": int,

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import REPO, run, train_args, train_losses
 
 ARCHS = ["transformer_post_ln_tiny", "transformer_pre_ln_tiny", "transformer_b2t_tiny"]

@@ -1,4 +1,4 @@
-"""configs/*.yaml are what the recipe generates (b2t_fairseq.wmt.configs), agree with `scripts/train.sh --dry-run`,
+"""configs/*.yaml are what the recipe generates (b2t_tools.wmt.configs), agree with `scripts/train.sh --dry-run`,
 and train through fairseq-hydra-train."""
 
 import shlex
@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from b2t_fairseq import recipe as core_recipe
-from b2t_fairseq.wmt import configs as generator
-from b2t_fairseq.wmt import train as recipe
 from helpers import REPO, assert_one_line_error, run
+
+from b2t_fairseq import layer_types
+from b2t_fairseq import recipe as core_recipe
+from b2t_tools.wmt import configs as generator
+from b2t_tools.wmt import train as recipe
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SETTINGS = [(a, n) for a in recipe.ARCH_FAMILIES for n in (6, 18)]
@@ -67,7 +68,7 @@ def test_committed_configs_are_the_generated_ones():
     assert sorted(want) == sorted(p.name for p in CONFIGS)
     for path in CONFIGS:
         assert path.read_text() == want[path.name], \
-            f"{path.name} differs from the recipe; run python -m b2t_fairseq.wmt.configs --write configs/"
+            f"{path.name} differs from the recipe; run python -m b2t_tools.wmt.configs --write configs/"
 
 
 def test_generator_follows_the_recipe(monkeypatch):
@@ -81,15 +82,16 @@ def test_generator_follows_the_recipe(monkeypatch):
 
 @pytest.mark.parametrize("arch,layers", SETTINGS)
 def test_config_names_a_registered_architecture_of_its_layer_type(arch, layers):
-    import b2t_fairseq  # noqa: F401
     from argparse import Namespace
 
     from fairseq.models import ARCH_CONFIG_REGISTRY
 
+    import b2t_fairseq  # noqa: F401
+
     name = yaml.safe_load((REPO / "configs" / f"{arch}_{layers}l.yaml").read_text())["model"]["_name"]
     args = Namespace()
     ARCH_CONFIG_REGISTRY[name](args)
-    ln = {v: k for k, v in core_recipe.FAMILIES.items()}[arch]
+    ln = next(t.key for t in layer_types.LAYER_TYPES if t.family == arch)
     assert args.ln_position == ln and args.encoder_layers == args.decoder_layers == layers
 
 
@@ -99,9 +101,9 @@ def test_check_command_finds_a_changed_or_stray_file(tmp_path):
     victim = tmp_path / "transformer_admin_18l.yaml"
     victim.write_text(victim.read_text().replace("dropout: 0.5", "dropout: 0.3"))
     (tmp_path / "extra.yaml").write_text("model: {}\n")
-    p = run([sys.executable, "-m", "b2t_fairseq.wmt.configs", "--check", tmp_path], check=False)
+    p = run([sys.executable, "-m", "b2t_tools.wmt.configs", "--check", tmp_path], check=False)
     assert p.returncode == 2
-    assert_one_line_error(p.stderr, "b2t_fairseq.wmt.configs", "transformer_admin_18l.yaml", "extra.yaml", "--write")
+    assert_one_line_error(p.stderr, "b2t_tools.wmt.configs", "transformer_admin_18l.yaml", "extra.yaml", "--write")
 
 
 @pytest.mark.parametrize("arch,layers", SETTINGS)
@@ -146,8 +148,9 @@ def test_hydra_config_trains_on_toy_data(hydra_run):
 
 
 def test_hydra_config_builds_b2t_layers(hydra_run):
-    import b2t_fairseq  # noqa: F401
     from fairseq import checkpoint_utils
+
+    import b2t_fairseq  # noqa: F401
 
     save, log = hydra_run
     assert "B2TEncoderLayer" in log and "B2TDecoderLayer" in log  # the model fairseq-hydra-train trained

@@ -13,6 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fairseq import checkpoint_utils
+from helpers import (
+    TINY,
+    assert_incremental_equals_full,
+    build,
+    parse,
+    run,
+    toy_batch,
+    toy_train_argv,
+)
 
 from b2t_fairseq.layers import (
     AdminDecoderLayer,
@@ -23,7 +32,6 @@ from b2t_fairseq.layers import (
     deepnorm_constants,
 )
 from b2t_fairseq.transformer_b2t import B2TConfigError
-from helpers import TINY, assert_incremental_equals_full, build, parse, run, toy_batch, toy_train_argv
 
 NO_DROPOUT = ["--dropout", "0", "--attention-dropout", "0"]
 
@@ -355,7 +363,7 @@ def test_the_one_switch_selects_the_new_types(toy_data_bin, flags, attr, value):
 def test_published_numbers_are_labelled_and_their_flags_select_their_setting(toy_data_bin):
     import shlex
 
-    from b2t_fairseq.wmt.published import FLAGS, PUBLISHED
+    from b2t_tools.wmt.published import FLAGS, PUBLISHED
 
     assert FLAGS.keys() == PUBLISHED.keys()
     for label, entry in PUBLISHED.items():

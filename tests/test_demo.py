@@ -5,9 +5,11 @@ import os
 import subprocess
 
 import pytest
-
-from b2t_fairseq.demo import cli as demo, data as tatoeba, runs
 from helpers import BIN, run
+
+from b2t_tools.demo import cli as demo
+from b2t_tools.demo import data as tatoeba
+from b2t_tools.demo import runs
 
 
 @pytest.mark.e2e
@@ -110,8 +112,9 @@ def test_deep_b2t_ends_below_deep_post_ln(quick_demo):
 
 def test_archs_default_is_the_papers_three_and_takes_deepnorm_and_admin():
     """--archs: the default stays post_ln,pre_ln,b2t; deepnorm and admin give b2t-train commands of their layer type."""
-    import b2t_fairseq  # noqa: F401
     from fairseq import options
+
+    import b2t_fairseq  # noqa: F401
 
     assert demo.resolve_config(demo.get_parser().parse_args(["--quick"])).archs == ("post_ln", "pre_ln", "b2t")
     cfg = demo.resolve_config(demo.get_parser().parse_args(["--quick", "--archs", "deepnorm,admin"]))

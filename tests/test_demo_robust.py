@@ -16,10 +16,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-from b2t_fairseq.demo import cli as demo, data as tatoeba, runs
-from b2t_fairseq.errors import B2TError
 from helpers import BIN, assert_one_line_error
+
+from b2t_tools.demo import cli as demo
+from b2t_tools.demo import data as tatoeba
+from b2t_tools.demo import runs
+from b2t_tools.errors import ToolError
 
 TINY_DEMO = ["--quick", "--depths", "1", "--dim", "16", "--heads", "2", "--max-tokens", "256", "--vocab", "150",
              "--valid-every", "4", "--jobs", "1", "--no-grad-norms"]
@@ -322,7 +324,7 @@ def test_rerun_with_other_options_never_reuses_runs(toy_zip, tmp_path):
 def test_damaged_state_files(tmp_path, capsys):
     bad = tmp_path / "checkpoint_last.pt"
     bad.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(B2TError, match=r"cannot read .*checkpoint_last.pt .*; delete .* and run b2t-demo again"):
+    with pytest.raises(ToolError, match=r"cannot read .*checkpoint_last.pt .*; delete .* and run b2t-demo again"):
         runs.checkpoint_state(bad)
     assert runs._read_json(tmp_path / "missing.json", 0.0) == 0.0
     (tmp_path / "half.json").write_text('{"key": "ab')
@@ -338,7 +340,7 @@ def test_fp16_without_gpu_is_one_line(demo_main, capsys):
 # --- the mechanism alone, in seconds --------------------------------------------------------------
 
 def test_stop_all_ends_children_and_grandchildren():
-    from b2t_fairseq.demo import children
+    from b2t_tools.demo import children
 
     children.STOPPING.clear()
     p = children.popen(["sh", "-c", "sleep 60 & sleep 60"])
@@ -359,7 +361,7 @@ def test_sigkill_of_the_parent_ends_the_child(tmp_path):
     import sys
 
     pid_file = tmp_path / "child.pid"
-    from b2t_fairseq.demo import children
+    from b2t_tools.demo import children
 
     code = ("import importlib.util as u, time; "  # children.py alone (stdlib only): no fairseq import, fast
             f"s = u.spec_from_file_location('children', {children.__file__!r}); "
@@ -379,7 +381,7 @@ def test_damaged_data_cache_is_one_line(toy_zip, tmp_path):
     tag = tatoeba.data_tag(tatoeba.file_digest(toy_zip), 150, 200, 100, 20000, 1)
     (tmp_path / tag).mkdir()
     (tmp_path / tag / "meta.json").write_text('{"pairs": ')
-    with pytest.raises(B2TError, match=r"meta.json is damaged; delete .* and run again"):
+    with pytest.raises(ToolError, match=r"meta.json is damaged; delete .* and run again"):
         tatoeba.prepare(toy_zip, tmp_path, vocab_size=150, n_valid=200, n_test=100, max_train=20000, seed=1)
 
 

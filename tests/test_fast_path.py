@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, run, train_args, train_losses
 
 from b2t_fairseq import fast
-from b2t_fairseq.analysis import bench, fast_curve
-from helpers import REPO, run, train_args, train_losses
+from b2t_tools.analysis import bench, fast_curve
 
 LAYER_TYPES = {"post": "plugin_post_ln", "pre": "plugin_pre_ln", "b2t": "plugin_b2t"}
 RTOL = 1e-5
@@ -294,7 +294,7 @@ def test_the_gpu_loss_curve_check_runs_and_compares(tmp_path):
     """The part of gpu-checks.sh --fast-path that is plugin code, at CPU sizes: it must run there
     unchanged, and its comparison must tell curves apart."""
     out = tmp_path / "curve.json"
-    p = subprocess.run([os.sys.executable, "-m", "b2t_fairseq.analysis.fast_curve", "--size", "quick", "--layers", "2",
+    p = subprocess.run([os.sys.executable, "-m", "b2t_tools.analysis.fast_curve", "--size", "quick", "--layers", "2",
                         "--updates", "12", "--device", "cpu", "--dtype", "fp32", "--max-tokens", "256",
                         "--json", str(out)], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
                        timeout=300)

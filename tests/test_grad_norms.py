@@ -4,10 +4,10 @@ import csv
 import json
 
 import pytest
-
-from b2t_fairseq.analysis import grad_norms
-from b2t_fairseq.demo import data as tatoeba
 from helpers import TATOEBA_ZIP, run
+
+from b2t_tools.analysis import grad_norms
+from b2t_tools.demo import data as tatoeba
 
 
 @pytest.fixture(scope="module")

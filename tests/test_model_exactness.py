@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY, assert_incremental_equals_full, build, toy_batch
 
 from b2t_fairseq.layers import rescale_init_
-from helpers import TINY, assert_incremental_equals_full, build, toy_batch
 
 STOCK_PRE = ["--encoder-normalize-before", "--decoder-normalize-before"]
 

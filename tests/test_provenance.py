@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from b2t_fairseq.commands import average_checkpoints as avg
-from b2t_fairseq.wmt import evaluate as ev
-from b2t_fairseq.wmt import results_table
+from b2t_tools.commands import average_checkpoints as avg
+from b2t_tools.wmt import evaluate as ev
+from b2t_tools.wmt import results_table
 
 SENT = "Das ist ein kleines Haus am See ."
 

@@ -1,6 +1,6 @@
 """Two-process CPU training (torchrun, gloo): if one worker dies, the job fails loudly and soon.
 
-The run uses b2t_fairseq.commands.torchrun_train, which gives each process the flags of reference section 5
+The run uses b2t_tools.commands.torchrun_train, which gives each process the flags of reference section 5
 (--distributed-rank from torchrun's RANK, env://, no spawn, gloo, legacy_ddp). A sitecustomize
 module on the workers' PYTHONPATH SIGKILLs rank 1 right after its 5th update (or makes it hang).
 """
@@ -63,7 +63,7 @@ def torchrun_job(data, tmp_path, *extra, **env_extra):
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(KILL_RANK_HOOK)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "b2t_fairseq.commands.torchrun_train", str(data),
+           "-m", "b2t_tools.commands.torchrun_train", str(data),
            *toy_train_argv("--max-update", 3000, "--save-dir", tmp_path / "ck", "--no-save", *extra)]
     stamp = tmp_path / "killed_at"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(tmp_path / "hook"), B2T_TEST_KILL_AT="5",

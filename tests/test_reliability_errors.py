@@ -9,12 +9,13 @@ import types
 
 import pytest
 import torch
+from helpers import run, run_commands_in_one_process, toy_train_argv
 
 from b2t_fairseq import repairs as safe_checkpoint
-from b2t_fairseq.commands import explain as errors, run_command
-from b2t_fairseq.commands.torchrun_train import torchrun_argv
-from b2t_fairseq.errors import B2TError
-from helpers import run, run_commands_in_one_process, toy_train_argv
+from b2t_tools.commands import explain as errors
+from b2t_tools.commands import run_command
+from b2t_tools.commands.torchrun_train import torchrun_argv
+from b2t_tools.errors import ToolError
 
 TRAIN = toy_train_argv(json_log=False)
 GEN = ["--batch-size", "16", "--beam", "2", "--cpu"]
@@ -52,7 +53,7 @@ def truncate(src, dst, keep=0.5):
 # --- the catalogue, run through the console functions -----------------------------------------------
 # Starting fairseq costs ~4 s a process on the 2-core test machine, so the cases below run one after
 # another in ONE process (helpers.run_commands_in_one_process), each through the same function as its console command (b2t-train is
-# b2t_fairseq.commands.cli:train); test_missing_data_directory and the fp16 test run the installed commands.
+# b2t_tools.commands.cli:train); test_missing_data_directory and the fp16 test run the installed commands.
 
 
 
@@ -273,5 +274,5 @@ def test_torchrun_argv():
     assert argv.count("--ddp-backend") == 1 and "no_c10d" in argv  # the user's flag wins
     assert "--distributed-no-spawn" in argv
     assert "--distributed-backend" not in torchrun_argv(["data"], env=env, cuda=True)
-    with pytest.raises(B2TError, match="RANK.*not set; start this command under torchrun"):
+    with pytest.raises(ToolError, match="RANK.*not set; start this command under torchrun"):
         torchrun_argv(["data"], env={}, cuda=False)

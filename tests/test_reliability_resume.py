@@ -11,7 +11,6 @@ import signal
 
 import pytest
 import torch
-
 from helpers import run, toy_train_argv, train_losses
 
 KILL_HOOK = r'''
@@ -167,7 +166,7 @@ def test_sigkill_in_a_later_epoch_resumes_bit_for_bit(toy_data_bin, tmp_path, ki
 def test_a_finished_run_stays_finished(toy_data_bin, whole, capsys):
     """fairseq-train re-run on a finished run trains one more update and overwrites checkpoint_last.pt;
     b2t-train says the run is finished (exit 0) and touches nothing."""
-    from b2t_fairseq.commands import cli
+    from b2t_tools.commands import cli
 
     save = whole[1]
     before = {p.name: p.read_bytes() for p in save.iterdir()}

@@ -1,9 +1,9 @@
 """fairseq-fixed quirks the plugin repairs on import: no silently dropped batches."""
 
 import numpy as np
+from helpers import run, toy_train_argv, write_toy_corpus
 
 import b2t_fairseq  # noqa: F401
-from helpers import run, toy_train_argv, write_toy_corpus
 
 
 def test_batching_keeps_every_sentence():

@@ -2,7 +2,7 @@
 
 import json
 
-from b2t_fairseq.wmt import YEARS, published, results_table
+from b2t_tools.wmt import YEARS, published, results_table
 
 
 def _table(capsys, *argv):

@@ -14,11 +14,11 @@ import zipfile
 import pytest
 import torch
 
-MAINS = {"b2t-average-checkpoints": "b2t_fairseq.commands.average_checkpoints",
-         "b2t-wmt-evaluate": "b2t_fairseq.wmt.evaluate",
-         "b2t-results-table": "b2t_fairseq.wmt.results_table",
-         "b2t-wmt-prepare": "b2t_fairseq.wmt.prepare",
-         "train.sh": "b2t_fairseq.wmt.train"}
+MAINS = {"b2t-average-checkpoints": "b2t_tools.commands.average_checkpoints",
+         "b2t-wmt-evaluate": "b2t_tools.wmt.evaluate",
+         "b2t-results-table": "b2t_tools.wmt.results_table",
+         "b2t-wmt-prepare": "b2t_tools.wmt.prepare",
+         "train.sh": "b2t_tools.wmt.train"}
 
 
 def _ckpt(path, value, epoch=1, updates=None):
@@ -234,7 +234,7 @@ def test_bad_input_is_one_line(world, capsys, prog, argv, expect):
 
 def test_train_sh_default_data_missing_is_one_line(world, capsys, monkeypatch):
     """Non-dry-run: --save-dir that is a file, or under a file, is refused before anything starts."""
-    from b2t_fairseq.wmt import train
+    from b2t_tools.wmt import train
 
     monkeypatch.setattr(train, "check_data", lambda data: None)
     monkeypatch.setattr(train.subprocess, "call", lambda cmd: pytest.fail("must not launch"))
@@ -247,7 +247,7 @@ def test_train_sh_default_data_missing_is_one_line(world, capsys, monkeypatch):
 
 def test_full_disk_while_writing_is_one_line(world, capsys, monkeypatch):
     """ENOSPC while the average is written (root cannot make a real full disk here: simulated)."""
-    from b2t_fairseq.commands import average_checkpoints as avg
+    from b2t_tools.commands import average_checkpoints as avg
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -261,7 +261,7 @@ def test_full_disk_while_writing_is_one_line(world, capsys, monkeypatch):
 
 def test_results_table_out_in_missing_folder_is_created(world, capsys):
     """Our call for --out in a missing folder: create it, like every other output of the chain."""
-    from b2t_fairseq.wmt import results_table
+    from b2t_tools.wmt import results_table
 
     out = world / "new" / "deeper" / "table.md"
     assert results_table.main([str(world / "results"), "--out", str(out)]) == 0
@@ -269,7 +269,7 @@ def test_results_table_out_in_missing_folder_is_created(world, capsys):
 
 
 def test_empty_sums_file_is_accepted(world, monkeypatch):
-    from b2t_fairseq.wmt import prepare
+    from b2t_tools.wmt import prepare
 
     (world / "sums_empty").write_text("")
     assert prepare.read_sums_option(world / "sums_empty") == {}

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from b2t_fairseq.wmt import prepare
+from b2t_tools.wmt import prepare
 
 DATA = bytes(range(256)) * 4000  # 1 MB of known bytes (the payload; check_tar is replaced below)
 
@@ -74,7 +74,7 @@ def _get(tmp_path, base, sums):
 
 def test_interrupted_download_resumes_with_range(tmp_path, server):
     base, handler = server(cut_after=300_000)
-    with pytest.raises(prepare.B2TError, match="short .*re-run to resume"):
+    with pytest.raises(prepare.ToolError, match="short .*re-run to resume"):
         _get(tmp_path, base, _sums(tmp_path))
     partial = tmp_path / "work/downloads/dev.tgz.partial"
     assert partial.read_bytes() == DATA[:300_000]  # kept for the next run
@@ -112,6 +112,6 @@ def test_complete_partial_file_and_a_wrong_checksum(tmp_path, server):
     base, handler = server()
     assert _get(tmp_path, base, _sums(tmp_path)).read_bytes() == DATA  # 416 -> verified as it is
     (downloads / "dev.tgz").unlink()
-    with pytest.raises(prepare.B2TError, match="checksum mismatch for dev.tgz"):
+    with pytest.raises(prepare.ToolError, match="checksum mismatch for dev.tgz"):
         _get(tmp_path, base, _sums(tmp_path, b"other"))
     assert not (downloads / "dev.tgz.partial").exists() and not (downloads / "dev.tgz").exists()

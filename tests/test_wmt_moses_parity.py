@@ -16,8 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from b2t_fairseq.wmt.text import (clean_corpus, compound_split, moses_detokenize, moses_tokenize,
-                                  sgm_segments)
+from b2t_tools.wmt.text import (
+    clean_corpus,
+    compound_split,
+    moses_detokenize,
+    moses_tokenize,
+    sgm_segments,
+)
 
 mosestokenizer = pytest.importorskip("mosestokenizer")
 SCRIPTS = Path(mosestokenizer.__file__).parent
@@ -120,7 +125,7 @@ def test_google_files_from_real_text_equal_the_scripts_output(tatoeba_zip, tmp_p
     may differ only where a 2016 rule fires), subword-nmt learn-bpe/apply-bpe/get-vocab (the CLI)."""
     import sys
 
-    from b2t_fairseq.wmt import YEARS, fake, prepare
+    from b2t_tools.wmt import YEARS, fake, prepare
 
     lines = zipfile.ZipFile(tatoeba_zip).read("deu.txt").decode("utf-8").split("\n")[:-1]
     random.Random(5).shuffle(lines)

@@ -4,9 +4,9 @@ download + verify, tokenize, BPE, binarize, train with two gloo processes, avera
 import json
 
 import pytest
-
-from b2t_fairseq.wmt import YEARS, fake, prepare, results_table
 from helpers import REPO, run
+
+from b2t_tools.wmt import YEARS, fake, prepare, results_table
 
 pytestmark = pytest.mark.e2e  # prepares data and trains: minutes
 

@@ -4,9 +4,9 @@ import io
 import tarfile
 
 import pytest
-
-from b2t_fairseq.wmt import fake, prepare
 from helpers import assert_one_line_error
+
+from b2t_tools.wmt import fake, prepare
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_recorded_checksum_catches_a_changed_file(mirror, capsys):
     assert "dev.tgz" in (downloads / "MD5SUMS").read_text()
     fake.write_archives(root / "mirror", train=(30, 10, 10), test_size=5, seed=1)  # the server's files change
     (downloads / "dev.tgz").unlink()
-    with pytest.raises(prepare.B2TError, match="checksum mismatch for dev.tgz"):
+    with pytest.raises(prepare.ToolError, match="checksum mismatch for dev.tgz"):
         prepare.download_all(root / "work", prepare.archive_urls(f"file://{root / 'mirror'}"), sums)
 
 

@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from b2t_fairseq.wmt import YEARS, fake, prepare
+from b2t_tools.wmt import YEARS, fake, prepare
 
 
 @pytest.fixture(scope="module")

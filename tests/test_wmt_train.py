@@ -1,9 +1,9 @@
 """scripts/train.sh: effective batch arithmetic, launch commands, refusals (no training here)."""
 
 import pytest
-
-from b2t_fairseq.wmt import train as recipe
 from helpers import REPO, run
+
+from b2t_tools.wmt import train as recipe
 
 TRAIN_SH = REPO / "scripts" / "train.sh"
 
@@ -60,7 +60,7 @@ def test_launchers(capsys):
     _, slurm, _ = dry(capsys, "transformer_b2t", 6, "--gpus", 8, "--nodes", 4, "--launcher", "slurm")
     assert slurm.startswith("srun --nodes 4 --ntasks-per-node 8") and "--distributed-port 29500" in slurm
     _, cpu, _ = dry(capsys, "transformer_b2t", 6, "--gpus", 0, "--cpu-procs", 2, "--max-tokens", 512)
-    for flag in ("--standalone", "--nproc_per_node 2", "-m b2t_fairseq.commands.torchrun_train", "--cpu",
+    for flag in ("--standalone", "--nproc_per_node 2", "-m b2t_tools.commands.torchrun_train", "--cpu",
                  "--distributed-world-size 2", "--distributed-init-method env://", "--distributed-no-spawn",
                  "--distributed-backend gloo", "--ddp-backend legacy_ddp", "--update-freq 448"):
         assert flag in cpu
@@ -97,8 +97,9 @@ def test_deepnorm_and_admin_commands_parse_as_fairseq_would(capsys, arch, layers
     """The dry-run command of the two new layer types is a command b2t-train accepts, with the recipe by depth."""
     import shlex
 
-    import b2t_fairseq  # noqa: F401
     from fairseq import options
+
+    import b2t_fairseq  # noqa: F401
 
     rc, out, _ = dry(capsys, arch, layers, "--gpus", 8)
     assert rc == 0 and f"--arch {name} " in out and "--update-freq 16" in out

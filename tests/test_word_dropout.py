@@ -1,9 +1,9 @@
 """Word dropout: whole embeddings zeroed at rate p, training only, never the decoder's first position."""
 
 import torch
+from helpers import TINY, build
 
 from b2t_fairseq.layers import word_dropout
-from helpers import TINY, build
 
 P = 0.3
 NOPOS = TINY + ["--dropout", "0", "--no-token-positional-embeddings",

@@ -10,7 +10,7 @@ says so in one line and exits 0 without starting fairseq.
 
 import os
 
-from ..errors import B2TError
+from ..errors import ToolError
 from ..util import flag_value, has_flag
 
 RESETS = ("--reset-optimizer", "--reset-dataloader", "--reset-meters", "--reset-lr-scheduler",
@@ -120,44 +120,44 @@ def _numbers(flag, text, integer):
 
 
 def check_flags(argv, prog=""):
-    """Raise a B2TError for a flag value out of range (0, negative, or absurd)."""
+    """Raise a ToolError for a flag value out of range (0, negative, or absurd)."""
     if prog.endswith(("train", "validate")) and not (has_flag(argv, "--max-tokens") or has_flag(argv, "--batch-size")):
-        raise B2TError("no batch size given; pass --max-tokens (tokens per batch and device, e.g. 4096) or --batch-size "
+        raise ToolError("no batch size given; pass --max-tokens (tokens per batch and device, e.g. 4096) or --batch-size "
                        "(sentences per batch)")
     for flag, (low, integer, what, fix) in AT_LEAST.items():
         text = flag_value(argv, flag)
         values = None if text is None else _numbers(flag, text, integer)
         if values and min(values) < low:
             need = ("a whole number of at least 1" if low == 1 else "0 or more") if integer else f"{low} or more"
-            raise B2TError(f"{flag} {text}: {what} must be {need}; {fix}")
+            raise ToolError(f"{flag} {text}: {what} must be {need}; {fix}")
     for flag, (what, fix) in POSITIVE.items():
         text = flag_value(argv, flag)
         values = None if text is None else _numbers(flag, text, False)
         if values and min(values) <= 0:
-            raise B2TError(f"{flag} {text}: {what} must be above 0 (with {text} the model does not learn); {fix}")
+            raise ToolError(f"{flag} {text}: {what} must be above 0 (with {text} the model does not learn); {fix}")
     for flag in PROBABILITIES:
         text = flag_value(argv, flag)
         values = None if text is None else _numbers(flag, text, False)
         if values and not all(0 <= v < 1 for v in values):
-            raise B2TError(f"{flag} {text}: must be a probability from 0 up to 1 (1 itself excluded); the paper "
+            raise ToolError(f"{flag} {text}: must be a probability from 0 up to 1 (1 itself excluded); the paper "
                            "uses 0.1 or 0.3")
     warmup = _numbers("", flag_value(argv, "--warmup-updates") or "", True)
     if flag_value(argv, "--lr-scheduler") == "inverse_sqrt" and warmup == [0]:
-        raise B2TError("--lr-scheduler inverse_sqrt with --warmup-updates 0 divides by zero; give it at least 1 "
+        raise ToolError("--lr-scheduler inverse_sqrt with --warmup-updates 0 divides by zero; give it at least 1 "
                        "warmup update (the paper uses 4000), or use --lr-scheduler fixed")
     beam, nbest = (_numbers("", flag_value(argv, f) or "", True) for f in ("--beam", "--nbest"))
     if beam and nbest and nbest[0] > beam[0]:
-        raise B2TError(f"--nbest {nbest[0]} is more than --beam {beam[0]}: a beam search keeps only --beam "
+        raise ToolError(f"--nbest {nbest[0]} is more than --beam {beam[0]}: a beam search keeps only --beam "
                        "hypotheses; raise --beam or lower --nbest")
     for side in ("encoder", "decoder"):
         dim, heads = (_numbers("", flag_value(argv, f"--{side}-{k}") or "", True) for k in ("embed-dim", "attention-heads"))
         if dim and heads and len(dim) == len(heads) == 1 and dim[0] % heads[0]:
-            raise B2TError(f"--{side}-embed-dim {dim[0]} is not divisible by --{side}-attention-heads {heads[0]}; "
+            raise ToolError(f"--{side}-embed-dim {dim[0]} is not divisible by --{side}-attention-heads {heads[0]}; "
                            "choose a width that is a multiple of the heads (512 with 8 heads, 1024 with 16)")
 
 
 def check_paths(argv, prog):
-    """Raise a B2TError for an output place that cannot be written or an input of the wrong kind."""
+    """Raise a ToolError for an output place that cannot be written or an input of the wrong kind."""
     if prog.endswith("train") and not has_flag(argv, "--no-save"):
         save_dir = flag_value(argv, "--save-dir") or "checkpoints"
         _check_writable_dir(save_dir, "--save-dir", "pass a folder that can be written (it is created if missing)")
@@ -165,31 +165,31 @@ def check_paths(argv, prog):
     if log_file and prog.endswith("train"):
         folder = os.path.dirname(os.path.abspath(log_file))
         if not os.path.isdir(folder):
-            raise B2TError(f"--log-file {log_file}: folder {folder} does not exist; create it first, or log to a "
+            raise ToolError(f"--log-file {log_file}: folder {folder} does not exist; create it first, or log to a "
                            "file in an existing folder")
         if os.path.isdir(log_file):
-            raise B2TError(f"--log-file {log_file} is a folder; pass a file name such as {log_file}/train.log")
+            raise ToolError(f"--log-file {log_file} is a folder; pass a file name such as {log_file}/train.log")
         if not os.access(folder, os.W_OK):
-            raise B2TError(f"--log-file {log_file}: folder {folder} cannot be written; log to a folder you can write")
+            raise ToolError(f"--log-file {log_file}: folder {folder} cannot be written; log to a folder you can write")
     restore = flag_value(argv, "--restore-file")
     if prog.endswith("train") and restore and os.path.isdir(restore):
-        raise B2TError(f"--restore-file {restore} is a folder; pass a checkpoint file in it, such as "
+        raise ToolError(f"--restore-file {restore} is a folder; pass a checkpoint file in it, such as "
                        f"{os.path.join(restore, 'checkpoint_last.pt')}")
     path = flag_value(argv, "--path")
     if path and prog.endswith(("generate", "validate", "interactive")):
         for p in path.split(os.pathsep):
             if os.path.isdir(p):
-                raise B2TError(f"--path {p} is a folder; pass a checkpoint file in it, such as "
+                raise ToolError(f"--path {p} is a folder; pass a checkpoint file in it, such as "
                                f"{os.path.join(p, 'checkpoint_best.pt')} (separate several with ':')")
 
 
 def _check_writable_dir(path, flag, fix):
     if os.path.exists(path) and not os.path.isdir(path):
-        raise B2TError(f"{flag} {path} is a file, not a folder; {fix}")
+        raise ToolError(f"{flag} {path} is a file, not a folder; {fix}")
     parent = os.path.abspath(path)
     while not os.path.exists(parent):  # the nearest existing folder above it must be a folder we can write
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise B2TError(f"{flag} {path} cannot be created: {parent} is a file, not a folder; {fix}")
+        raise ToolError(f"{flag} {path} cannot be created: {parent} is a file, not a folder; {fix}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise B2TError(f"{flag} {path} cannot be written: {parent} is read-only for this user; {fix}")
+        raise ToolError(f"{flag} {path} cannot be written: {parent} is read-only for this user; {fix}")

@@ -38,29 +38,31 @@ import tempfile
 import numpy as np
 import torch
 
-from .. import recipe
+from b2t_fairseq import layer_types, recipe
+from b2t_fairseq.fast import translate_argv
+
 from ..commands import run_command
 from ..commands.cli import PLUGIN_DIR
-from ..errors import B2TError
-from ..fast import translate_argv
+from ..errors import ToolError
 from ..util import machine, write_json
-from .measure import build_and_measure_memory, log, profile_update, run_updates, saved_activation_bytes
+from .measure import (
+    build_and_measure_memory,
+    log,
+    profile_update,
+    run_updates,
+    saved_activation_bytes,
+)
 
 PROG = "b2t-bench"
 
 VARIANTS = {
     "stock_post_ln": ["--arch", "transformer_wmt_en_de"],
     "stock_pre_ln": ["--arch", "transformer_wmt_en_de", "--encoder-normalize-before", "--decoder-normalize-before"],
-    "plugin_post_ln": ["--arch", "transformer_b2t", "--ln-position", "post"],
-    "plugin_pre_ln": ["--arch", "transformer_b2t", "--ln-position", "pre"],
-    "plugin_b2t": ["--arch", "transformer_b2t", "--ln-position", "b2t"],
-    # the field's other fixes for deep Post-LN (issue 11), at their defaults
-    "plugin_deepnorm": ["--arch", "transformer_b2t", "--ln-position", "deepnorm"],
-    "plugin_admin": ["--arch", "transformer_b2t", "--ln-position", "admin"],
+    # every layer type of the plugin, at its defaults
+    **{f"plugin_{t.short}": ["--arch", "transformer_b2t", "--ln-position", t.key] for t in layer_types.LAYER_TYPES},
     # the fast path (fast.py): SDPA attention and fairseq's Adam with foreach kernels (b2t_adam)
-    "fast_post_ln": ["--arch", "transformer_b2t", "--ln-position", "post", "--b2t-fast"],
-    "fast_pre_ln": ["--arch", "transformer_b2t", "--ln-position", "pre", "--b2t-fast"],
-    "fast_b2t": ["--arch", "transformer_b2t", "--ln-position", "b2t", "--b2t-fast"],
+    **{f"fast_{t.short}": ["--arch", "transformer_b2t", "--ln-position", t.key, "--b2t-fast"]
+       for t in layer_types.LAYER_TYPES if t.in_paper},
 }
 BASELINE = "stock_post_ln"
 
@@ -81,7 +83,7 @@ DEFAULTS = {
 LEN_MEDIAN, LEN_SIGMA, LEN_MAX, TGT_RATIO = 24.0, 0.6, 250, 1.08
 
 
-BenchError = B2TError  # bad input: the message names the problem and the fix
+BenchError = ToolError  # bad input: the message names the problem and the fix
 
 
 # ---------------------------------------------------------------------------------------------

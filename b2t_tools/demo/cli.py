@@ -29,15 +29,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .. import recipe
+from b2t_fairseq import layer_types
+
 from ..commands import run_command
-from ..errors import B2TError
+from ..errors import ToolError
 from ..util import log
 from . import children, data
 from .report import do_grad_norms, table_md, write_report
 from .runs import do_run
 
-ARCHS = recipe.PAPER_ARCHS
+ARCHS = layer_types.PAPER_SHORTS
 PROG = "b2t-demo"
 
 # budgets: the default fits in about 15 minutes on 2 cores, --quick in about 3 (data prep included)
@@ -57,8 +58,8 @@ def get_parser():
     p.add_argument("--out", default="demo-out", help="report folder (default: demo-out)")
     p.add_argument("--cache", metavar="DIR", help="prepared data cache (default: OUT/cache)")
     p.add_argument("--quick", action="store_true", help="a ~3-minute version on a slice of the data (for tests)")
-    p.add_argument("--archs", default=",".join(recipe.PAPER_ARCHS),
-                   help=f"comma list of {', '.join(recipe.ARCHS)} (default: the paper's three)")
+    p.add_argument("--archs", default=",".join(layer_types.PAPER_SHORTS),
+                   help=f"comma list of {', '.join(layer_types.SHORTS)} (default: the paper's three)")
     p.add_argument("--depths", help="comma list of layers per stack (default 6,18)")
     p.add_argument("--max-update", type=int, help="updates per run (default 150, --quick 60)")
     p.add_argument("--max-tokens", type=int, help="tokens per batch (default 2048, --quick 1536)")
@@ -84,7 +85,7 @@ def _ints(flag, text):
     except ValueError:
         vals = ()
     if not vals or any(v < 1 for v in vals):
-        raise B2TError(f"{flag} {text} is not a comma list of positive integers; pass e.g. {flag} 6,18")
+        raise ToolError(f"{flag} {text} is not a comma list of positive integers; pass e.g. {flag} 6,18")
     return tuple(sorted(set(vals)))
 
 
@@ -92,7 +93,7 @@ def check_config(cfg):
     """Every option's value, checked before anything is built: one line naming the flag and the fix."""
     def need(ok, msg):
         if not ok:
-            raise B2TError(msg)
+            raise ToolError(msg)
 
     for flag, v in (("--max-update", cfg.max_update), ("--max-tokens", cfg.max_tokens), ("--warmup", cfg.warmup),
                     ("--dim", cfg.dim), ("--heads", cfg.heads), ("--jobs", cfg.jobs),
@@ -114,13 +115,13 @@ def check_out(path, flag):
     """An output folder that exists or can be made, and is writable."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise B2TError(f"{flag} {path} is a file, not a folder; pass a folder path (it is created if missing)")
+        raise ToolError(f"{flag} {path} is a file, not a folder; pass a folder path (it is created if missing)")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise B2TError(f"cannot create {flag} {path} ({e.strerror}); pass a folder you can write to") from None
+        raise ToolError(f"cannot create {flag} {path} ({e.strerror}); pass a folder you can write to") from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise B2TError(f"{flag} {path} is not writable; pass a folder you can write to")
+        raise ToolError(f"{flag} {path} is not writable; pass a folder you can write to")
     return path
 
 
@@ -132,17 +133,17 @@ def resolve_config(args):
     args.depths = _ints("--depths", args.depths)
     archs = tuple(a.strip() for a in args.archs.split(",") if a.strip())
     if not archs:
-        raise B2TError(f"--archs {args.archs!r} names no architecture; pass a comma list of "
-                       f"{','.join(recipe.ARCHS)}")
-    bad = [a for a in archs if a not in recipe.ARCHS]
+        raise ToolError(f"--archs {args.archs!r} names no architecture; pass a comma list of "
+                       f"{','.join(layer_types.SHORTS)}")
+    bad = [a for a in archs if a not in layer_types.SHORTS]
     if bad:
-        raise B2TError(f"unknown --archs {','.join(bad)}; choose from {','.join(recipe.ARCHS)}")
+        raise ToolError(f"unknown --archs {','.join(bad)}; choose from {','.join(layer_types.SHORTS)}")
     args.archs = tuple(dict.fromkeys(archs))
     if args.fp16:
         import torch
 
         if not torch.cuda.is_available():
-            raise B2TError("--fp16 needs a CUDA GPU and none is visible; drop --fp16 to train on the CPU")
+            raise ToolError("--fp16 needs a CUDA GPU and none is visible; drop --fp16 to train on the CPU")
     cores = os.cpu_count() or 1
     if args.jobs is None:
         args.jobs = 1 if args.fp16 else max(1, min(2, cores))
@@ -177,7 +178,7 @@ def run(argv):
     except BaseException as e:
         children.stop_all()  # Ctrl-C, a stop signal or an error: no training process outlives the demo
         if isinstance(e, OSError) and e.errno in WRITE_ERRORS and e.filename:
-            raise B2TError(f"cannot write {e.filename} ({e.strerror}); free disk space or fix that path (or pass "
+            raise ToolError(f"cannot write {e.filename} ({e.strerror}); free disk space or fix that path (or pass "
                            "another --out), then run b2t-demo again to resume") from None
         raise
 
@@ -198,7 +199,7 @@ def _run(args):
     meta = json.loads((data_root / "meta.json").read_text())
     longest = data.longest_sentence(data_root / "spm")
     if cfg.max_tokens < longest:  # fairseq would stop on an assertion inside b2t-train
-        raise B2TError(f"--max-tokens {cfg.max_tokens} is below the longest sentence of the corpus ({longest} "
+        raise ToolError(f"--max-tokens {cfg.max_tokens} is below the longest sentence of the corpus ({longest} "
                        f"tokens); pass --max-tokens {longest} or more")
     unigram = meta["unigram_valid_xent_bits"]
     jobs = [(a, d) for d in sorted(cfg.depths, reverse=True) for a in cfg.archs]  # longest runs first
@@ -212,10 +213,10 @@ def _run(args):
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
-    order = {a: i for i, a in enumerate(recipe.ARCHS)}
+    order = {a: i for i, a in enumerate(layer_types.SHORTS)}
     records = sorted(results, key=lambda r: (r["layers"], order[r["arch"]]))
     if len({r["key"] for r in records}) != len(records):  # pragma: no cover - one key per (arch, depth)
-        raise B2TError(f"two runs share a configuration key in {out}; delete {out / 'runs'} and run again")
+        raise ToolError(f"two runs share a configuration key in {out}; delete {out / 'runs'} and run again")
     gn_files = do_grad_norms(out, data_root, cfg, records) if cfg.grad_norms else []
     write_report(out, records, cfg, meta, time.time() - t0, gn_files)
     print(table_md(records))

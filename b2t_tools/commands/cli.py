@@ -6,20 +6,23 @@ imported) so that fairseq records it and spawned workers load it too. Known fail
 missing data, broken checkpoints, an fp16 collapse: see explain.py) are printed as one line, not a
 traceback. (Checkpoint safety is installed by importing the plugin: see repairs.py.)
 
-Without the console scripts: ``python -m b2t_fairseq.commands.cli {train,generate,interactive,validate,
+Without the console scripts: ``python -m b2t_tools.commands.cli {train,generate,interactive,validate,
 hydra-train} ARGS``.
 """
 
+import importlib.util
 import os
 import sys
 
-from ..errors import B2TError
+from b2t_fairseq.fast import translate_argv
+
+from ..errors import ToolError
 from . import authors_argv, run_command
-from ..fast import translate_argv
 from .explain import check_args_before_fairseq
 from .preflight import finished_run
 
-PLUGIN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the plugin's folder, found without importing it (fairseq imports it from --user-dir)
+PLUGIN_DIR = importlib.util.find_spec("b2t_fairseq").submodule_search_locations[0]
 
 
 def _with_user_dir(argv, hydra=False):
@@ -39,7 +42,7 @@ def _with_user_dir(argv, hydra=False):
             i += 1
             continue
         if os.path.basename(os.path.normpath(value)) != "b2t_fairseq":
-            raise B2TError(f"--user-dir {value}: the b2t commands load the b2t_fairseq plugin themselves and "
+            raise ToolError(f"--user-dir {value}: the b2t commands load the b2t_fairseq plugin themselves and "
                            "fairseq takes one --user-dir; use fairseq-train for other plugins")
         if os.path.realpath(value) != os.path.realpath(PLUGIN_DIR):
             print(f"b2t: note: using the installed plugin {PLUGIN_DIR}, not --user-dir {value}", file=sys.stderr)
@@ -114,7 +117,7 @@ COMMANDS = {"train": train, "generate": generate, "interactive": interactive, "v
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print(f"b2t_fairseq.commands.cli: error: no command given; run python -m b2t_fairseq.commands.cli "
+        print(f"b2t_tools.commands.cli: error: no command given; run python -m b2t_tools.commands.cli "
               f"{{{','.join(COMMANDS)}}} ARGS...", file=sys.stderr)
         sys.exit(2)
     sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))

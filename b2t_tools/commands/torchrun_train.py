@@ -1,6 +1,6 @@
 """``b2t-train`` for one process of a torchrun job.
 
-    python -m torch.distributed.run --nproc_per_node 2 -m b2t_fairseq.commands.torchrun_train DATA ARGS...
+    python -m torch.distributed.run --nproc_per_node 2 -m b2t_tools.commands.torchrun_train DATA ARGS...
     torchrun --nproc_per_node 2 --no-python b2t-torchrun-train DATA ARGS...          (the same)
 
 torchrun starts one process per worker and passes its rank in the environment; fairseq wants it
@@ -21,9 +21,11 @@ and torchrun ends the job.
 import os
 import sys
 
-from ..errors import B2TError
-from ..repairs import collective_timeout
-from ..util import flag_value, has_flag as _has
+from b2t_fairseq.repairs import collective_timeout
+
+from ..errors import ToolError
+from ..util import flag_value
+from ..util import has_flag as _has
 from . import cli, run_command
 
 
@@ -31,7 +33,7 @@ def torchrun_argv(argv, env=os.environ, cuda=None):
     """argv plus the distributed flags for this process, from torchrun's RANK/WORLD_SIZE/LOCAL_RANK."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
     if missing:
-        raise B2TError(f"{', '.join(missing)} not set; start this command under torchrun "
+        raise ToolError(f"{', '.join(missing)} not set; start this command under torchrun "
                        "(torchrun --nproc_per_node N --no-python b2t-torchrun-train DATA ...)")
     if cuda is None:
         import torch
@@ -61,7 +63,7 @@ def _setup(argv):
     try:
         seconds = float(heartbeat) if heartbeat is not None else 0.0
     except ValueError:
-        raise B2TError(f"--heartbeat-timeout {heartbeat} is not a number; give it in seconds") from None
+        raise ToolError(f"--heartbeat-timeout {heartbeat} is not a number; give it in seconds") from None
     full = torchrun_argv(argv)
     if seconds > 0:
         collective_timeout(seconds)

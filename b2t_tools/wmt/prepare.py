@@ -36,8 +36,10 @@ from multiprocessing import Pool
 from pathlib import Path
 
 from ..commands import run_command
-from ..errors import B2TError
-from ..util import atomic_open, file_digest, json_digest as digest, log as util_log
+from ..errors import ToolError
+from ..util import atomic_open, file_digest
+from ..util import json_digest as digest
+from ..util import log as util_log
 from . import BPE_MERGES, TEST_YEAR, VALID_YEAR, YEARS
 
 PROG = "b2t-wmt-prepare"
@@ -146,7 +148,7 @@ def archive_urls(mirror=None, overrides=()):
     for item in overrides:
         key, _, url = item.partition("=")
         if key not in urls or not url:
-            raise B2TError(f"--url {item}: expected NAME=URL with NAME one of {', '.join(OFFICIAL)}; e.g. --url dev=file:///data/dev.tgz")
+            raise ToolError(f"--url {item}: expected NAME=URL with NAME one of {', '.join(OFFICIAL)}; e.g. --url dev=file:///data/dev.tgz")
         urls[key] = url
     return urls
 
@@ -165,18 +167,18 @@ def read_sums_option(path):
     """The --sums file, strictly: it must exist and hold only ``MD5  NAME`` lines (md5sum's format)."""
     f = Path(path)
     if f.is_dir():
-        raise B2TError(f"--sums {f} is a folder; pass a file in md5sum format (lines 'MD5 NAME')")
+        raise ToolError(f"--sums {f} is a folder; pass a file in md5sum format (lines 'MD5 NAME')")
     if not f.is_file():
-        raise B2TError(f"--sums {f} does not exist; fix the path, or leave --sums out to use the built-in sums "
+        raise ToolError(f"--sums {f} does not exist; fix the path, or leave --sums out to use the built-in sums "
                        "and record the others on first download")
     try:
         lines = f.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise B2TError(f"--sums {f} is not a text file; pass a file in md5sum format (lines 'MD5 NAME')") from None
+        raise ToolError(f"--sums {f} is not a text file; pass a file in md5sum format (lines 'MD5 NAME')") from None
     for i, line in enumerate(lines, 1):
         parts = line.split()
         if parts and (len(parts) != 2 or not re.fullmatch(r"[0-9a-fA-F]{32}", parts[0])):
-            raise B2TError(f"--sums {f} line {i} is not 'MD5 NAME' (32 hex digits, then the file name): "
+            raise ToolError(f"--sums {f} line {i} is not 'MD5 NAME' (32 hex digits, then the file name): "
                            f"{line.strip()[:80]!r}; fix the line (md5sum FILE writes this format)")
     return read_sums(f)
 
@@ -192,16 +194,16 @@ def check_tar(path, name):
                     while f.read(1 << 20):
                         pass
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise B2TError(f"{name} is not a complete tar archive ({type(e).__name__}: {e}); the download is "
+        raise ToolError(f"{name} is not a complete tar archive ({type(e).__name__}: {e}); the download is "
                        "truncated or corrupt: re-run to fetch it again") from None
     if not members:
-        raise B2TError(f"{name} is an empty archive; check the URL (--mirror / --url)")
+        raise ToolError(f"{name} is an empty archive; check the URL (--mirror / --url)")
 
 
 def verify(path, name, expected):
     got = md5sum(path)
     if expected and got != expected:
-        raise B2TError(f"checksum mismatch for {name}: md5 {got}, expected {expected}; the download is corrupt "
+        raise ToolError(f"checksum mismatch for {name}: md5 {got}, expected {expected}; the download is corrupt "
                        "or the server's file changed: re-run to fetch it again, or delete its line from "
                        "MD5SUMS if the new file is the right one")
     check_tar(path, name)
@@ -235,13 +237,13 @@ def fetch(url, dest):
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # the partial file already holds every byte: let the checksum decide
             return True
-        raise B2TError(f"download of {url} failed ({e}); check the URL, or use --mirror/--url, or put the "
+        raise ToolError(f"download of {url} failed ({e}); check the URL, or use --mirror/--url, or put the "
                        f"file at {dest.with_suffix('')} yourself") from None
     except (urllib.error.URLError, OSError, ValueError) as e:
-        raise B2TError(f"download of {url} failed ({e}); check the network, or use --mirror/--url, or put the "
+        raise ToolError(f"download of {url} failed ({e}); check the network, or use --mirror/--url, or put the "
                        f"file at {dest.with_suffix('')} yourself; a re-run resumes it") from None
     if expected is not None and int(expected) != got:
-        raise B2TError(f"download of {name} is short ({got} of {expected} bytes); re-run to resume it")
+        raise ToolError(f"download of {name} is short ({got} of {expected} bytes); re-run to resume it")
     return resumed
 
 
@@ -262,7 +264,7 @@ def download_all(work, urls, sums_file=None):
                 verify(dest, name, want)
                 paths[key] = dest
                 continue
-            except B2TError as e:
+            except ToolError as e:
                 log(f"{name}: the existing file is broken ({e}); fetching it again")
                 dest.unlink()
         partial = ddir / (name + ".partial")
@@ -270,7 +272,7 @@ def download_all(work, urls, sums_file=None):
         resumed = fetch(url, partial)  # a short read raises and keeps the partial file for the next run
         try:
             got = verify(partial, name, want)
-        except B2TError as e:
+        except ToolError as e:
             partial.unlink(missing_ok=True)
             if not resumed:
                 raise
@@ -278,7 +280,7 @@ def download_all(work, urls, sums_file=None):
             fetch(url, partial)
             try:
                 got = verify(partial, name, want)
-            except B2TError:
+            except ToolError:
                 partial.unlink(missing_ok=True)
                 raise
         os.replace(partial, dest)
@@ -296,7 +298,7 @@ def _decode(raw, where):
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise B2TError(f"{where} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); convert the "
+        raise ToolError(f"{where} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); convert the "
                        "file to UTF-8 (iconv) or remove that line") from None
 
 
@@ -312,7 +314,7 @@ def _member_lines(tar, member, where):
 def _find(tar, suffix, archive):
     hits = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(suffix)]
     if not hits:
-        raise B2TError(f"{archive} has no file ending in {suffix}; is it the right archive? (check --mirror/--url)")
+        raise ToolError(f"{archive} has no file ending in {suffix}; is it the right archive? (check --mirror/--url)")
     return hits[0]
 
 
@@ -322,10 +324,10 @@ def read_parallel(archive, stem):
                  for lang in LANGS}
     n_en, n_de = len(sides["en"]), len(sides["de"])
     if n_en != n_de:
-        raise B2TError(f"{archive.name}: {stem}.en has {n_en} lines but {stem}.de has {n_de}; the corpus is "
+        raise ToolError(f"{archive.name}: {stem}.en has {n_en} lines but {stem}.de has {n_de}; the corpus is "
                        "damaged: delete the archive and re-run")
     if n_en == 0:
-        raise B2TError(f"{archive.name}: {stem} is empty; delete the archive and re-run (check --mirror/--url)")
+        raise ToolError(f"{archive.name}: {stem} is empty; delete the archive and re-run (check --mirror/--url)")
     return sides["en"], sides["de"]
 
 
@@ -358,7 +360,7 @@ def read_newstest(archives, year):
             basename = f"newstest{year}.{lang}"
         hit = _member(archives, basename)
         if hit is None:
-            raise B2TError(f"{basename} is in none of {', '.join(a.name for a in archives)}; check the dev/test "
+            raise ToolError(f"{basename} is in none of {', '.join(a.name for a in archives)}; check the dev/test "
                            "archives (--mirror/--url)")
         arch, member = hit
         data = _read_member(arch, member)
@@ -370,7 +372,7 @@ def read_newstest(archives, year):
                 raw.pop()
         out[lang] = [_decode(x, f"{arch.name}:{member} line {i}") for i, x in enumerate(raw, 1)]
     if len(out["en"]) != len(out["de"]) or not out["en"]:
-        raise B2TError(f"newstest{year}: {len(out['en'])} English and {len(out['de'])} German segments; the files "
+        raise ToolError(f"newstest{year}: {len(out['en'])} English and {len(out['de'])} German segments; the files "
                        "do not match: delete the dev/test archives and re-run")
     return out["en"], out["de"]
 
@@ -425,10 +427,10 @@ def clean(google, max_len, ratio):
 
     de, en = read_lines(google / "train.tok.de"), read_lines(google / "train.tok.en")
     if len(de) != len(en):
-        raise B2TError(f"train.tok.de has {len(de)} lines but train.tok.en {len(en)}; run with --force")
+        raise ToolError(f"train.tok.de has {len(de)} lines but train.tok.en {len(en)}; run with --force")
     keep = list(clean_corpus(zip(de, en), 1, max_len, ratio))  # Google: clean-corpus-n.perl train.tok de en ...
     if not keep:
-        raise B2TError("no training pair is left after cleaning; the corpus is empty or --max-len/--ratio too strict")
+        raise ToolError("no training pair is left after cleaning; the corpus is empty or --max-len/--ratio too strict")
     log(f"clean: kept {len(keep)} of {len(en)} pairs (1..{max_len} tokens, ratio <= {ratio})")
     write_lines(google / "train.tok.clean.de", (d for d, _ in keep))
     write_lines(google / "train.tok.clean.en", (e for _, e in keep))
@@ -510,19 +512,19 @@ def import_google(archive, google, merges):
             members = {m.name.rsplit("/", 1)[-1]: m for m in tar.getmembers() if m.isfile()}
             missing = [n for n in wanted if n not in members]
             if missing:
-                raise B2TError(f"{archive} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
+                raise ToolError(f"{archive} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
                                "pass Google's wmt16_en_de.tar.gz (or leave out --google-archive)")
             for name in wanted:
                 _member_lines(tar, members[name], f"{archive}:{name}")  # refuses non-UTF-8 text
                 with atomic_open(google / name, "wb") as out:
                     shutil.copyfileobj(tar.extractfile(members[name]), out)
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise B2TError(f"cannot read {archive} ({e}); it is truncated or not a tar archive") from None
+        raise ToolError(f"cannot read {archive} ({e}); it is truncated or not a tar archive") from None
     for y in YEARS:
         for kind in ("", ".tok", f".tok.bpe.{merges}"):
             en, de = read_lines(google / f"newstest{y}{kind}.en"), read_lines(google / f"newstest{y}{kind}.de")
             if len(en) != len(de):
-                raise B2TError(f"{archive}: newstest{y}{kind} has {len(en)} English and {len(de)} German lines")
+                raise ToolError(f"{archive}: newstest{y}{kind} has {len(en)} English and {len(de)} German lines")
 
 
 # --- binarize -----------------------------------------------------------------------------------
@@ -552,7 +554,7 @@ def binarize(google, dest, workers, merges, nwords):
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise B2TError(f"fairseq-preprocess failed ({tail}); see the message above, fix it and re-run")
+        raise ToolError(f"fairseq-preprocess failed ({tail}); see the message above, fix it and re-run")
     refs = tmp / "refs"
     refs.mkdir()
     for y in YEARS:
@@ -593,9 +595,9 @@ def check_options(args):
     for flag, value in (("--bpe-merges", args.bpe_merges), ("--nwords", args.nwords), ("--max-len", args.max_len),
                         ("--workers", args.workers)):
         if value < 1:
-            raise B2TError(f"{flag} {value}: must be at least 1")
+            raise ToolError(f"{flag} {value}: must be at least 1")
     if not args.ratio > 0 or args.ratio == float("inf"):  # nan and inf too
-        raise B2TError(f"--ratio {args.ratio}: must be positive (Google's recipe: 9)")
+        raise ToolError(f"--ratio {args.ratio}: must be positive (Google's recipe: 9)")
     if args.sums is not None:
         read_sums_option(args.sums)  # a missing or malformed --sums used to be ignored silently
 
@@ -610,7 +612,7 @@ def prepare(args):
     if args.google_archive:
         archive = Path(args.google_archive)
         if not archive.is_file():
-            raise B2TError(f"--google-archive {archive} does not exist; pass the path of wmt16_en_de.tar.gz")
+            raise ToolError(f"--google-archive {archive} does not exist; pass the path of wmt16_en_de.tar.gz")
         prev = stages.run("bpe", [google / n for n in google_archive_files(m)], lambda: import_google(archive, google, m),
                           args.force, key={"google_archive": fingerprint([archive]), "merges": m})
     else:

@@ -8,10 +8,8 @@ import errno
 import os
 import re
 
-from ..errors import B2TError
-from ..repairs import CheckpointError
+from ..errors import ToolError, is_one_line, plugin_error
 from ..util import flag_value
-
 
 # --- checks made before fairseq starts ---------------------------------------------------------
 
@@ -24,7 +22,7 @@ def check_args_before_fairseq(argv, prog):
     restore = flag_value(argv, "--restore-file")
     if prog.endswith("train") and restore not in (None, "checkpoint_last.pt") and not os.path.exists(restore):
         # fairseq would log "No existing checkpoint found" and silently train from scratch
-        raise B2TError(f"--restore-file {restore} does not exist; fix the path (it is used as given, not "
+        raise ToolError(f"--restore-file {restore} does not exist; fix the path (it is used as given, not "
                        "relative to --save-dir), or drop the flag to resume from SAVE_DIR/checkpoint_last.pt")
 
 
@@ -127,9 +125,9 @@ def _chain(e):
 
 def explain(e, prog):
     """The one-line message for a known failure (problem; fix), or None for anything else."""
-    if isinstance(e, CheckpointError):
+    if isinstance(e, plugin_error("CheckpointError")):
         return f"{e}; {_checkpoint_fix(prog, e)}"
-    if isinstance(e, B2TError):
+    if is_one_line(e):
         return str(e)
     if isinstance(e, FileNotFoundError):
         return _explain_missing_file(e, prog)
@@ -152,7 +150,7 @@ def explain(e, prog):
     # fairseq re-raises some errors as a plain Exception ("Cannot load model parameters from checkpoint
     # ...; please ensure that the architectures match."): the plugin's own error underneath is the one to show
     for cause in _chain(e):
-        if isinstance(cause, B2TError):
+        if is_one_line(cause):
             return str(cause)
     # fairseq re-runs a failed fp16 step under its NanDetector, which can raise a second error
     # (StopIteration under torch >= 2.x) that hides the real one: look down the chain

@@ -22,9 +22,10 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from ..errors import B2TError
+from ..errors import ToolError
+from ..util import file_digest as util_file_digest
+from ..util import write_json
 from . import children
-from ..util import file_digest as util_file_digest, write_json
 
 DEFAULT_URL = "https://www.manythings.org/anki/deu-eng.zip"
 SPLITS = ("train", "valid", "test")
@@ -37,11 +38,11 @@ def find_corpus(corpus=None, cache_dir=None, log=print):
     if path:
         if Path(path).is_dir():
             source = "--corpus" if corpus else "B2T_TATOEBA_ZIP"
-            raise B2TError(f"Tatoeba corpus {path} (from {source}) is a folder; pass the zip itself, "
+            raise ToolError(f"Tatoeba corpus {path} (from {source}) is a folder; pass the zip itself, "
                            "e.g. --corpus PATH/deu-eng.zip")
         if not Path(path).is_file():
             source = "--corpus" if corpus else "B2T_TATOEBA_ZIP"
-            raise B2TError(f"Tatoeba corpus {path} (from {source}) does not exist; pass --corpus PATH/deu-eng.zip "
+            raise ToolError(f"Tatoeba corpus {path} (from {source}) does not exist; pass --corpus PATH/deu-eng.zip "
                            "or set B2T_TATOEBA_ZIP to the zip from manythings.org/anki")
         return Path(path)
     return download(Path(cache_dir or "."), log=log)
@@ -64,7 +65,7 @@ def download(cache_dir, log=print, timeout=15):
     except Exception as e:  # network down, HTTP error, not a zip: all the same fix
         part.unlink(missing_ok=True)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise B2TError(f"could not download the Tatoeba corpus from {url} ({reason}); pass --corpus PATH/deu-eng.zip "
+        raise ToolError(f"could not download the Tatoeba corpus from {url} ({reason}); pass --corpus PATH/deu-eng.zip "
                        "or set B2T_TATOEBA_ZIP to a local copy") from None
     os.replace(part, dest)
     return dest
@@ -78,10 +79,10 @@ def _decode_line(raw, lineno, name, zip_path):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         guess = "UTF-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "Latin-1 or another 8-bit encoding"
-        raise B2TError(f"line {lineno} of {name} in {zip_path} is not UTF-8 (byte 0x{raw[e.start]:02x} at "
+        raise ToolError(f"line {lineno} of {name} in {zip_path} is not UTF-8 (byte 0x{raw[e.start]:02x} at "
                        f"column {e.start + 1}; {guess}?); {fix}") from None
     if "\x00" in text:
-        raise B2TError(f"line {lineno} of {name} in {zip_path} holds NUL bytes (UTF-16 text?); {fix}")
+        raise ToolError(f"line {lineno} of {name} in {zip_path} holds NUL bytes (UTF-16 text?); {fix}")
     return text[1:] if lineno == 1 and text.startswith("\ufeff") else text
 
 
@@ -92,7 +93,7 @@ def read_pairs(zip_path):
             name = next((n for n in z.namelist() if n.endswith("deu.txt")), None)
             if name is None:
                 found = ", ".join(z.namelist()[:5]) or "nothing"
-                raise B2TError(f"{zip_path} has no deu.txt (it holds {found}); pass the deu-eng.zip from "
+                raise ToolError(f"{zip_path} has no deu.txt (it holds {found}); pass the deu-eng.zip from "
                                "manythings.org/anki")
             pairs = []
             with z.open(name) as f:
@@ -101,7 +102,7 @@ def read_pairs(zip_path):
                     if len(cols) >= 2 and cols[0].strip() and cols[1].strip():
                         pairs.append((" ".join(cols[0].split()), " ".join(cols[1].split())))
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:
-        raise B2TError(f"{zip_path} is not a readable zip file ({type(e).__name__}); pass the deu-eng.zip from "
+        raise ToolError(f"{zip_path} is not a readable zip file ({type(e).__name__}); pass the deu-eng.zip from "
                        "manythings.org/anki") from None
     return pairs
 
@@ -128,7 +129,7 @@ MIN_TRAIN = 1000  # fewer training pairs than this teach a model nothing worth c
 def check_splits(zip_path, pairs, splits, n_valid, n_test):
     n = {k: len(v) for k, v in splits.items()}
     if n["test"] < n_test or n["valid"] < n_valid or n["train"] < MIN_TRAIN:
-        raise B2TError(f"{zip_path} has only {len(pairs):,} usable sentence pairs: too few for {n_test} test + "
+        raise ToolError(f"{zip_path} has only {len(pairs):,} usable sentence pairs: too few for {n_test} test + "
                        f"{n_valid} valid + at least {MIN_TRAIN} training pairs; pass the full deu-eng.zip from "
                        "manythings.org/anki (about 150,000 pairs or more)")
 
@@ -176,7 +177,7 @@ def _make_spm(raw, vocab_size, seed):
             m = re.search(r"value <= (\d+)", str(e))
             if m is None:
                 raise
-            raise B2TError(f"sentencepiece cannot learn {vocab_size} pieces from this corpus's training split (at "
+            raise ToolError(f"sentencepiece cannot learn {vocab_size} pieces from this corpus's training split (at "
                            f"most {m.group(1)} here); pass --vocab {m.group(1)} or less, or a larger corpus") from None
         proc = spm.SentencePieceProcessor(model_file=str(tmp / "spm.model"))
         for split in SPLITS:
@@ -205,7 +206,7 @@ def _make_bin(sp):
                "--destdir", str(tmp), "--joined-dictionary", "--workers", "1"]  # no pool: one process to stop
         p = children.run(cmd)
         if p.returncode != 0:
-            raise B2TError(f"fairseq-preprocess failed ({p.stderr.strip().splitlines()[-1:]}); "
+            raise ToolError(f"fairseq-preprocess failed ({p.stderr.strip().splitlines()[-1:]}); "
                            f"delete {tmp.parent} and run again")
     return make
 
@@ -255,7 +256,7 @@ def prepare(zip_path, cache_dir, *, vocab_size=4000, n_valid=1000, n_test=1000, 
         try:
             json.loads(meta_path.read_text())
         except ValueError:
-            raise B2TError(f"{meta_path} is damaged; delete {root} and run again to prepare the data anew") from None
+            raise ToolError(f"{meta_path} is damaged; delete {root} and run again to prepare the data anew") from None
         log(f"data: reusing {root}")
         return root
     root.mkdir(parents=True, exist_ok=True)

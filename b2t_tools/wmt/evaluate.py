@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..commands import run_command
 from ..commands.cli import PLUGIN_DIR
-from ..errors import B2TError
+from ..errors import ToolError
 from ..util import check_writable, json_digest, parse_generate_output
 from . import TEST_YEAR, YEARS
 
@@ -80,7 +80,7 @@ def read_refs(data, year):
         raw = (refs / f"newstest{year}.de").read_text(encoding="utf-8").split("\n")[:-1]
         tok = (refs / f"newstest{year}.tok.de").read_text(encoding="utf-8").split("\n")[:-1]
     except FileNotFoundError as e:
-        raise B2TError(f"reference {e.filename} is missing; run b2t-wmt-prepare (it keeps the references in "
+        raise ToolError(f"reference {e.filename} is missing; run b2t-wmt-prepare (it keeps the references in "
                        "DATA/refs) or pass the right --data") from None
     return raw, tok
 
@@ -102,37 +102,37 @@ def score_year(hyps_tok, refs_raw, refs_tok):
 def check_options(args):
     """Refuse impossible numbers before anything is loaded."""
     if args.beam < 1:
-        raise B2TError(f"--beam {args.beam} is not a beam size; pass --beam 1 or more (the paper: 4)")
+        raise ToolError(f"--beam {args.beam} is not a beam size; pass --beam 1 or more (the paper: 4)")
     if args.max_tokens < 1:
-        raise B2TError(f"--max-tokens {args.max_tokens} is not a positive number of tokens; pass e.g. --max-tokens 8192 (the default)")
+        raise ToolError(f"--max-tokens {args.max_tokens} is not a positive number of tokens; pass e.g. --max-tokens 8192 (the default)")
     for flag, v in (("--lenpen-test", args.lenpen_test), ("--lenpen-other", args.lenpen_other)):
         if not math.isfinite(v):
-            raise B2TError(f"{flag} {v} is not a finite number; pass a length penalty (the paper: 0.6 on "
+            raise ToolError(f"{flag} {v} is not a finite number; pass a length penalty (the paper: 0.6 on "
                            f"newstest{TEST_YEAR}, 1.0 on the other years)")
     if args.name is not None and not args.name.strip():
-        raise B2TError("--name is empty; give the run a name for the table, or leave --name out")
+        raise ToolError("--name is empty; give the run a name for the table, or leave --name out")
     try:
         shlex.split(args.generate_args or "")
     except ValueError as e:
-        raise B2TError(f"--generate-args {args.generate_args!r} cannot be split into flags ({e}); quote it as one "
+        raise ToolError(f"--generate-args {args.generate_args!r} cannot be split into flags ({e}); quote it as one "
                        "string, e.g. --generate-args '--max-len-b 50'") from None
 
 
 def read_subsets(data):
     """{year: subset} from DATA/subsets.json, with one-line errors for a missing or damaged file."""
     if not data.exists():
-        raise B2TError(f"--data {data} does not exist; pass the --dest folder of b2t-wmt-prepare")
+        raise ToolError(f"--data {data} does not exist; pass the --dest folder of b2t-wmt-prepare")
     if not data.is_dir():
-        raise B2TError(f"--data {data} is a file, not a folder; pass the --dest folder of b2t-wmt-prepare")
+        raise ToolError(f"--data {data} is a file, not a folder; pass the --dest folder of b2t-wmt-prepare")
     f = data / "subsets.json"
     if not f.is_file():
-        raise B2TError(f"{f} is missing; --data must be a folder written by b2t-wmt-prepare")
+        raise ToolError(f"{f} is missing; --data must be a folder written by b2t-wmt-prepare")
     try:
         raw = json.loads(f.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise B2TError(f"{f} is not valid JSON ({e}); run b2t-wmt-prepare again to rewrite it") from None
+        raise ToolError(f"{f} is not valid JSON ({e}); run b2t-wmt-prepare again to rewrite it") from None
     if not isinstance(raw, dict) or not all(isinstance(v, str) and str(k).isdigit() for k, v in raw.items()):
-        raise B2TError(f"{f} is not a year -> subset map such as {{\"2014\": \"test\"}}; run b2t-wmt-prepare "
+        raise ToolError(f"{f} is not a year -> subset map such as {{\"2014\": \"test\"}}; run b2t-wmt-prepare "
                        "again to rewrite it")
     return {int(y): v for y, v in raw.items()}
 
@@ -141,16 +141,16 @@ def check_inputs(data, years, subsets):
     """Every year's binarized subset and both references exist, before any translating."""
     for year in years:
         if year not in subsets:
-            raise B2TError(f"newstest{year} is not in {data / 'subsets.json'}; choose --years from {sorted(subsets)}")
+            raise ToolError(f"newstest{year} is not in {data / 'subsets.json'}; choose --years from {sorted(subsets)}")
         sub = subsets[year]
         for lang in ("en", "de"):
             for ext in ("bin", "idx"):
                 f = data / f"{sub}.en-de.{lang}.{ext}"
                 if not f.is_file() or f.stat().st_size == 0:
-                    raise B2TError(f"{f} is missing or empty; --data is incomplete: run b2t-wmt-prepare again")
+                    raise ToolError(f"{f} is missing or empty; --data is incomplete: run b2t-wmt-prepare again")
         refs_raw, refs_tok = read_refs(data, year)
         if len(refs_raw) != len(refs_tok):
-            raise B2TError(f"newstest{year}: {len(refs_raw)} raw references but {len(refs_tok)} tokenized ones in "
+            raise ToolError(f"newstest{year}: {len(refs_raw)} raw references but {len(refs_tok)} tokenized ones in "
                            f"{data / 'refs'}; run b2t-wmt-prepare again")
 
 
@@ -169,10 +169,10 @@ def checkpoint_provenance(ckpt):
     from ..commands import average_checkpoints as avg
 
     if ckpt.is_dir():
-        raise B2TError(f"--checkpoint {ckpt} is a folder; pass a checkpoint file, e.g. the average "
+        raise ToolError(f"--checkpoint {ckpt} is a folder; pass a checkpoint file, e.g. the average "
                        f"{ckpt / 'checkpoint_avg_epoch_last10.pt'} that scripts/evaluate.sh writes")
     if not ckpt.is_file():
-        raise B2TError(f"checkpoint {ckpt} does not exist; train first or pass --checkpoint")
+        raise ToolError(f"checkpoint {ckpt} does not exist; train first or pass --checkpoint")
     state = avg.load(str(ckpt), mmap=True)  # one-line errors for empty, truncated, corrupt, not a checkpoint
     epoch, updates = avg.position(state, str(ckpt))
     averaged = state.get(avg.PROVENANCE_KEY) if isinstance(state.get(avg.PROVENANCE_KEY), dict) else None
@@ -227,7 +227,7 @@ def evaluate(args):
             hyps = generate(data, ckpt, subsets[year], lp, args, tmp)
             refs_raw, refs_tok = read_refs(data, year)
             if len(hyps) != len(refs_raw) or len(refs_raw) != len(refs_tok):
-                raise B2TError(f"newstest{year}: {len(hyps)} translations for {len(refs_raw)} references; the "
+                raise ToolError(f"newstest{year}: {len(hyps)} translations for {len(refs_raw)} references; the "
                                "binarized data and DATA/refs disagree: run b2t-wmt-prepare again")
             sacre, tok, signature, detok = score_year(hyps, refs_raw, refs_tok)
             result["years"][str(year)] = {"subset": subsets[year], "lenpen": lp, "sentences": len(hyps),
@@ -256,7 +256,7 @@ def write_text(path, text, flag):
     try:
         atomic_write(path, text)
     except OSError as e:
-        raise B2TError(f"cannot write {flag} {path} ({e.strerror or e}); free some space or choose another "
+        raise ToolError(f"cannot write {flag} {path} ({e.strerror or e}); free some space or choose another "
                        f"{flag}") from None
 
 

@@ -49,23 +49,23 @@ def write_json(path, obj):
 
 
 def check_writable(path, flag):
-    """Raise B2TError unless a file can be written at ``path`` (its folder is created if missing).
+    """Raise ToolError unless a file can be written at ``path`` (its folder is created if missing).
 
     Call it before long work, so a bad output place fails in a second, not after hours: it tries
     the folder and a probe file ``path + .tmp`` (removed again), which catches a folder given as a
     file, a path under a regular file, a read-only or full file system and permissions.
     """
-    from .errors import B2TError
+    from .errors import ToolError
 
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise B2TError(f"{flag} {path} is a folder; give the path of a file for {flag}")
+        raise ToolError(f"{flag} {path} is a folder; give the path of a file for {flag}")
     folder = os.path.dirname(os.path.abspath(path))
     above = folder
     while not os.path.exists(above) and os.path.dirname(above) != above:
         above = os.path.dirname(above)
     if os.path.exists(above) and not os.path.isdir(above):
-        raise B2TError(f"cannot write {flag} {path}: {above} is a file, not a folder; choose another place "
+        raise ToolError(f"cannot write {flag} {path}: {above} is a file, not a folder; choose another place "
                        f"for {flag}")
     try:
         os.makedirs(folder, exist_ok=True)
@@ -73,7 +73,7 @@ def check_writable(path, flag):
             pass
         os.remove(path + TMP_SUFFIX)
     except OSError as e:
-        raise B2TError(f"cannot write {flag} {path} ({e.strerror or e}); choose a writable place for {flag}"
+        raise ToolError(f"cannot write {flag} {path} ({e.strerror or e}); choose a writable place for {flag}"
                        ) from None
 
 

@@ -19,7 +19,7 @@ fairseq 0.9's ``--min-lr`` is called ``--stop-min-lr`` today. ``translate(argv)`
 
 import sys
 
-from ..errors import B2TError
+from ..errors import ToolError
 
 FORK_FLAGS = ("--residual-bottom-to-top", "--sampling-method", "--enc-replace-rate", "--dec-replace-rate",
               "--decay-val")
@@ -64,9 +64,9 @@ def _rate(items, flag):
     try:
         p = float(v)
     except ValueError:
-        raise B2TError(f"{flag} {v}: not a number; give a probability such as 0.1") from None
+        raise ToolError(f"{flag} {v}: not a number; give a probability such as 0.1") from None
     if not 0.0 <= p < 1.0:
-        raise B2TError(f"{flag} {v}: must be in [0, 1); the authors use 0.1")
+        raise ToolError(f"{flag} {v}: must be in [0, 1); the authors use 0.1")
     return p
 
 
@@ -93,10 +93,10 @@ def translate(argv):
         return list(argv)
     method = _last(items, "--sampling-method") or "none"
     if method in SAMPLING_OTHERS:
-        raise B2TError(f"--sampling-method {method} (the authors' token-replacement perturbation) is not implemented "
+        raise ToolError(f"--sampling-method {method} (the authors' token-replacement perturbation) is not implemented "
                        "here; use --sampling-method worddrop (word dropout, the paper's 18-layer recipe) or drop it")
     if method not in ("none", "worddrop"):
-        raise B2TError(f"--sampling-method {method}: unknown; the authors' code knows none, worddrop and replacement "
+        raise ToolError(f"--sampling-method {method}: unknown; the authors' code knows none, worddrop and replacement "
                        "methods, of which b2t-train implements worddrop")
     enc_p, dec_p = _rate(items, "--enc-replace-rate"), _rate(items, "--dec-replace-rate")
     decay = _last(items, "--decay-val")
@@ -104,7 +104,7 @@ def translate(argv):
         try:
             int(decay)
         except ValueError:
-            raise B2TError(f"--decay-val {decay}: not a whole number (the authors use 1000)") from None
+            raise ToolError(f"--decay-val {decay}: not a whole number (the authors use 1000)") from None
     arch = _last(items, "--arch") or _last(items, "-a")
     out, redirected = [], False
     for flag, value, tokens in items:
@@ -114,7 +114,7 @@ def translate(argv):
                 redirected = True
             elif value is not None and not value.startswith(("transformer_b2t", "transformer_post_ln",
                                                              "transformer_pre_ln")):
-                raise B2TError(f"--arch {value} with the authors' flags ({', '.join(FORK_FLAGS)}): b2t-train "
+                raise ToolError(f"--arch {value} with the authors' flags ({', '.join(FORK_FLAGS)}): b2t-train "
                                "translates --arch transformer_wmt_en_de; for other sizes use --arch transformer_b2t "
                                "with --encoder-embed-dim etc.")
             else:

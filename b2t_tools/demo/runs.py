@@ -18,19 +18,27 @@ import subprocess
 import sys
 import time
 
-from .. import recipe
-from ..errors import B2TError
-from ..util import atomic_write, json_digest, log, parse_generate_output, parse_json_log, write_json
+from b2t_fairseq import layer_types, recipe
+
+from ..errors import ToolError
+from ..util import (
+    atomic_write,
+    json_digest,
+    log,
+    parse_generate_output,
+    parse_json_log,
+    write_json,
+)
 from . import children
 
-LABELS = recipe.LABELS
+LABELS = {t.short: t.label for t in layer_types.LAYER_TYPES}
 
 
 # --- training ------------------------------------------------------------------------------------
 
 def train_command(data_bin, run_dir, arch, layers, cfg):
     """The b2t-train command line of one run."""
-    cmd = [sys.executable, "-m", "b2t_fairseq.commands.cli", "train", str(data_bin),
+    cmd = [sys.executable, "-m", "b2t_tools.commands.cli", "train", str(data_bin),
            "--arch", f"transformer_{arch}_tiny", "--encoder-layers", str(layers), "--decoder-layers", str(layers),
            "--encoder-embed-dim", str(cfg.dim), "--decoder-embed-dim", str(cfg.dim),
            "--encoder-ffn-embed-dim", str(4 * cfg.dim), "--decoder-ffn-embed-dim", str(4 * cfg.dim),
@@ -118,7 +126,7 @@ def run_training(cmd, run_dir, name, cfg, env):
 # --- evaluation ----------------------------------------------------------------------------------
 
 def generate_command(data_bin, checkpoint, cfg):
-    cmd = [sys.executable, "-m", "b2t_fairseq.commands.cli", "generate", str(data_bin), "--path", str(checkpoint),
+    cmd = [sys.executable, "-m", "b2t_tools.commands.cli", "generate", str(data_bin), "--path", str(checkpoint),
            "--gen-subset", "test", "--beam", "4", "--lenpen", "1.0", "--batch-size", "64",
            "--max-len-a", "1.5", "--max-len-b", "10", "--post-process", "sentencepiece", "--num-workers", "0"]
     return cmd + (["--fp16"] if cfg.fp16 else ["--cpu"])
@@ -130,7 +138,7 @@ def translate_and_score(data_bin, raw_dir, checkpoint, cfg, env):
 
     p = children.run(generate_command(data_bin, checkpoint, cfg), env=env)
     if p.returncode != 0:
-        raise B2TError(f"b2t-generate failed on {checkpoint}: {p.stderr.strip().splitlines()[-1:]}; "
+        raise ToolError(f"b2t-generate failed on {checkpoint}: {p.stderr.strip().splitlines()[-1:]}; "
                        "delete that run's folder and run b2t-demo again")
     hyps = parse_generate_output(p.stdout, "D")
     refs = (raw_dir / "test.de").read_text(encoding="utf-8").splitlines()
@@ -149,7 +157,7 @@ def checkpoint_state(checkpoint):
         extra = state.get("extra_state") or {}
     except Exception as e:  # noqa: BLE001 - truncated, damaged or not a fairseq checkpoint: same fix
         why = str(e).splitlines()[0][:150] if str(e) else ""
-        raise B2TError(f"cannot read {checkpoint} ({type(e).__name__}: {why}); "
+        raise ToolError(f"cannot read {checkpoint} ({type(e).__name__}: {why}); "
                        f"delete {checkpoint.parent} and run b2t-demo again") from None
     seen, n = set(), 0
     for t in model.values():
@@ -218,7 +226,7 @@ def do_run(arch, layers, data_root, out, cfg, unigram_bits):
     crashed = rc != 0
     if crashed and not curves["error"]:
         tail = log_text.strip().splitlines()[-1:]
-        raise B2TError(f"training {name} failed (exit {rc}: {tail}); see {run_dir / 'train.log'}, "
+        raise ToolError(f"training {name} failed (exit {rc}: {tail}); see {run_dir / 'train.log'}, "
                        "then run b2t-demo again to resume")
     updates = state["updates"] if state else 0
     curves = truncate_curves(curves, updates)
@@ -227,7 +235,7 @@ def do_run(arch, layers, data_root, out, cfg, unigram_bits):
         # the log lost its last validation (edited, or written by an old demo): the checkpoint has it
         curves["valid"].append({"num_updates": updates, "valid_loss": state["val_loss"]})
     if not crashed and updates < cfg.max_update:
-        raise B2TError(f"training {name} ended at update {updates} of {cfg.max_update} without an error; "
+        raise ToolError(f"training {name} ended at update {updates} of {cfg.max_update} without an error; "
                        f"see {run_dir / 'train.log'}, then run b2t-demo again to resume")
     rec = summarize(arch, layers, curves, secs, unigram_bits, cfg)
     rec["updates"] = updates  # the checkpoint's count, not the log's

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from ..commands import run_command
-from ..errors import B2TError
+from ..errors import ToolError
 from ..util import atomic_write, check_writable
 from . import YEARS
 from .published import FLAGS as PUBLISHED_FLAGS
@@ -45,26 +45,26 @@ def load_results(paths):
         if p.is_dir():
             found = sorted(p.glob("*.json"))
             if not found:
-                raise B2TError(f"{p} holds no result JSON; run scripts/evaluate.sh (or b2t-wmt-evaluate) first, "
+                raise ToolError(f"{p} holds no result JSON; run scripts/evaluate.sh (or b2t-wmt-evaluate) first, "
                                "or pass the folder it wrote to")
             files += found
         elif p.exists():
             files.append(p)
         else:
-            raise B2TError(f"{p} does not exist; pass result JSON files or folders")
+            raise ToolError(f"{p} does not exist; pass result JSON files or folders")
     runs = []
     for f in files:
         if f.is_dir():
-            raise B2TError(f"{f} is a folder, not a result JSON; move it out of the results folder")
+            raise ToolError(f"{f} is a folder, not a result JSON; move it out of the results folder")
         try:
             r = json.loads(f.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise B2TError(f"{f} is not valid JSON ({e}); delete it or re-run the evaluation") from None
+            raise ToolError(f"{f} is not valid JSON ({e}); delete it or re-run the evaluation") from None
         except OSError as e:
-            raise B2TError(f"cannot read {f} ({e.strerror or e}); fix its permissions or pass another file") from None
+            raise ToolError(f"cannot read {f} ({e.strerror or e}); fix its permissions or pass another file") from None
         problem = shape_problem(r)
         if problem:
-            raise B2TError(f"{f} is not a b2t-wmt-evaluate result ({problem}); re-run scripts/evaluate.sh for it, or "
+            raise ToolError(f"{f} is not a b2t-wmt-evaluate result ({problem}); re-run scripts/evaluate.sh for it, or "
                            "move the file out of the results folder")
         r["_file"] = str(f)
         runs.append(r)
@@ -100,7 +100,7 @@ def shape_problem(r):
 
 def status(run):
     """("current" | "not checked" | "stale", why) for a loaded result, checked against the files here."""
-    from ..commands import average_checkpoints as avg
+    from .. import checkpoints as avg
 
     prov = run.get("provenance")
     if prov is None:
@@ -115,7 +115,7 @@ def status(run):
         try:
             now = avg.last_checkpoints(sel["folder"], int(sel["n"]), by_update=sel.get("kind") == "update",
                                        upper_bound=sel.get("upper_bound"), at_most=True)
-        except (B2TError, KeyError, TypeError, ValueError):
+        except (ToolError, KeyError, TypeError, ValueError):
             now = []
         then = dict(avg.identity(prov.get("averaged_from") or []))
         newer = [os.path.basename(p) for p in now if os.path.basename(p) not in then]
@@ -161,7 +161,7 @@ def check_current(runs, allow_stale):
         state, why = r["_status"]
         if state == "stale":
             if not allow_stale:
-                raise B2TError(f"{r['_file']} is stale: {why}; re-run scripts/evaluate.sh for run '{r['name']}' "
+                raise ToolError(f"{r['_file']} is stale: {why}; re-run scripts/evaluate.sh for run '{r['name']}' "
                                "(it rebuilds the average), or pass --allow-stale to show it marked")
             r["name"] += " (stale)"
 
@@ -244,7 +244,7 @@ def run(argv):
         try:
             atomic_write(args.out, text)
         except OSError as e:
-            raise B2TError(f"cannot write --out {args.out} ({e.strerror or e}); choose another --out") from None
+            raise ToolError(f"cannot write --out {args.out} ({e.strerror or e}); choose another --out") from None
     print(text, end="")
 
 

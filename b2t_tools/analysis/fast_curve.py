@@ -1,7 +1,7 @@
 """The fast path's loss-curve check: the plain and the fast path train the same model on the same
 batches; their per-update training losses must give the same curve (scripts/gpu-checks.sh --fast-path).
 
-    python -m b2t_fairseq.analysis.fast_curve --layers 18 --updates 200 --dtype fp16 [--json PATH]
+    python -m b2t_tools.analysis.fast_curve --layers 18 --updates 200 --dtype fp16 [--json PATH]
 """
 
 import argparse
@@ -11,12 +11,13 @@ import sys
 
 import torch
 
+from b2t_fairseq import layer_types
+from b2t_fairseq.fast import translate_argv
+
 from ..commands import run_command
-from ..errors import B2TError
-from ..fast import translate_argv
+from ..errors import ToolError
 from ..util import write_json
 from . import bench
-
 
 # --- the GPU loss-curve check (scripts/gpu-checks.sh --fast-path) --------------------------------
 
@@ -55,7 +56,7 @@ def loss_curves(size, layers, max_tokens, updates, device, dtype, ln="b2t", n_ba
 
     from fairseq.data import Dictionary
 
-    variant = {"b2t": "plugin_b2t", "post": "plugin_post_ln", "pre": "plugin_pre_ln"}[ln]
+    variant = "plugin_" + layer_types.BY_KEY[ln].short
     curves = {}
     with tempfile.TemporaryDirectory(prefix="b2t-fast-curve-") as workdir:
         bench.write_dictionary(workdir, bench.SIZES[size]["vocab"])
@@ -103,7 +104,7 @@ def run(argv):
                                 "same seed and batches; exit 1 if they differ")
     p.add_argument("--size", choices=("quick", "cpu", "paper"), default="paper")
     p.add_argument("--layers", type=int, default=18)
-    p.add_argument("--ln-position", choices=("post", "pre", "b2t"), default="b2t")
+    p.add_argument("--ln-position", choices=[t.key for t in layer_types.LAYER_TYPES if t.in_paper], default="b2t")
     p.add_argument("--max-tokens", type=int, default=3584)
     p.add_argument("--updates", type=int, default=200)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -111,9 +112,9 @@ def run(argv):
     p.add_argument("--json", metavar="PATH")
     opts = p.parse_args(argv)
     if opts.device == "cuda" and not torch.cuda.is_available():
-        raise B2TError("no CUDA device is visible; run on a GPU machine or pass --device cpu")
+        raise ToolError("no CUDA device is visible; run on a GPU machine or pass --device cpu")
     if opts.device == "cpu" and opts.dtype == "fp16":
-        raise B2TError("--dtype fp16 needs CUDA (fairseq --fp16); use --dtype fp32 or bf16 on CPU")
+        raise ToolError("--dtype fp16 needs CUDA (fairseq --fp16); use --dtype fp32 or bf16 on CPU")
     logging.getLogger("fairseq").setLevel(logging.WARNING)
     curves = loss_curves(opts.size, opts.layers, opts.max_tokens, opts.updates, opts.device, opts.dtype,
                          opts.ln_position)

@@ -24,14 +24,15 @@ import shutil
 import subprocess
 import sys
 
-from .. import recipe
+from b2t_fairseq import layer_types, recipe
+
 from ..commands import run_command
-from ..errors import B2TError
+from ..errors import ToolError
 from ..util import atomic_write, check_writable
 
 TOKENS_PER_UPDATE = recipe.TOKENS_PER_UPDATE
 
-ARCH_FAMILIES = tuple(recipe.FAMILIES.values())
+ARCH_FAMILIES = tuple(t.family for t in layer_types.LAYER_TYPES)
 DEFAULT_DATA = "data-bin/wmt16_en_de_bpe32k"
 
 
@@ -43,9 +44,9 @@ def hyperparameters(layers):
 def resolve_arch(arch, layers):
     """ARCH LAYERS -> (fairseq --arch, extra layer flags). 6 and 18 are named architectures."""
     if arch not in ARCH_FAMILIES:
-        raise B2TError(f"unknown ARCH '{arch}'; choose one of {', '.join(ARCH_FAMILIES)}")
+        raise ToolError(f"unknown ARCH '{arch}'; choose one of {', '.join(ARCH_FAMILIES)}")
     if layers < 1:
-        raise B2TError(f"LAYERS {layers} is not a number of layers; pass a positive number of layers per stack (the paper: 6 or 18)")
+        raise ToolError(f"LAYERS {layers} is not a number of layers; pass a positive number of layers per stack (the paper: 6 or 18)")
     name = arch + ("_18l" if layers >= 18 else "")
     extra = [] if layers in (6, 18) else [("--encoder-layers", str(layers)), ("--decoder-layers", str(layers))]
     return name, extra
@@ -53,12 +54,12 @@ def resolve_arch(arch, layers):
 
 def update_freq(tokens_per_update, world, max_tokens):
     if tokens_per_update < 1 or world < 1 or max_tokens < 1:  # check_numbers refuses these first
-        raise B2TError(f"cannot split {tokens_per_update} tokens per update into {world} process(es) x --max-tokens "
+        raise ToolError(f"cannot split {tokens_per_update} tokens per update into {world} process(es) x --max-tokens "
                        f"{max_tokens}; all three must be positive")
     step = world * max_tokens
     if tokens_per_update % step:
         hint = _max_tokens_hint(tokens_per_update, world, max_tokens)
-        raise B2TError(f"{tokens_per_update} tokens per update cannot be split into {world} process(es) x "
+        raise ToolError(f"{tokens_per_update} tokens per update cannot be split into {world} process(es) x "
                        f"--max-tokens {max_tokens} (= {step} tokens a step, ratio {tokens_per_update / step:.3g}); "
                        f"{hint}")
     return tokens_per_update // step
@@ -123,24 +124,24 @@ def check_numbers(args):
     """One line for every impossible number, before anything is computed from it (no --update-freq 0 or
     negative is ever printed)."""
     if args.layers < 1:
-        raise B2TError(f"LAYERS {args.layers} is not a number of layers; pass a positive number of layers per stack "
+        raise ToolError(f"LAYERS {args.layers} is not a number of layers; pass a positive number of layers per stack "
                        "(the paper: 6 or 18)")
     if args.max_tokens < 1:
-        raise B2TError(f"--max-tokens {args.max_tokens} is not a positive number of tokens; pass the tokens per GPU batch, "
+        raise ToolError(f"--max-tokens {args.max_tokens} is not a positive number of tokens; pass the tokens per GPU batch, "
                        f"e.g. --max-tokens {recipe.MAX_TOKENS} (the paper's)")
     if args.tokens_per_update < 1:
-        raise B2TError(f"--tokens-per-update {args.tokens_per_update} is not a positive number of tokens; pass e.g. "
+        raise ToolError(f"--tokens-per-update {args.tokens_per_update} is not a positive number of tokens; pass e.g. "
                        f"--tokens-per-update {TOKENS_PER_UPDATE} (the paper's)")
     if args.gpus is not None and args.gpus < 0:
-        raise B2TError(f"--gpus {args.gpus} is negative; pass the number of GPUs per node, or 0 for the CPU")
+        raise ToolError(f"--gpus {args.gpus} is negative; pass the number of GPUs per node, or 0 for the CPU")
     if args.nodes is not None and args.nodes < 1:
-        raise B2TError(f"--nodes {args.nodes} is not a number of nodes; pass 1 or more")
+        raise ToolError(f"--nodes {args.nodes} is not a number of nodes; pass 1 or more")
     if args.cpu_procs < 1:
-        raise B2TError(f"--cpu-procs {args.cpu_procs} is not a number of processes; pass 1 or more")
+        raise ToolError(f"--cpu-procs {args.cpu_procs} is not a number of processes; pass 1 or more")
     if not 1 <= args.master_port <= 65535:
-        raise B2TError(f"--master-port {args.master_port} is not a TCP port; pass one in 1-65535 (default 29500)")
+        raise ToolError(f"--master-port {args.master_port} is not a TCP port; pass one in 1-65535 (default 29500)")
     if args.node_rank < 0:
-        raise B2TError(f"--node-rank {args.node_rank} is negative; pass this node's rank, 0 for the first node")
+        raise ToolError(f"--node-rank {args.node_rank} is negative; pass this node's rank, 0 for the first node")
 
 
 def world_layout(args):
@@ -153,20 +154,20 @@ def world_layout(args):
         if args.launcher == "slurm":
             env = os.environ.get("SLURM_NNODES", "1")
             if not env.isdigit() or int(env) < 1:
-                raise B2TError(f"SLURM_NNODES={env!r} is not a number of nodes; run inside an sbatch allocation or "
+                raise ToolError(f"SLURM_NNODES={env!r} is not a number of nodes; run inside an sbatch allocation or "
                                "pass --nodes N")
             nodes = int(env)
     if args.node_rank >= nodes:
-        raise B2TError(f"--node-rank {args.node_rank} does not exist with --nodes {nodes}; pass 0 to {nodes - 1} (ranks count from 0)")
+        raise ToolError(f"--node-rank {args.node_rank} does not exist with --nodes {nodes}; pass 0 to {nodes - 1} (ranks count from 0)")
     if gpus == 0:
         if nodes > 1 or args.launcher == "slurm":
-            raise B2TError("several nodes or SLURM need GPUs: pass --gpus N (CPU runs use --cpu-procs on one node)")
+            raise ToolError("several nodes or SLURM need GPUs: pass --gpus N (CPU runs use --cpu-procs on one node)")
         return 0, 1, args.cpu_procs, "torchrun" if args.cpu_procs > 1 else "spawn"
     launcher = args.launcher
     if launcher == "auto":
         launcher = "torchrun" if nodes > 1 else "spawn"
     if launcher == "spawn" and nodes > 1:
-        raise B2TError("--launcher spawn runs on one node; use --launcher torchrun or slurm for --nodes > 1")
+        raise ToolError("--launcher spawn runs on one node; use --launcher torchrun or slurm for --nodes > 1")
     return gpus, nodes, gpus * nodes, launcher
 
 
@@ -216,27 +217,27 @@ def build_command(args):
         rdzv = ["--nnodes", str(nodes), "--node_rank", str(args.node_rank),
                 "--master_addr", args.master_addr, "--master_port", str(args.master_port)]
     return [sys.executable, "-m", "torch.distributed.run"] + rdzv + ["--nproc_per_node", str(procs),
-            "-m", "b2t_fairseq.commands.torchrun_train"] + fairseq_args
+            "-m", "b2t_tools.commands.torchrun_train"] + fairseq_args
 
 
 def check_data(data):
     if not os.path.isdir(data):
         what = "is a file, not a folder" if os.path.exists(data) else "does not exist"
-        raise B2TError(f"--data {data} {what}; run scripts/prepare-wmt16-en-de.sh first or pass --data DIR (the "
+        raise ToolError(f"--data {data} {what}; run scripts/prepare-wmt16-en-de.sh first or pass --data DIR (the "
                        "folder it wrote)")
     missing = [f for f in ("dict.en.txt", "dict.de.txt", "train.en-de.en.bin") if not os.path.exists(os.path.join(data, f))]
     if missing:
-        raise B2TError(f"--data {data} is not a binarized WMT folder (missing {', '.join(missing)}); run "
+        raise ToolError(f"--data {data} is not a binarized WMT folder (missing {', '.join(missing)}); run "
                        "scripts/prepare-wmt16-en-de.sh first or pass --data DIR")
 
 
 def prepare_save_dir(save, force):
     if os.path.exists(save) and not os.path.isdir(save):
-        raise B2TError(f"--save-dir {save} is a file, not a folder; choose another --save-dir")
+        raise ToolError(f"--save-dir {save} is a file, not a folder; choose another --save-dir")
     done = os.path.join(save, "DONE")
     if os.path.exists(done):
         if not force:
-            raise B2TError(f"{save} holds a finished run ({done} exists); pass --force to delete it and train "
+            raise ToolError(f"{save} holds a finished run ({done} exists); pass --force to delete it and train "
                            "again, or choose another --save-dir")
         shutil.rmtree(save)
     check_writable(os.path.join(save, "train.log"), "--save-dir")  # folder missing, under a file, read-only

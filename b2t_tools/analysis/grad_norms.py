@@ -28,12 +28,13 @@ import os
 import sys
 from pathlib import Path
 
-from .. import recipe
+from b2t_fairseq import layer_types
+
 from ..commands import run_command
-from ..errors import B2TError
+from ..errors import ToolError
 from ..util import atomic_open, pyplot, write_json
 
-DEFAULT_ARCHS = recipe.PAPER_ARCHS
+DEFAULT_ARCHS = layer_types.PAPER_SHORTS
 SUBLAYERS = {  # parameter-name prefix inside a layer -> sub-layer name
     "self_attn_layer_norm": "self_attn_ln", "self_attn": "self_attn",
     "encoder_attn_layer_norm": "cross_attn_ln", "encoder_attn": "cross_attn",
@@ -41,7 +42,7 @@ SUBLAYERS = {  # parameter-name prefix inside a layer -> sub-layer name
 }
 LN_MODULES = {"self_attn_layer_norm": "self_attn_ln", "encoder_attn_layer_norm": "cross_attn_ln",
               "final_layer_norm": "ffn_ln"}
-LABELS = recipe.LABELS
+LABELS = {t.short: t.label for t in layer_types.LAYER_TYPES}
 
 
 def set_threads():
@@ -54,7 +55,7 @@ def set_threads():
 
 def _check_data(data):
     if not (Path(data) / "dict.en.txt").is_file():
-        raise B2TError(f"{data} is not a fairseq data-bin folder (no dict.en.txt); pass the folder "
+        raise ToolError(f"{data} is not a fairseq data-bin folder (no dict.en.txt); pass the folder "
                        "fairseq-preprocess wrote (b2t-demo keeps it under its cache folder, in bin/)")
 
 
@@ -82,7 +83,7 @@ def load_checkpoint(path, data):
 
 
     if not Path(path).is_file():
-        raise B2TError(f"checkpoint {path} does not exist; pass a checkpoint_*.pt written by b2t-train")
+        raise ToolError(f"checkpoint {path} does not exist; pass a checkpoint_*.pt written by b2t-train")
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": str(data)})
     return task, models[0], task.build_criterion(cfg.criterion)
 
@@ -98,7 +99,7 @@ def batches(task, split, k, max_tokens, seed=1):
         if len(out) == k:
             break
     if not out:
-        raise B2TError(f"no batches in split '{split}' of {task.cfg.data}; pick another --split")
+        raise ToolError(f"no batches in split '{split}' of {task.cfg.data}; pick another --split")
     return out
 
 
@@ -278,7 +279,7 @@ def get_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="fairseq data-bin folder with a joined dictionary (e.g. b2t-demo's cache .../bin)")
     p.add_argument("--arch", action="append", metavar="ARCH",
-                   help=f"{', '.join(recipe.ARCHS)} (-> transformer_<x>_<size>) or a full --arch name; "
+                   help=f"{', '.join(layer_types.SHORTS)} (-> transformer_<x>_<size>) or a full --arch name; "
                         "repeatable (default: the paper's three, post_ln, pre_ln and b2t, unless only "
                         "--checkpoint is given)")
     p.add_argument("--size", default="tiny", choices=("tiny", "18l", "base"),
@@ -303,7 +304,7 @@ def run(argv):
     if args.size == "base":
         args.size = ""
     if not (args.json or args.csv or args.png):
-        raise B2TError("nothing to write; pass --json PATH, --csv PATH and/or --png PATH")
+        raise ToolError("nothing to write; pass --json PATH, --csv PATH and/or --png PATH")
     set_threads()
     specs = [(n, a.rstrip("_") if a else a, c) for n, a, c in parse_specs(args)]
     results = run_models(args.data, specs, layers=args.layers, model_args=args.model_args.split(),

@@ -1,13 +1,12 @@
 """The console commands (``b2t-*``) and the one way they report errors.
 
-Every command runs its work through :func:`run_command`: a :class:`~b2t_fairseq.errors.B2TError`
+Every command runs its work through :func:`run_command`: a one-line error (:func:`b2t_tools.errors.is_one_line`)
 becomes one line ``PROG: error: problem; fix`` on stderr and exit status 2, Ctrl-C one line and
 exit status 130. Failures inside fairseq that we know (see ``explain.py``) are translated into
-B2TErrors first; anything else keeps its traceback: it is a bug to see, not a user error.
+one-line errors first; anything else keeps its traceback: it is a bug to see, not a user error.
 """
 
 import sys
-
 
 
 def error_line(prog, msg):
@@ -26,8 +25,8 @@ def run_command(prog, fn, *args, **kwargs):
         why = f" while handling {type(ctx).__name__}: {(str(ctx).splitlines() or [''])[0][:300]}" if ctx else ""
         print(f"{prog}: interrupted{why}; run the same command again to resume", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - B2TErrors and known fairseq failures; the rest re-raise
-        msg = explain(e, prog)  # a B2TError's own message (a CheckpointError's plus the fix for this command)
+    except Exception as e:  # noqa: BLE001 - one-line errors and known fairseq failures; the rest re-raise
+        msg = explain(e, prog)  # a one-line error's own message (a CheckpointError's plus the fix for this command)
         if msg is None:
             raise
         print(error_line(prog, msg), file=sys.stderr)

@@ -1,6 +1,6 @@
 """Tiny archives shaped like the WMT'16 En-De downloads, for tests and smoke runs of the recipes.
 
-``python -m b2t_fairseq.wmt.fake DIR`` writes de-en.tgz, training-parallel-commoncrawl.tgz,
+``python -m b2t_tools.wmt.fake DIR`` writes de-en.tgz, training-parallel-commoncrawl.tgz,
 training-parallel-nc-v11.tgz, dev.tgz and test.tgz into DIR with the member names of the real ones
 (a few hundred word-for-word sentence pairs); then
 ``b2t-wmt-prepare --mirror file://DIR --bpe-merges 300 ...`` runs the whole recipe in seconds.

@@ -24,70 +24,42 @@ import argparse
 import collections
 import errno
 import os
-import re
 import sys
 import zipfile
 
 import torch
 
-from ..errors import B2TError
-from ..repairs import find_damage
-from ..util import atomic_open, check_writable, file_digest, json_digest
+from b2t_fairseq.repairs import find_damage
+
+from ..checkpoints import (  # noqa: F401
+    EPOCH_RE,
+    UPDATE_RE,
+    check_checkpoint_file,
+    fingerprint,
+    identity,
+    last_checkpoints,
+    position,
+)
+from ..errors import ToolError, is_one_line
+from ..util import atomic_open, check_writable
 from . import run_command
-
-EPOCH_RE = re.compile(r"^checkpoint(\d+)\.pt$")
-UPDATE_RE = re.compile(r"^checkpoint_\d+_(\d+)\.pt$")
-
-
-def last_checkpoints(folder, n, by_update=False, upper_bound=None, at_most=False):
-    """Paths of the newest n epoch (or update) checkpoints in folder, newest first (fewer than n only with
-    at_most, else an error)."""
-    if not os.path.isdir(folder):
-        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
-        raise B2TError(f"checkpoint folder {folder} {what}; pass the --save-dir of a training run")
-    pattern = UPDATE_RE if by_update else EPOCH_RE
-    found = []
-    for name in os.listdir(folder):
-        m = pattern.match(name)
-        if m and (upper_bound is None or int(m.group(1)) <= upper_bound) and \
-                os.path.isfile(os.path.join(folder, name)):
-            found.append((int(m.group(1)), os.path.join(folder, name)))
-    found.sort(reverse=True)
-    kind = "update" if by_update else "epoch"
-    if len(found) < n and not at_most:
-        raise B2TError(f"{folder} has {len(found)} {kind} checkpoint(s), {n} needed; lower "
-                       f"--num-{kind}-checkpoints or train longer (or save more: --keep-last-epochs, "
-                       "--save-interval-updates)")
-    return [path for _, path in found[:n]]
-
-
-def check_checkpoint_file(path, flag="--inputs"):
-    """Refuse a path that is not a regular, non-empty file (one line naming the fix)."""
-    if os.path.isdir(path):
-        raise B2TError(f"{flag} {path} is a folder, not a checkpoint file; pass a .pt file (or, for "
-                       "b2t-average-checkpoints, the folder with --num-epoch-checkpoints N)")
-    if not os.path.isfile(path):
-        raise B2TError(f"checkpoint {path} does not exist; check the path")
-    if os.path.getsize(path) == 0:
-        raise B2TError(f"checkpoint {path} is empty (0 bytes); it was not written completely: delete it "
-                       "and use another checkpoint")
 
 
 def load(path, mmap=False):
     check_checkpoint_file(path)
     damage = find_damage(path)  # torch.load does not check CRCs: flipped bytes would load silently
     if damage:
-        raise B2TError(f"cannot read checkpoint {path} ({damage}); it is truncated or corrupt: delete it and "
+        raise ToolError(f"cannot read checkpoint {path} ({damage}); it is truncated or corrupt: delete it and "
                        "average other checkpoints")
     try:
         mmap = mmap and zipfile.is_zipfile(path)  # old non-zip checkpoints cannot be memory-mapped
         state = torch.load(path, map_location="cpu", weights_only=True, **({"mmap": True} if mmap else {}))
     except Exception as e:  # truncated zip, wrong magic, unpickling errors ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise B2TError(f"cannot read checkpoint {path} ({type(e).__name__}: {first[:200]}); it is truncated or "
+        raise ToolError(f"cannot read checkpoint {path} ({type(e).__name__}: {first[:200]}); it is truncated or "
                        "corrupt: delete it and average other checkpoints") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise B2TError(f"{path} is not a fairseq checkpoint (no 'model' state dict); pass checkpoints written "
+        raise ToolError(f"{path} is not a fairseq checkpoint (no 'model' state dict); pass checkpoints written "
                        "by b2t-train / fairseq-train")
     return state
 
@@ -98,55 +70,19 @@ PROVENANCE_KEY = "b2t_average"
 PROVENANCE_VERSION = 1
 
 
-def fingerprint(path):
-    """A content fingerprint of a checkpoint file that costs a few KB of reading whatever its size.
-
-    torch.save writes a zip archive whose directory holds every record's name, size and CRC-32: their
-    SHA-256 (with the file size) changes whenever any byte of any tensor or of the pickled state
-    changes, survives copying and renaming (unlike size + mtime), and costs milliseconds where a
-    SHA-256 of the whole file costs seconds per GB (10 inputs of an 18-layer run at every check).
-    CRC-32 guards against accidents, not forgery. Old (non-zip) files get a SHA-256 of their bytes.
-    """
-    size = os.path.getsize(path)
-    try:
-        with zipfile.ZipFile(path) as z:
-            entries = [(i.filename, i.file_size, i.CRC) for i in z.infolist()]
-        return "zipcrc:" + json_digest([size, entries], 32)
-    except (zipfile.BadZipFile, EOFError, ValueError):
-        return "sha256:" + file_digest(path, n=32)
-
-
-def position(state, path=None):
-    """(epoch, update number) a loaded checkpoint was saved at; None where it does not say."""
-    updates = None
-    history = state.get("optimizer_history")
-    if isinstance(history, list) and history and isinstance(history[-1], dict):
-        updates = history[-1].get("num_updates")
-    extra = state.get("extra_state") if isinstance(state.get("extra_state"), dict) else {}
-    itr = extra.get("train_iterator") if isinstance(extra.get("train_iterator"), dict) else {}
-    epoch = itr.get("epoch", extra.get("epoch"))
-    if updates is None and path is not None:
-        m = UPDATE_RE.match(os.path.basename(path))
-        updates = int(m.group(1)) if m else None
-    return epoch, updates
-
-
 def source_record(path, state):
     epoch, updates = position(state, path)
     return {"name": os.path.basename(path), "path": os.path.abspath(path), "epoch": epoch, "num_updates": updates,
             "fingerprint": fingerprint(path)}
 
 
-def identity(sources):
-    """What decides whether an average is current: its inputs' names and fingerprints, in order."""
-    return [[s.get("name"), s.get("fingerprint")] for s in sources]
-
-
 def read_provenance(path):
     """The provenance recorded in an averaged checkpoint, or None (not an average, or unreadable)."""
     try:
         state = load(path, mmap=True)
-    except B2TError:
+    except Exception as e:  # noqa: BLE001 - a damaged or unsafe file (either package's one-line error)
+        if not is_one_line(e):
+            raise
         return None
     prov = state.get(PROVENANCE_KEY)
     return prov if isinstance(prov, dict) and prov.get("version") == PROVENANCE_VERSION else None
@@ -179,7 +115,7 @@ MODEL_KEYS = ("encoder_layers", "decoder_layers", "encoder_embed_dim", "decoder_
 def model_config(state):
     """{key: value} of the model-shaping arguments of a loaded checkpoint (from 'args' or 'cfg'), with its
     layer type under 'layer type'; {} when the checkpoint records none."""
-    from ..authors import layer_type_of_state
+    from b2t_fairseq.authors import layer_type_of_state
 
     cfg = state.get("args")
     if not isinstance(cfg, argparse.Namespace):
@@ -197,7 +133,7 @@ def check_same_model(first, path, config, paths):
     """Refuse a checkpoint whose model configuration differs from the first one's."""
     for key in sorted(set(first) & set(config)):
         if first[key] != config[key]:
-            raise B2TError(f"{path} is another model than {paths[0]} ({key}: {config[key]!r} vs {first[key]!r}); "
+            raise ToolError(f"{path} is another model than {paths[0]} ({key}: {config[key]!r} vs {first[key]!r}); "
                            "average checkpoints of one training run only")
 
 
@@ -207,7 +143,7 @@ def average(paths, selection=None):
     seen = set()
     for path in paths:
         if os.path.realpath(path) in seen:
-            raise B2TError(f"checkpoint {path} is given twice; list each input once (a repeated one would "
+            raise ToolError(f"checkpoint {path} is given twice; list each input once (a repeated one would "
                            "count double in the average)")
         seen.add(os.path.realpath(path))
     sums, newest, keys, first_config, sources = collections.OrderedDict(), None, None, None, []
@@ -222,14 +158,14 @@ def average(paths, selection=None):
             check_same_model(first_config, path, config, paths)
         if set(params) != set(keys):
             diff = sorted(set(params) ^ set(keys))[:3]
-            raise B2TError(f"{path} has other parameters than {paths[0]} (e.g. {', '.join(diff)}); average "
+            raise ToolError(f"{path} has other parameters than {paths[0]} (e.g. {', '.join(diff)}); average "
                            "checkpoints of one training run only")
         for k, p in params.items():
             if not torch.is_floating_point(p):
                 sums.setdefault(k, p)
                 continue
             if k in sums and sums[k].shape != p.shape:
-                raise B2TError(f"{path}: parameter {k} has shape {tuple(p.shape)}, expected "
+                raise ToolError(f"{path}: parameter {k} has shape {tuple(p.shape)}, expected "
                                f"{tuple(sums[k].shape)}; average checkpoints of one training run only")
             sums[k] = sums[k] + p.double() if k in sums else p.double().clone()
     n = len(paths)
@@ -250,7 +186,7 @@ def save(state, output):
             torch.save(state, f)
     except OSError as e:
         full = e.errno == errno.ENOSPC
-        raise B2TError(f"cannot write --output {output} ({e.strerror or e}); "
+        raise ToolError(f"cannot write --output {output} ({e.strerror or e}); "
                        + ("free some space or choose another --output" if full else "choose another --output")) from None
 
 
@@ -284,20 +220,20 @@ def select_inputs(args):
     n = args.num_update_checkpoints if by_update else args.num_epoch_checkpoints
     if n is None:
         if args.checkpoint_upper_bound is not None:
-            raise B2TError("--checkpoint-upper-bound needs --num-epoch-checkpoints or --num-update-checkpoints; "
+            raise ToolError("--checkpoint-upper-bound needs --num-epoch-checkpoints or --num-update-checkpoints; "
                            "add one of them (with a folder as --inputs)")
         for path in args.inputs:
             check_checkpoint_file(path)
         return args.inputs
     kind = "update" if by_update else "epoch"
     if n < 1:
-        raise B2TError(f"--num-{kind}-checkpoints {n} is not a number of checkpoints; pass 1 or more (the paper averages "
+        raise ToolError(f"--num-{kind}-checkpoints {n} is not a number of checkpoints; pass 1 or more (the paper averages "
                        "the last 10 epochs)")
     if args.checkpoint_upper_bound is not None and args.checkpoint_upper_bound < 1:
-        raise B2TError(f"--checkpoint-upper-bound {args.checkpoint_upper_bound} is not a positive {kind} number; pass the "
+        raise ToolError(f"--checkpoint-upper-bound {args.checkpoint_upper_bound} is not a positive {kind} number; pass the "
                        f"last {kind} to include")
     if len(args.inputs) != 1:
-        raise B2TError(f"--num-{kind}-checkpoints needs one folder as --inputs, got {len(args.inputs)} paths; pass the "
+        raise ToolError(f"--num-{kind}-checkpoints needs one folder as --inputs, got {len(args.inputs)} paths; pass the "
                        f"run's --save-dir alone, or list checkpoint files without --num-{kind}-checkpoints")
     return last_checkpoints(args.inputs[0], n, by_update=by_update, upper_bound=args.checkpoint_upper_bound)
 
@@ -306,7 +242,7 @@ def check_output(output, paths):
     """Refuse an --output that would overwrite an input or cannot be written (before any loading)."""
     real = os.path.realpath(output)
     if any(os.path.realpath(p) == real for p in paths):
-        raise B2TError(f"--output {output} is one of the inputs; write the average to another file")
+        raise ToolError(f"--output {output} is one of the inputs; write the average to another file")
     check_writable(output, "--output")
 
 

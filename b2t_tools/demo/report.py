@@ -2,9 +2,18 @@
 
 import json
 
-from ..analysis import grad_norms
-from ..util import atomic_write, describe_machine, json_digest, log, machine, pyplot, write_json
+from b2t_fairseq import layer_types
 
+from ..analysis import grad_norms
+from ..util import (
+    atomic_write,
+    describe_machine,
+    json_digest,
+    log,
+    machine,
+    pyplot,
+    write_json,
+)
 
 # --- report --------------------------------------------------------------------------------------
 
@@ -28,8 +37,7 @@ def plot_curves(records, path):
     plt = pyplot()
     depths = sorted({r["layers"] for r in records})
     fig, axes = plt.subplots(1, len(depths), figsize=(6 * len(depths), 4.2), squeeze=False)
-    colors = {"post_ln": "tab:red", "pre_ln": "tab:blue", "b2t": "tab:green", "deepnorm": "tab:purple",
-              "admin": "tab:orange"}
+    colors = {t.short: t.colour for t in layer_types.LAYER_TYPES}
     for ax, d in zip(axes[0], depths):
         for r in (r for r in records if r["layers"] == d):
             c = r["curves"]
