@@ -63,10 +63,11 @@ def atomic_output(path, tmp=None):
     """Write a file at ``tmp`` (default ``path.tmp``), fsync it and rename it over ``path``.
 
     ``path`` is at every moment the old file or the complete new one, under any signal; an error or
-    Ctrl-C removes the partial file and leaves ``path`` untouched.
+    Ctrl-C removes the partial file and leaves ``path`` untouched. The folder is created if missing.
     """
     path = os.fspath(path)
     tmp = tmp or path + TMP_SUFFIX
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with honest_interrupts():
         try:
             with open(tmp, "wb") as f:

@@ -30,16 +30,17 @@ if os.environ.get("WITH_B2T_PLUGIN") == "1":
     import b2t_fairseq  # noqa: F401  (what --user-dir b2t_fairseq does)
 PY
 
-run() {  # run LABEL: pytest over the chosen files, its last line kept
-    local label="$1" rc=0
-    ( cd "$tmp" && WITH_B2T_PLUGIN="$2" "$python" -m pytest -q -p no:cacheprovider -o addopts= \
+run() {  # run LABEL 0|1 [PYTEST_ARGS...]: without/with the plugin; prints the failures and the counts
+    local label="$1" plugin="$2" rc=0
+    shift 2
+    ( cd "$tmp" && WITH_B2T_PLUGIN="$plugin" "$python" -m pytest -q -p no:cacheprovider -o addopts= \
         tests/test_checkpoint_utils.py tests/test_sequence_generator.py tests/test_iterators.py tests/test_train.py \
         "$@" ) > "$tmp/$label.log" 2>&1 || rc=$?
     if [ -n "$binaries_k" ]; then
-        ( cd "$tmp" && WITH_B2T_PLUGIN="$2" "$python" -m pytest -q -p no:cacheprovider -o addopts= \
-            tests/test_binaries.py -k "$binaries_k" ) >> "$tmp/$label.log" 2>&1 || rc=$?
+        ( cd "$tmp" && WITH_B2T_PLUGIN="$plugin" "$python" -m pytest -q -p no:cacheprovider -o addopts= \
+            tests/test_binaries.py -k "$binaries_k" "$@" ) >> "$tmp/$label.log" 2>&1 || rc=$?
     fi
-    grep -E "^FAILED|^ERROR|passed|failed" "$tmp/$label.log" | sed "s/^/[$label] /"
+    grep -E "^(FAILED|ERROR) |^[0-9]+ (passed|failed|skipped|deselected|error)|^=+ .*[0-9]+ (passed|failed|error)" "$tmp/$label.log" | sed "s/^/[$label] /"
     return $rc
 }
 

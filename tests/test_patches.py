@@ -39,11 +39,12 @@ def test_generate_translates_every_test_sentence(tmp_path, toy_data_bin):
         assert sum(line.startswith("H-") for line in p.stdout.splitlines()) == 21, extra
 
 
-def test_exact_resume_relies_on_this_fairseq_code():
+def test_exact_resume_relies_on_this_fairseq_code(monkeypatch):
     """patches/exact_resume.py relies on these shapes of fairseq's code."""
     from fairseq.tasks.fairseq_task import FairseqTask
     from fairseq.trainer import Trainer
 
+    monkeypatch.delenv(patches.STRICT_ENV, raising=False)  # restored after: other tests' subprocesses
     patches.enable_behaviour()
     assert Trainer.get_train_iterator.b2t_exact_resume
     params = list(inspect.signature(Trainer.get_train_iterator.__wrapped__).parameters)
@@ -115,11 +116,12 @@ def test_data_files_relies_on_fairseqs_readers():
     assert indexed_dataset.MMapIndexedDataset.Index._HDR_MAGIC == b"MMIDIDX\x00\x00"
 
 
-def test_data_fit_relies_on_trainer_and_ensemble_loading():
+def test_data_fit_relies_on_trainer_and_ensemble_loading(monkeypatch):
     from fairseq import checkpoint_utils
     from fairseq.models.fairseq_model import BaseFairseqModel
     from fairseq.trainer import Trainer
 
+    monkeypatch.delenv(patches.STRICT_ENV, raising=False)
     patches.enable_behaviour()
     for fn in (checkpoint_utils.load_model_ensemble_and_task, Trainer.load_checkpoint, Trainer.state_dict,
                BaseFairseqModel.load_state_dict):

@@ -9,6 +9,7 @@ says so in one line and exits 0 without starting fairseq.
 """
 
 import os
+import zipfile
 
 from ..checkpoints import position, read_checkpoint
 from ..errors import ToolError
@@ -30,6 +31,8 @@ def resume_path(argv):
 
 def peek(path):
     """A checkpoint's dict with its tensors memory-mapped (cheap), or None if it cannot be read so."""
+    if not zipfile.is_zipfile(path):  # an old non-zip file cannot be memory-mapped: leave it to fairseq
+        return None
     try:  # no CRC check here: fairseq's own load checks it moments later
         return read_checkpoint(path, "", flag="--restore-file", mmap=True, verify=False)
     except ToolError:  # unreadable here: fairseq's own load reports it properly
