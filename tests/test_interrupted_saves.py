@@ -98,6 +98,7 @@ def _tiny_checkpoint(path, value):
     return path
 
 
+@pytest.mark.slow  # a real process: seconds to start
 def test_ctrl_c_during_an_average_save(tmp_path):
     a, b = _tiny_checkpoint(tmp_path / "a.pt", 1), _tiny_checkpoint(tmp_path / "b.pt", 3)
     out = _tiny_checkpoint(tmp_path / "avg.pt", 9)  # an earlier average: must survive
