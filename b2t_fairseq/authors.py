@@ -1,6 +1,6 @@
 """The authors' fairseq-0.9 fork (github.com/takase/b2t_connection): their checkpoints as transformer_b2t ones.
 
-Used by the checkpoint repair in repairs.py (every fairseq load converts such a file on the fly) and by
+Used by the checkpoint repair in patches/checkpoint_load.py (every fairseq load converts such a file on the fly) and by
 ``b2t-import-checkpoint`` (commands/import_checkpoint.py, which writes a converted copy); the module
 docstring there describes the conversion.
 """

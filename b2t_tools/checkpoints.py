@@ -1,7 +1,8 @@
 """Checkpoint files as the tools see them: which ones a folder holds, how far a run got, their fingerprints.
 
-Nothing here imports torch, so the text-only commands (the results table) can check provenance; the
-tools that load checkpoints do it through :func:`read_checkpoint`, which does.
+Nothing here imports torch at module import, so the text-only commands (the results table) can check
+provenance; every tool that loads a checkpoint does it through :func:`read_checkpoint` (which imports
+torch and the plugin when called) and reads how far its run got with :func:`position`.
 """
 
 import os
@@ -47,6 +48,46 @@ def check_checkpoint_file(path, flag="--inputs"):
     if os.path.getsize(path) == 0:
         raise ToolError(f"checkpoint {path} is empty (0 bytes); it was not written completely: delete it "
                        "and use another checkpoint")
+
+
+def read_checkpoint(path, fix, flag="--inputs", mmap=False, verify=True):
+    """The dict of a fairseq checkpoint file, or a ToolError ``cannot read checkpoint PATH (why); FIX``.
+
+    Read with torch's safe (weights-only) loader; the plugin's import allows the few globals fairseq
+    checkpoints pickle. ``verify`` first checks the zip archive and its CRCs (b2t_fairseq's
+    find_damage: torch.load checks neither, so flipped bytes would load silently; ~1 s a GB);
+    ``mmap`` maps the tensors instead of reading them (cheap for a look at the training state).
+    """
+    check_checkpoint_file(path, flag)
+    from b2t_fairseq.checkpoint_io import find_damage
+
+    damage = find_damage(path) if verify else None
+    if damage:
+        raise ToolError(f"cannot read checkpoint {path} ({damage}: it is truncated or corrupt); {fix}")
+    import pickle
+
+    import torch
+
+    try:
+        mmap = mmap and zipfile.is_zipfile(path)  # old non-zip checkpoints cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True, **({"mmap": True} if mmap else {}))
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ToolError(f"cannot read checkpoint {path} (UnpicklingError: {_first_line(e)}: it is truncated or "
+                            f"corrupt); {fix}") from None
+        raise ToolError(f"cannot read checkpoint {path} (torch's weights-only loader refuses an object in it: not a "
+                        f"fairseq checkpoint, or one from an untrusted source); {fix}") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, wrong magic ...: one line
+        raise ToolError(f"cannot read checkpoint {path} ({type(e).__name__}: {_first_line(e)}: it is truncated or "
+                        f"corrupt); {fix}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ToolError(f"{path} is not a fairseq checkpoint (no 'model' state dict); pass checkpoints written "
+                        "by b2t-train / fairseq-train")
+    return state
+
+
+def _first_line(e):
+    return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
 
 
 def fingerprint(path):

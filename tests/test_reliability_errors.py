@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import run, run_commands_in_one_process, toy_train_argv
 
-from b2t_fairseq import repairs as safe_checkpoint
+from b2t_fairseq import checkpoint_io as safe_checkpoint
 from b2t_tools.commands import explain as errors
 from b2t_tools.commands import run_command
 from b2t_tools.commands.torchrun_train import torchrun_argv

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from b2t_fairseq import layer_types
 
+from ..checkpoints import check_checkpoint_file
 from ..commands import run_command
 from ..errors import ToolError
 from ..util import atomic_open, pyplot, write_json
@@ -82,8 +83,7 @@ def load_checkpoint(path, data):
     from fairseq import checkpoint_utils
 
 
-    if not Path(path).is_file():
-        raise ToolError(f"checkpoint {path} does not exist; pass a checkpoint_*.pt written by b2t-train")
+    check_checkpoint_file(str(path), "checkpoint")  # fairseq's load below checks the rest (b2t_fairseq/patches)
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": str(data)})
     return task, models[0], task.build_criterion(cfg.criterion)
 

@@ -21,7 +21,7 @@ def run_command(prog, fn, *args, **kwargs):
         rc = fn(*args, **kwargs)
     except KeyboardInterrupt as e:
         # fairseq's --heartbeat-timeout interrupts a stuck worker: name what it was stuck in
-        ctx = e.__context__
+        ctx = None if e.__suppress_context__ else e.__context__  # "from None": nothing else to name
         why = f" while handling {type(ctx).__name__}: {(str(ctx).splitlines() or [''])[0][:300]}" if ctx else ""
         print(f"{prog}: interrupted{why}; run the same command again to resume", file=sys.stderr)
         return 130

@@ -9,8 +9,8 @@ saves fp16 weights; the authors' averaging script, fairseq's, writes fp32 too); 
 (config, training state) comes from the newest input, as fairseq's script does. Checkpoints whose
 model configurations differ (B2T vs Post-LN, other sizes: see MODEL_KEYS) are refused, since their
 parameter names are the same.
-Checkpoints are read with torch's safe (weights_only) loader: importing b2t_fairseq allows the few
-globals that fairseq checkpoints pickle.
+Checkpoints are read with ``checkpoints.read_checkpoint`` (torch's safe weights-only loader, after a
+check of the zip archive and its CRCs).
 
 Provenance: the average records what it was built from under the top-level key ``b2t_average``
 (fairseq ignores it): the selection rule (folder, epoch/update, N, upper bound) and, for every input,
@@ -25,11 +25,10 @@ import collections
 import errno
 import os
 import sys
-import zipfile
 
 import torch
 
-from b2t_fairseq.repairs import find_damage
+from b2t_fairseq import checkpoint_io
 
 from ..checkpoints import (  # noqa: F401
     EPOCH_RE,
@@ -39,29 +38,15 @@ from ..checkpoints import (  # noqa: F401
     identity,
     last_checkpoints,
     position,
+    read_checkpoint,
 )
 from ..errors import ToolError, is_one_line
-from ..util import atomic_open, check_writable
+from ..util import check_writable
 from . import run_command
 
 
 def load(path, mmap=False):
-    check_checkpoint_file(path)
-    damage = find_damage(path)  # torch.load does not check CRCs: flipped bytes would load silently
-    if damage:
-        raise ToolError(f"cannot read checkpoint {path} ({damage}); it is truncated or corrupt: delete it and "
-                       "average other checkpoints")
-    try:
-        mmap = mmap and zipfile.is_zipfile(path)  # old non-zip checkpoints cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True, **({"mmap": True} if mmap else {}))
-    except Exception as e:  # truncated zip, wrong magic, unpickling errors ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ToolError(f"cannot read checkpoint {path} ({type(e).__name__}: {first[:200]}); it is truncated or "
-                       "corrupt: delete it and average other checkpoints") from None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise ToolError(f"{path} is not a fairseq checkpoint (no 'model' state dict); pass checkpoints written "
-                       "by b2t-train / fairseq-train")
-    return state
+    return read_checkpoint(path, "delete it and average other checkpoints", mmap=mmap)
 
 
 # --- provenance -------------------------------------------------------------------------------
@@ -182,8 +167,7 @@ def average(paths, selection=None):
 
 def save(state, output):
     try:
-        with atomic_open(output, "wb") as f:
-            torch.save(state, f)
+        checkpoint_io.save(state, output)  # atomic; Ctrl-C leaves the old --output and exits 130
     except OSError as e:
         full = e.errno == errno.ENOSPC
         raise ToolError(f"cannot write --output {output} ({e.strerror or e}); "

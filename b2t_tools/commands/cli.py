@@ -4,7 +4,8 @@
 interactive, validate and hydra-train. The plugin directory is passed as ``--user-dir`` (not just
 imported) so that fairseq records it and spawned workers load it too. Known failures (bad flags,
 missing data, broken checkpoints, an fp16 collapse: see explain.py) are printed as one line, not a
-traceback. (Checkpoint safety is installed by importing the plugin: see repairs.py.)
+traceback. Importing the plugin repairs fairseq; these commands also enable its behaviour changes
+(exact resume, the checkpoint-must-fit-its-data check: b2t_fairseq/patches/__init__.py).
 
 Without the console scripts: ``python -m b2t_tools.commands.cli {train,generate,interactive,validate,
 hydra-train} ARGS``.
@@ -14,6 +15,7 @@ import importlib.util
 import os
 import sys
 
+from b2t_fairseq import patches
 from b2t_fairseq.fast import translate_argv
 
 from ..errors import ToolError
@@ -55,6 +57,7 @@ def run_fairseq(main, argv=None, hydra=False, prog=None):
     """Run a fairseq entry point with the plugin; known failures become one line (exit 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or os.path.basename(sys.argv[0])
+    patches.enable_behaviour()
 
     def work():
         nonlocal argv

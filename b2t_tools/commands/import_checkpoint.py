@@ -25,42 +25,28 @@ layer-wise attention, a B2T language model) raise a one-line error instead.
 """
 
 import argparse
-import os
 import sys
 
 from b2t_fairseq.authors import convert_state, is_fork_checkpoint
-from b2t_fairseq.repairs import find_damage
+from b2t_fairseq import checkpoint_io
 
+from ..checkpoints import read_checkpoint
 from ..errors import ToolError
-from ..util import atomic_open
 from . import run_command
 
 PROG = "b2t-import-checkpoint"
 
 
 def import_file(src, dst, init=None):
-    import torch
-
-    if not os.path.isfile(src):
-        raise ToolError(f"{src} does not exist; pass the authors' checkpoint file (e.g. b2t_layer18_ave10.pt)")
-    damage = find_damage(src)
-    if damage:
-        raise ToolError(f"cannot read {src} ({damage}); download it again")
-    try:
-        state = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ToolError(f"cannot read {src} ({type(e).__name__}: {first[:200]}); pass a fairseq checkpoint") from None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise ToolError(f"{src} is not a fairseq checkpoint (no 'model' state dict); pass the authors' .pt file")
+    state = read_checkpoint(src, "pass the authors' checkpoint file (e.g. b2t_layer18_ave10.pt), downloaded again",
+                            flag="IN.pt")
     if not isinstance(state.get("args"), argparse.Namespace):
         raise ToolError(f"{src} has no fairseq-0.9 'args' (it is a fairseq 0.10+ checkpoint); it needs no import: "
                        "use it as it is")
     if not is_fork_checkpoint(state):
         raise ToolError(f"{src} is already a transformer_b2t checkpoint (arch {state['args'].arch}); use it as it is")
     new = convert_state(state, where=src, init=init)
-    with atomic_open(dst, "wb") as f:
-        torch.save(new, f)
+    checkpoint_io.save(new, dst)  # atomic; Ctrl-C leaves OUT.pt as it was and exits 130
     return new
 
 

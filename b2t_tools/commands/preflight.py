@@ -9,7 +9,9 @@ says so in one line and exits 0 without starting fairseq.
 """
 
 import os
+import zipfile
 
+from ..checkpoints import position, read_checkpoint
 from ..errors import ToolError
 from ..util import flag_value, has_flag
 
@@ -29,11 +31,11 @@ def resume_path(argv):
 
 def peek(path):
     """A checkpoint's dict with its tensors memory-mapped (cheap), or None if it cannot be read so."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # noqa: BLE001 - unreadable here: fairseq's own load reports it properly
+    if not zipfile.is_zipfile(path):  # an old non-zip file cannot be memory-mapped: leave it to fairseq
+        return None
+    try:  # no CRC check here: fairseq's own load checks it moments later
+        return read_checkpoint(path, "", flag="--restore-file", mmap=True, verify=False)
+    except ToolError:  # unreadable here: fairseq's own load reports it properly
         return None
 
 
@@ -56,11 +58,11 @@ def finished_run(argv):
     if not os.path.isfile(path):
         return None
     state = peek(path)
+    epoch, updates = position(state) if state is not None else (None, None)
     try:
-        updates = int(state["optimizer_history"][-1]["num_updates"])
-        itr = state["extra_state"]["train_iterator"]
-        epoch, in_epoch = int(itr["epoch"]), int(itr.get("iterations_in_epoch", 0))
-    except (TypeError, KeyError, IndexError, ValueError):
+        updates, epoch = int(updates), int(epoch)
+        in_epoch = int(state["extra_state"]["train_iterator"].get("iterations_in_epoch", 0))
+    except (TypeError, KeyError, ValueError, AttributeError):
         return None
     where = f"{path} (update {updates}, epoch {epoch if in_epoch else epoch - 1} done)" if not in_epoch \
         else f"{path} (update {updates}, in epoch {epoch})"

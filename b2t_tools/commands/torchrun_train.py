@@ -21,7 +21,7 @@ and torchrun ends the job.
 import os
 import sys
 
-from b2t_fairseq.repairs import collective_timeout
+from b2t_fairseq.patches import collective_timeout
 
 from ..errors import ToolError
 from ..util import flag_value
@@ -66,7 +66,7 @@ def _setup(argv):
         raise ToolError(f"--heartbeat-timeout {heartbeat} is not a number; give it in seconds") from None
     full = torchrun_argv(argv)
     if seconds > 0:
-        collective_timeout(seconds)
+        collective_timeout.install(seconds)
     return full
 
 

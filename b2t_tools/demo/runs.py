@@ -20,6 +20,7 @@ import time
 
 from b2t_fairseq import layer_types, recipe
 
+from ..checkpoints import position, read_checkpoint
 from ..errors import ToolError
 from ..util import (
     atomic_write,
@@ -148,17 +149,8 @@ def translate_and_score(data_bin, raw_dir, checkpoint, cfg, env):
 
 def checkpoint_state(checkpoint):
     """What a checkpoint says about its run: updates done, last validation loss, parameter count."""
-    import torch
-
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model = state["model"]
-        hist = state.get("optimizer_history") or [{}]
-        extra = state.get("extra_state") or {}
-    except Exception as e:  # noqa: BLE001 - truncated, damaged or not a fairseq checkpoint: same fix
-        why = str(e).splitlines()[0][:150] if str(e) else ""
-        raise ToolError(f"cannot read {checkpoint} ({type(e).__name__}: {why}); "
-                       f"delete {checkpoint.parent} and run b2t-demo again") from None
+    state = read_checkpoint(str(checkpoint), f"delete {checkpoint.parent} and run b2t-demo again", flag="checkpoint")
+    model, extra = state["model"], state.get("extra_state") or {}
     seen, n = set(), 0
     for t in model.values():
         key = (t.data_ptr(), t.shape)
@@ -166,7 +158,7 @@ def checkpoint_state(checkpoint):
             seen.add(key)
             n += t.numel()
     val = extra.get("val_loss")
-    return {"updates": int(hist[-1].get("num_updates", 0)), "params": n,
+    return {"updates": int(position(state)[1] or 0), "params": n,
             "val_loss": float(val) if isinstance(val, (int, float)) else None}
 
 

@@ -27,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..checkpoints import fingerprint, position, read_checkpoint
 from ..commands import run_command
 from ..commands.cli import PLUGIN_DIR
 from ..errors import ToolError
@@ -173,10 +174,10 @@ def checkpoint_provenance(ckpt):
                        f"{ckpt / 'checkpoint_avg_epoch_last10.pt'} that scripts/evaluate.sh writes")
     if not ckpt.is_file():
         raise ToolError(f"checkpoint {ckpt} does not exist; train first or pass --checkpoint")
-    state = avg.load(str(ckpt), mmap=True)  # one-line errors for empty, truncated, corrupt, not a checkpoint
-    epoch, updates = avg.position(state, str(ckpt))
+    state = read_checkpoint(str(ckpt), "train again or pass another --checkpoint", flag="--checkpoint", mmap=True)
+    epoch, updates = position(state, str(ckpt))
     averaged = state.get(avg.PROVENANCE_KEY) if isinstance(state.get(avg.PROVENANCE_KEY), dict) else None
-    return {"checkpoint": str(ckpt.resolve()), "fingerprint": avg.fingerprint(str(ckpt)), "epoch": epoch,
+    return {"checkpoint": str(ckpt.resolve()), "fingerprint": fingerprint(str(ckpt)), "epoch": epoch,
             "num_updates": updates, "averaged_from": averaged.get("sources") if averaged else None,
             "selection": averaged.get("selection") if averaged else None}
 
