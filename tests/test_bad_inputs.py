@@ -18,7 +18,7 @@ from helpers import (
     toy_train_argv,
 )
 
-from b2t_tools.commands import preflight
+from b2t_tools.commands import cli, preflight
 from b2t_tools.errors import ToolError
 
 TRAIN = toy_train_argv(json_log=False)
@@ -215,13 +215,31 @@ def test_checkpoints_record_their_data(bad):
 
 # --- the checks, in-process -------------------------------------------------------------------
 
+def _parsed(*argv, prog="b2t-train"):
+    """argv as b2t-train reads it (fairseq's parser with the plugin; no data needed to parse)."""
+    return cli.parse_args(prog, ["--user-dir", cli.PLUGIN_DIR, "DATA", "--arch", "transformer_b2t_tiny", *argv])
+
+
 def test_flag_checks_accept_good_values():
-    preflight.check_flags(["--max-tokens", "4096", "--update-freq", "1,2", "--lr", "5e-4", "--dropout", "0",
-                           "--encoder-embed-dim", "512", "--encoder-attention-heads", "8", "--max-update", "0"], "b2t-train")
+    preflight.check_flags(_parsed("--max-tokens", "4096", "--update-freq", "1,2", "--lr", "5e-4", "--dropout", "0",
+                                  "--encoder-embed-dim", "512", "--encoder-attention-heads", "8", "--max-update", "0"),
+                          "b2t-train")
     with pytest.raises(ToolError, match="not divisible by --encoder-attention-heads 8"):
-        preflight.check_flags(["--max-tokens", "1", "--encoder-embed-dim", "500", "--encoder-attention-heads", "8"])
+        preflight.check_flags(_parsed("--max-tokens", "1", "--encoder-embed-dim", "500", "--encoder-attention-heads", "8"))
     with pytest.raises(ToolError, match="--lr 0.1,0"):
-        preflight.check_flags(["--max-tokens", "1", "--lr", "0.1,0"])
+        preflight.check_flags(_parsed("--max-tokens", "1", "--lr", "0.1,0"))
+
+
+def test_a_stop_learning_rate_above_the_first_one_is_refused():
+    """fairseq 0.9's --min-lr (0.12's --stop-min-lr) without --warmup-init-lr: inverse_sqrt starts at 0 and
+    training stops before its first update, exit 0; the authors' command starts at 1e-07."""
+    schedule = ["--max-tokens", "1", "--lr", "0.001", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000"]
+    with pytest.raises(ToolError, match=r"--stop-min-lr 1e-09 .* at or above the learning rate at update 0, 0 "):
+        preflight.check_flags(_parsed(*schedule, "--stop-min-lr", "1e-9"), "b2t-train")
+    preflight.check_flags(_parsed(*schedule, "--stop-min-lr", "1e-9", "--warmup-init-lr", "1e-7"), "b2t-train")
+    with pytest.raises(ToolError, match="at or above the learning rate at update 0, 0.001"):
+        preflight.check_flags(_parsed("--max-tokens", "1", "--lr", "0.001", "--stop-min-lr", "0.01"), "b2t-train")
+    assert preflight.start_lr(_parsed(*schedule, "--warmup-init-lr", "1e-7")) == pytest.approx(1e-7)
 
 
 def test_explain_os_errors():

@@ -2,29 +2,14 @@
 
 ``explain(exc, prog)`` returns the message for a known failure raised inside fairseq, or None;
 ``commands.run_command`` prints it. The README's Troubleshooting section lists every message.
+(The checks made before fairseq starts, on the parsed arguments, are in preflight.py.)
 """
 
 import errno
 import os
 import re
 
-from ..errors import ToolError, is_one_line, plugin_error
-from ..util import flag_value
-
-# --- checks made before fairseq starts ---------------------------------------------------------
-
-def check_args_before_fairseq(argv, prog):
-    """Checks that are cheap to make before fairseq starts."""
-    from .preflight import check_flags, check_paths
-
-    check_flags(argv, prog)
-    check_paths(argv, prog)
-    restore = flag_value(argv, "--restore-file")
-    if prog.endswith("train") and restore not in (None, "checkpoint_last.pt") and not os.path.exists(restore):
-        # fairseq would log "No existing checkpoint found" and silently train from scratch
-        raise ToolError(f"--restore-file {restore} does not exist; fix the path (it is used as given, not "
-                       "relative to --save-dir), or drop the flag to resume from SAVE_DIR/checkpoint_last.pt")
-
+from ..errors import is_one_line, plugin_error
 
 # --- the catalogue of failures inside fairseq --------------------------------------------------
 
@@ -77,6 +62,28 @@ def _explain_missing_file(e, prog):
         return (f"data directory {folder} has no {name}; pass a folder binarized by fairseq-preprocess, "
                 "with --source-lang/--target-lang matching its files")
     return None
+
+
+def _explain_unequal_sides(e):
+    """LanguagePairDataset's assertion, with the split, folder and counts read from the frames that raised it."""
+    split = folder = None
+    counts = {}
+    tb = e.__traceback__
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        if tb.tb_frame.f_code.co_name == "load_langpair_dataset":
+            split, folder = local.get("split"), local.get("data_path")
+            counts = {"langs": (local.get("src"), local.get("tgt"))}
+        elif tb.tb_frame.f_code.co_name == "__init__" and "src" in local and "tgt" in local:
+            try:
+                counts["sizes"] = (len(local["src"]), len(local["tgt"]))
+            except TypeError:
+                pass
+        tb = tb.tb_next
+    where = f"split '{split}' in {folder}" if split and folder else "a split of the data directory"
+    (s, t), (ns, nt) = counts.get("langs", ("source", "target")), counts.get("sizes", ("?", "?"))
+    return (f"{where} has {ns} {s} sentences but {nt} {t} sentences; binarize both sides together from parallel "
+            "files (one fairseq-preprocess run with --trainpref/--validpref/--testpref for both languages)")
 
 
 def _explain_value_error(e):
@@ -134,6 +141,8 @@ def explain(e, prog):
     if isinstance(e, NotADirectoryError) and e.filename and _frames(e) & _DATA_READERS:
         return (f"data directory {e.filename} is a file, not a folder; pass the folder that fairseq-preprocess "
                 "wrote (its --destdir) as the first argument")
+    if isinstance(e, AssertionError) and str(e) == "Source and target must contain the same number of examples":
+        return _explain_unequal_sides(e)
     if isinstance(e, AssertionError) and str(e).startswith("min_len cannot be larger than max_len"):
         return ("the longest output allowed (--max-len-a times the source length plus --max-len-b) is below "
                 "--min-len; raise --max-len-a/--max-len-b (the defaults are 0 and 200) or lower --min-len")
