@@ -147,6 +147,10 @@ def bad(toy_data_bin, tmp_path_factory):
         ("b2t_and_ln_position_post", "train", train("--residual-bottom-to-top", "--ln-position", "post", "--no-save"),
          None),
         ("unknown_arch", "train", train("--arch", "transformer_nope", "--no-save"), None),
+        ("seed_2_to_40", "train", train("--seed", str(2 ** 40), "--no-save"), None),
+        ("batch_multiple_0", "train", train("--required-batch-size-multiple", "0", "--no-save"), None),  # was SIGFPE
+        ("batch_multiple_huge", "train", train("--required-batch-size-multiple", str(10 ** 12), "--no-save"), None),
+        ("ffn_dim_absurd", "train", train("--encoder-ffn-embed-dim", str(10 ** 12), "--no-save"), None),
         ("full_disk", "train", train("--save-dir", str(tmp / "s4")), "full_disk"),
         ("ctrl_c", "train", train("--no-save"), "ctrl_c"),
     ]
@@ -192,6 +196,10 @@ def error(bad, name, prog, *words):
     ("min_lr_and_stop_min_lr", ["--min-lr 1e-9 and --stop-min-lr 1e-8", "give one"]),
     ("b2t_and_ln_position_post", ["--residual-bottom-to-top (B2T) contradicts --ln-position post", "drop one"]),
     ("unknown_arch", ["invalid choice: 'transformer_nope'", "--help for the choices"]),
+    ("seed_2_to_40", [f"--seed {2 ** 40}: at most 4294967295"]),
+    ("batch_multiple_0", ["--required-batch-size-multiple 0", "at least 1"]),
+    ("batch_multiple_huge", ["--required-batch-size-multiple 1000000000000: at most 2147483647"]),
+    ("ffn_dim_absurd", ["out of memory", "GiB at once", "--encoder/decoder-ffn-embed-dim"]),
 ])
 def test_b2t_train_bad_input(bad, name, words):
     error(bad, name, "b2t-train", *words)

@@ -122,6 +122,21 @@ def _explain_os_error(e, prog):
     return None
 
 
+def _explain_out_of_memory(e, prog):
+    """torch's allocator failing: a model or batch that does not fit (often an absurd size flag)."""
+    msg = str(e)
+    m = re.search(r"tried to allocate (\d+) bytes", msg) or re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", msg)
+    size = ""
+    if m:
+        size = m.group(1)
+        size = f" ({int(size) / 2 ** 30:,.0f} GiB at once)" if size.isdigit() else f" ({size} at once)"
+    where = "GPU" if "CUDA" in msg or "cuda" in msg else "machine"
+    lower = ("--max-tokens (with a larger --update-freq for the same batch) or the model's sizes "
+             "(--encoder/decoder-embed-dim, --encoder/decoder-ffn-embed-dim, --encoder/decoder-layers)"
+             if prog.endswith("train") else "--max-tokens or --batch-size (and --beam)")
+    return f"out of memory: the {where} cannot hold what these flags ask for{size}; lower {lower}"
+
+
 def _chain(e):
     seen = set()
     while e is not None and id(e) not in seen:
@@ -154,6 +169,8 @@ def explain(e, prog):
     if isinstance(e, OSError) and str(e).startswith("Model file not found: "):
         path = str(e).split(": ", 1)[1]
         return f"checkpoint {path} not found; fix --path (separate several checkpoints with ':')"
+    if isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)):
+        return _explain_out_of_memory(e, prog)
     if isinstance(e, ValueError):
         return _explain_value_error(e)
     # fairseq re-raises some errors as a plain Exception ("Cannot load model parameters from checkpoint

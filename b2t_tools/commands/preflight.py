@@ -79,6 +79,9 @@ AT_LEAST = {
     "--max-tokens-valid": (1, True, "the most tokens in a validation batch", "e.g. --max-tokens-valid 4096"),
     "--batch-size": (1, True, "the most sentences in a batch", "e.g. --batch-size 64, or drop it and use --max-tokens"),
     "--batch-size-valid": (1, True, "the most sentences in a validation batch", "e.g. --batch-size-valid 64"),
+    "--required-batch-size-multiple": (1, True, "the number every batch's sentence count is a multiple of", "the default is 8; "
+                                       "1 for none"),
+    "--required-seq-len-multiple": (1, True, "the number every batch's length is padded to a multiple of", "the default is 1"),
     "--update-freq": (1, True, "batches accumulated per update", "1 accumulates none; the paper trains on 8 GPUs "
                       "with --update-freq 16"),
     "--encoder-layers": (1, True, "the encoder depth", "the paper uses 6 or 18"),
@@ -105,6 +108,11 @@ AT_LEAST = {
     "--max-target-positions": (1, True, "the longest target sentence the model takes", "the default is 1024"),
     "--clip-norm": (0, False, "the gradient norm clipping threshold (0: no clipping)", "the paper uses 0.1 "
                     "for deep models"),
+}
+# flag: (highest allowed, what breaks above it)
+AT_MOST = {
+    "--seed": (2 ** 32 - 1, "numpy's seeds are 32-bit"),
+    "--required-batch-size-multiple": (2 ** 31 - 1, "fairseq's batching code keeps it in a 32-bit integer"),
 }
 POSITIVE = {"--lr": ("the learning rate", "the paper uses --lr 0.001 (see recipe.py)")}
 PROBABILITIES = ("--dropout", "--attention-dropout", "--activation-dropout", "--label-smoothing")
@@ -148,6 +156,10 @@ def check_flags(args, prog=""):
         if values and min(values) < low:
             need = ("a whole number of at least 1" if low == 1 else "0 or more") if integer else f"{low} or more"
             raise ToolError(f"{flag} {_shown(getattr(args, _dest(flag)))}: {what} must be {need}; {fix}")
+    for flag, (high, why) in AT_MOST.items():
+        values = _values(args, flag)
+        if values and max(values) > high:
+            raise ToolError(f"{flag} {_shown(getattr(args, _dest(flag)))}: at most {high} ({why}); give a smaller value")
     for flag, (what, fix) in POSITIVE.items():
         values = _values(args, flag)
         if values and min(values) <= 0:
