@@ -151,6 +151,10 @@ def bad(toy_data_bin, tmp_path_factory):
         ("batch_multiple_0", "train", train("--required-batch-size-multiple", "0", "--no-save"), None),  # was SIGFPE
         ("batch_multiple_huge", "train", train("--required-batch-size-multiple", str(10 ** 12), "--no-save"), None),
         ("ffn_dim_absurd", "train", train("--encoder-ffn-embed-dim", str(10 ** 12), "--no-save"), None),
+        ("positions_absurd", "train", train("--max-source-positions", str(10 ** 12), "--no-save"), None),
+        ("layers_absurd", "train", train("--encoder-layers", str(10 ** 12), "--no-save"), None),  # never returned
+        ("relu_dropout_absurd", "train", train("--relu-dropout", "1e20", "--no-save"), None),
+        ("base_layers_one_process", "train", train("--base-layers", "1", "--no-save"), None),
         ("full_disk", "train", train("--save-dir", str(tmp / "s4")), "full_disk"),
         ("ctrl_c", "train", train("--no-save"), "ctrl_c"),
     ]
@@ -199,7 +203,11 @@ def error(bad, name, prog, *words):
     ("seed_2_to_40", [f"--seed {2 ** 40}: at most 4294967295"]),
     ("batch_multiple_0", ["--required-batch-size-multiple 0", "at least 1"]),
     ("batch_multiple_huge", ["--required-batch-size-multiple 1000000000000: at most 2147483647"]),
-    ("ffn_dim_absurd", ["out of memory", "GiB at once", "--encoder/decoder-ffn-embed-dim"]),
+    ("ffn_dim_absurd", ["the model has at least", "more than this machine's", "--encoder/decoder-layers"]),
+    ("layers_absurd", ["the model has at least", "GiB with gradients"]),
+    ("positions_absurd", ["out of memory", "GiB at once", "lower --max-tokens"]),
+    ("relu_dropout_absurd", ["--relu-dropout 1e+20", "probability"]),
+    ("base_layers_one_process", ["need a distributed run", "--base-layers"]),
 ])
 def test_b2t_train_bad_input(bad, name, words):
     error(bad, name, "b2t-train", *words)

@@ -171,6 +171,9 @@ def explain(e, prog):
         return f"checkpoint {path} not found; fix --path (separate several checkpoints with ':')"
     if isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)):
         return _explain_out_of_memory(e, prog)
+    if isinstance(e, ValueError) and str(e).startswith("Default process group has not been initialized"):
+        return ("these flags need a distributed run (torch.distributed is not started; --base-layers does, for one); "
+                "start it with b2t-torchrun-train, or drop the flag")
     if isinstance(e, ValueError):
         return _explain_value_error(e)
     # fairseq re-raises some errors as a plain Exception ("Cannot load model parameters from checkpoint

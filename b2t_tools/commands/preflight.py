@@ -22,6 +22,7 @@ def check(args, prog):
     check_flags(args, prog)
     check_paths(args, prog)
     check_devices(args, prog)
+    check_model_fits(args, prog)
 
 
 def resume_path(args):
@@ -115,7 +116,7 @@ AT_MOST = {
     "--required-batch-size-multiple": (2 ** 31 - 1, "fairseq's batching code keeps it in a 32-bit integer"),
 }
 POSITIVE = {"--lr": ("the learning rate", "the paper uses --lr 0.001 (see recipe.py)")}
-PROBABILITIES = ("--dropout", "--attention-dropout", "--activation-dropout", "--label-smoothing")
+PROBABILITIES = ("--dropout", "--attention-dropout", "--activation-dropout", "--relu-dropout", "--label-smoothing")
 
 
 LARGEST_INT = 2 ** 63 - 1  # fairseq hands counts to numpy and C code as 64-bit integers
@@ -231,6 +232,29 @@ def check_devices(args, prog):
         if not torch.cuda.is_available() else None
     if why:
         raise ToolError(f"--fp16 needs a CUDA GPU and {why}; drop --fp16 to run in fp32 on the CPU")
+
+
+def check_model_fits(args, prog):
+    """A model whose weights, gradients and Adam's two moments (4 x 4 bytes a parameter) exceed this
+    machine's memory: fairseq would build layer after layer until the allocator fails or the system
+    kills it (--encoder-layers 10**12 never returns). Embeddings are left out: a lower bound."""
+    if not prog.endswith("train"):
+        return
+    sizes = {k: getattr(args, k, None) for k in ("encoder_layers", "decoder_layers", "encoder_embed_dim",
+                                                 "decoder_embed_dim", "encoder_ffn_embed_dim", "decoder_ffn_embed_dim")}
+    if not all(isinstance(v, int) and v > 0 for v in sizes.values()):
+        return
+    e, d = sizes["encoder_embed_dim"], sizes["decoder_embed_dim"]
+    params = (sizes["encoder_layers"] * (4 * e * e + 2 * e * sizes["encoder_ffn_embed_dim"])
+              + sizes["decoder_layers"] * (8 * d * d + 2 * d * sizes["decoder_ffn_embed_dim"]))
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on Linux: no check
+        return
+    if params * 16 > memory:
+        raise ToolError(f"the model has at least {params:.3g} parameters ({params * 16 / 2 ** 30:,.0f} GiB with gradients "
+                       f"and Adam's state), more than this machine's {memory / 2 ** 30:,.0f} GiB of memory; lower "
+                       "--encoder/decoder-layers or the widths (the paper's 18-layer model has about 1.3e+08 by this count)")
 
 
 def check_paths(args, prog):
