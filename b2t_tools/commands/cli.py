@@ -105,6 +105,7 @@ def run_fairseq(main, argv=None, hydra=False, prog=None, setup=None):
         if prog == "b2t-train":
             argv = authors_argv.translate(argv)  # the authors' train.py flags (authors_argv.py)
         argv = _with_user_dir(translate_argv(argv))  # --b2t-fast: --optimizer adam -> b2t_adam (fast.py)
+        sys.argv = [prog] + argv  # fairseq's parser factories read --user-dir from sys.argv itself
         args = parse_args(prog, argv)
         preflight.check(args, prog)
         if prog == "b2t-train":
@@ -114,7 +115,6 @@ def run_fairseq(main, argv=None, hydra=False, prog=None, setup=None):
                 return 0
         if setup is not None:
             setup(args)
-        sys.argv = [prog] + argv
         return main()
 
     rc = run_command(prog, work)
