@@ -41,15 +41,21 @@ LN_POSITIONS = layer_types.KEYS
 ADMIN_OMEGA_MODES = ("trainable", "fixed")
 
 
-def resolve_layer_type(args):
+def resolve_layer_type(args, default="post"):
     """Settle --ln-position from the flags, refuse contradictions, and set fairseq's own switches.
 
+    ``default`` is the named architecture's layer type, which --residual-bottom-to-top may override
+    (transformer_post_ln with it is B2T); a --ln-position given on the command line may not be.
     Idempotent, so a checkpoint's saved args go through it again unchanged.
     """
-    ln = getattr(args, "ln_position", None) or "post"
+    given = getattr(args, "ln_position", None)
+    ln = given or default
     if ln not in LN_POSITIONS:
         raise B2TConfigError(f"unknown --ln-position '{ln}': choose one of {', '.join(LN_POSITIONS)}")
     if getattr(args, "residual_bottom_to_top", False):
+        if given == "post":
+            raise B2TConfigError("--residual-bottom-to-top (B2T) contradicts --ln-position post (Post-LN without "
+                                 "the B2T connection); drop one of them")
         if ln == "pre":
             raise B2TConfigError("--residual-bottom-to-top cannot be combined with Pre-LN (--ln-position pre): "
                                  "B2T is defined for Post-LN only; drop one of them")
@@ -246,12 +252,11 @@ _register_model("transformer_b2t", TransformerB2TModel)
 
 def _paper(args, ln_position, layers):
     """transformer_wmt_en_de sizes (512/2048/8 heads) with the paper's regularization per depth."""
-    args.ln_position = getattr(args, "ln_position", None) or ln_position
     args.encoder_layers = getattr(args, "encoder_layers", layers)
     args.decoder_layers = getattr(args, "decoder_layers", layers)
     for key, value in recipe.regularization(layers).items():
         setattr(args, key, getattr(args, key, value))
-    resolve_layer_type(args)  # at parse time, so a bad combination fails before any work starts
+    resolve_layer_type(args, ln_position)  # at parse time, so a bad combination fails before any work starts
     transformer_wmt_en_de(args)
 
 
@@ -261,9 +266,8 @@ def _tiny(args, ln_position):
     for side in ("encoder", "decoder"):
         for key in ("embed_dim", "ffn_embed_dim", "attention_heads", "layers"):
             setattr(args, f"{side}_{key}", getattr(args, f"{side}_{key}", t[key]))
-    args.ln_position = getattr(args, "ln_position", None) or ln_position
     args.dropout = getattr(args, "dropout", t["dropout"])
-    resolve_layer_type(args)
+    resolve_layer_type(args, ln_position)
     transformer_wmt_en_de(args)
 
 

@@ -97,6 +97,8 @@ def log(msg, stream=None):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=stream or sys.stdout, flush=True)
 
 
+# --- reading argv by hand: only where fairseq's parser cannot (before it exists, or to rewrite argv) ---
+
 def flag_value(argv, flag):
     """The value of the last ``--flag VALUE`` or ``--flag=VALUE`` in argv, or None."""
     value = None
@@ -110,6 +112,16 @@ def flag_value(argv, flag):
 
 def has_flag(argv, flag):
     return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def wants_help(argv):
+    """-h/--help anywhere before a lone ``--``: the command prints its help, whatever else is wrong."""
+    for a in argv:
+        if a == "--":
+            return False
+        if a in ("-h", "--help"):
+            return True
+    return False
 
 
 def machine():

@@ -378,8 +378,8 @@ def test_authors_flags_translate():
     assert t(["d", "--arch", "transformer_wmt_en_de", "--residual-bottom-to-top"]) == \
         ["d", "--arch", "transformer_b2t", "--residual-bottom-to-top", "--dropout", "0.1"]  # the stock default
     assert t(["d", "--arch=transformer_wmt_en_de", "--sampling-method=worddrop", "--enc-replace-rate=0.2",
-              "--dropout", "0.3"]) == ["d", "--arch", "transformer_b2t", "--dropout", "0.3",
-                                       "--word-dropout-src", "0.2", "--word-dropout-tgt", "0.0"]
+              "--dropout", "0.3"]) == ["d", "--arch", "transformer_post_ln", "--dropout", "0.3",
+                                       "--word-dropout-src", "0.2", "--word-dropout-tgt", "0.0"]  # no B2T flag
     assert t(["d", "--arch", "transformer_b2t", "--min-lr", "1e-9"]) == ["d", "--arch", "transformer_b2t",
                                                                          "--stop-min-lr", "1e-9"]
     cosine = ["d", "--lr-scheduler", "cosine", "--min-lr", "1e-9"]

@@ -1,6 +1,6 @@
 """Bad input to b2t-train / b2t-generate / b2t-validate / b2t-interactive: ONE line, the right fix.
 
-Issue 13: flags at 0 or negative, damaged data files, a checkpoint used with data of another language
+Flags at 0, negative or absurd, damaged data files, a checkpoint used with data of another language
 direction or dictionary, output places that cannot be written, a full disk, Ctrl-C. Each case runs
 through the same function as its console command, all in ONE driver process (starting fairseq costs
 seconds a process on the 2-core test machine); most are refused before fairseq starts.
@@ -18,7 +18,7 @@ from helpers import (
     toy_train_argv,
 )
 
-from b2t_tools.commands import preflight
+from b2t_tools.commands import cli, preflight
 from b2t_tools.errors import ToolError
 
 TRAIN = toy_train_argv(json_log=False)
@@ -75,6 +75,10 @@ def bad(toy_data_bin, tmp_path_factory):
         lines[0], lines[1] = lines[1], lines[0]
         (swapped / f"dict.{lang}.txt").write_text("".join(lines))
     deen = str(_reversed_copy(toy_data_bin, tmp / "de_en"))
+    unequal = copy("unequal")  # German sides of other splits: 40 target sentences for 400 source ones, and back
+    for ext in ("bin", "idx"):
+        shutil.copy(toy_data_bin / f"valid.en-de.de.{ext}", unequal / f"train.en-de.de.{ext}")
+        shutil.copy(toy_data_bin / f"train.en-de.de.{ext}", unequal / f"test.en-de.de.{ext}")
     (tmp / "a_file").write_text("x")
     (tmp / "ck_folder").mkdir()
     (tmp / "ro").mkdir()
@@ -128,6 +132,29 @@ def bad(toy_data_bin, tmp_path_factory):
         ("data_is_a_file", "train", train("--no-save", data=str(tmp / "a_file")), None),
         ("validate_missing_split", "validate", [d, "--path", ck, *VALID, "--valid-subset", "nope"], None),
         ("max_len_below_min_len", "generate", [d, "--path", ck, *GEN, "--max-len-b", "-50"], None),
+        ("fp16_cpu", "train", train("--fp16", "--no-save"), None),
+        ("generate_fp16_cpu", "generate", [d, "--path", ck, *GEN, "--fp16"], None),
+        ("generate_b2t_fast", "generate", [d, "--path", ck, *GEN, "--b2t-fast"], None),
+        ("max_tokens_1e20", "train", train("--max-tokens", "1e20", "--no-save"), None),
+        ("generate_max_tokens_1e20", "generate", [d, "--path", ck, "--max-tokens", "1e20", "--cpu"], None),
+        ("max_tokens_2_to_70", "train", train("--max-tokens", str(2 ** 70), "--no-save"), None),
+        ("generate_batch_size_2_to_70", "generate", [d, "--path", ck, "--batch-size", str(2 ** 70), "--cpu"], None),
+        ("unequal_sides", "train", train("--no-save", data=str(unequal)), None),
+        ("generate_unequal_sides", "generate", [str(unequal), "--path", ck, *GEN], None),
+        ("min_lr_without_warmup_init_lr", "train", train("--lr-scheduler", "inverse_sqrt", "--min-lr", "1e-9",
+                                                         "--no-save"), None),
+        ("min_lr_and_stop_min_lr", "train", train("--min-lr", "1e-9", "--stop-min-lr", "1e-8", "--no-save"), None),
+        ("b2t_and_ln_position_post", "train", train("--residual-bottom-to-top", "--ln-position", "post", "--no-save"),
+         None),
+        ("unknown_arch", "train", train("--arch", "transformer_nope", "--no-save"), None),
+        ("seed_2_to_40", "train", train("--seed", str(2 ** 40), "--no-save"), None),
+        ("batch_multiple_0", "train", train("--required-batch-size-multiple", "0", "--no-save"), None),  # was SIGFPE
+        ("batch_multiple_huge", "train", train("--required-batch-size-multiple", str(10 ** 12), "--no-save"), None),
+        ("ffn_dim_absurd", "train", train("--encoder-ffn-embed-dim", str(10 ** 12), "--no-save"), None),
+        ("positions_absurd", "train", train("--max-source-positions", str(10 ** 12), "--no-save"), None),
+        ("layers_absurd", "train", train("--encoder-layers", str(10 ** 12), "--no-save"), None),  # never returned
+        ("relu_dropout_absurd", "train", train("--relu-dropout", "1e20", "--no-save"), None),
+        ("base_layers_one_process", "train", train("--base-layers", "1", "--no-save"), None),
         ("full_disk", "train", train("--save-dir", str(tmp / "s4")), "full_disk"),
         ("ctrl_c", "train", train("--no-save"), "ctrl_c"),
     ]
@@ -164,6 +191,23 @@ def error(bad, name, prog, *words):
     ("inverse_sqrt_no_warmup", ["--warmup-updates 0 divides by zero", "--lr-scheduler fixed"]),
     ("every_sentence_too_long", ["no sentence left to batch", "raise --max-tokens"]),
     ("data_is_a_file", ["a_file is a file, not a folder", "fairseq-preprocess"]),
+    ("fp16_cpu", ["--fp16 needs a CUDA GPU", "drop --fp16"]),
+    ("max_tokens_1e20", ["--max-tokens", "invalid int value: '1e20'", "whole number"]),
+    ("max_tokens_2_to_70", [f"--max-tokens {2 ** 70}: too large"]),
+    ("unequal_sides", ["split 'train'", "400 en sentences but 40 de sentences", "binarize both sides together"]),
+    ("min_lr_without_warmup_init_lr", ["--stop-min-lr 1e-09 (fairseq 0.9's --min-lr)", "update 0, 0 ",
+                                       "--warmup-init-lr 1e-07"]),
+    ("min_lr_and_stop_min_lr", ["--min-lr 1e-9 and --stop-min-lr 1e-8", "give one"]),
+    ("b2t_and_ln_position_post", ["--residual-bottom-to-top (B2T) contradicts --ln-position post", "drop one"]),
+    ("unknown_arch", ["invalid choice: 'transformer_nope'", "--help for the choices"]),
+    ("seed_2_to_40", [f"--seed {2 ** 40}: at most 4294967295"]),
+    ("batch_multiple_0", ["--required-batch-size-multiple 0", "at least 1"]),
+    ("batch_multiple_huge", ["--required-batch-size-multiple 1000000000000: at most 2147483647"]),
+    ("ffn_dim_absurd", ["the model has at least", "more than this machine's", "--encoder/decoder-layers"]),
+    ("layers_absurd", ["the model has at least", "GiB with gradients"]),
+    ("positions_absurd", ["out of memory", "GiB at once", "lower --max-tokens"]),
+    ("relu_dropout_absurd", ["--relu-dropout 1e+20", "probability"]),
+    ("base_layers_one_process", ["need a distributed run", "--base-layers"]),
 ])
 def test_b2t_train_bad_input(bad, name, words):
     error(bad, name, "b2t-train", *words)
@@ -185,6 +229,11 @@ def test_b2t_train_bad_input(bad, name, words):
     ("nbest_over_beam", "b2t-generate", ["--nbest 5 is more than --beam 2"]),
     ("validate_missing_split", "b2t-validate", ["split 'nope' not found", "--valid-subset"]),
     ("max_len_below_min_len", "b2t-generate", ["below --min-len", "--max-len-b"]),
+    ("generate_fp16_cpu", "b2t-generate", ["--fp16 needs a CUDA GPU", "drop --fp16"]),
+    ("generate_b2t_fast", "b2t-generate", ["unrecognized arguments: --b2t-fast", "--model-overrides"]),
+    ("generate_max_tokens_1e20", "b2t-generate", ["invalid int value: '1e20'"]),
+    ("generate_batch_size_2_to_70", "b2t-generate", [f"--batch-size {2 ** 70}: too large"]),
+    ("generate_unequal_sides", "b2t-generate", ["split 'test'", "40 en sentences but 400 de sentences"]),
 ])
 def test_evaluation_bad_input(bad, name, prog, words):
     error(bad, name, prog, *words)
@@ -215,13 +264,31 @@ def test_checkpoints_record_their_data(bad):
 
 # --- the checks, in-process -------------------------------------------------------------------
 
+def _parsed(*argv, prog="b2t-train"):
+    """argv as b2t-train reads it (fairseq's parser with the plugin; no data needed to parse)."""
+    return cli.parse_args(prog, ["--user-dir", cli.PLUGIN_DIR, "DATA", "--arch", "transformer_b2t_tiny", *argv])
+
+
 def test_flag_checks_accept_good_values():
-    preflight.check_flags(["--max-tokens", "4096", "--update-freq", "1,2", "--lr", "5e-4", "--dropout", "0",
-                           "--encoder-embed-dim", "512", "--encoder-attention-heads", "8", "--max-update", "0"], "b2t-train")
+    preflight.check_flags(_parsed("--max-tokens", "4096", "--update-freq", "1,2", "--lr", "5e-4", "--dropout", "0",
+                                  "--encoder-embed-dim", "512", "--encoder-attention-heads", "8", "--max-update", "0"),
+                          "b2t-train")
     with pytest.raises(ToolError, match="not divisible by --encoder-attention-heads 8"):
-        preflight.check_flags(["--max-tokens", "1", "--encoder-embed-dim", "500", "--encoder-attention-heads", "8"])
+        preflight.check_flags(_parsed("--max-tokens", "1", "--encoder-embed-dim", "500", "--encoder-attention-heads", "8"))
     with pytest.raises(ToolError, match="--lr 0.1,0"):
-        preflight.check_flags(["--max-tokens", "1", "--lr", "0.1,0"])
+        preflight.check_flags(_parsed("--max-tokens", "1", "--lr", "0.1,0"))
+
+
+def test_a_stop_learning_rate_above_the_first_one_is_refused():
+    """fairseq 0.9's --min-lr (0.12's --stop-min-lr) without --warmup-init-lr: inverse_sqrt starts at 0 and
+    training stops before its first update, exit 0; the authors' command starts at 1e-07."""
+    schedule = ["--max-tokens", "1", "--lr", "0.001", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4000"]
+    with pytest.raises(ToolError, match=r"--stop-min-lr 1e-09 .* at or above the learning rate at update 0, 0 "):
+        preflight.check_flags(_parsed(*schedule, "--stop-min-lr", "1e-9"), "b2t-train")
+    preflight.check_flags(_parsed(*schedule, "--stop-min-lr", "1e-9", "--warmup-init-lr", "1e-7"), "b2t-train")
+    with pytest.raises(ToolError, match="at or above the learning rate at update 0, 0.001"):
+        preflight.check_flags(_parsed("--max-tokens", "1", "--lr", "0.001", "--stop-min-lr", "0.01"), "b2t-train")
+    assert preflight.start_lr(_parsed(*schedule, "--warmup-init-lr", "1e-7")) == pytest.approx(1e-7)
 
 
 def test_explain_os_errors():

@@ -148,7 +148,7 @@ def test_kill_while_saving_checkpoint_keeps_previous_ones(toy_data_bin, tmp_path
 @pytest.mark.parametrize("kill_at,resumed_at", [(18, (2, 16)), (23, (2, 20))], ids=["epoch_boundary", "mid_epoch_2"])
 def test_sigkill_in_a_later_epoch_resumes_bit_for_bit(toy_data_bin, tmp_path, kill_hook, whole, kill_at, resumed_at):
     """Resumed in epoch 2 (from the end-of-epoch-1 checkpoint, or mid-epoch) and trained on into epoch 3,
-    the run has the uninterrupted run's losses and bitwise equal weights. Before repairs.exact_resume
+    the run has the uninterrupted run's losses and bitwise equal weights. Before patches.exact_resume
     fairseq made the batches of a run resumed in epoch E with seed + E ("creating new batches for
     epoch 2"): other sentences per batch, losses up to 0.13 apart."""
     killed = train(toy_data_bin, tmp_path / "run", 36, kill=(kill_at, "step"), hook=kill_hook, check=False)

@@ -4,17 +4,24 @@ The fork adds to fairseq's stock ``transformer`` model the switch ``--residual-b
 the perturbation flags ``--sampling-method/--enc-replace-rate/--dec-replace-rate/--decay-val``; and
 fairseq 0.9's ``--min-lr`` is called ``--stop-min-lr`` today. ``translate(argv)`` rewrites them:
 
-- ``--arch transformer_wmt_en_de`` (or ``transformer``) together with any fork flag becomes
-  ``--arch transformer_b2t`` (the same sizes; fairseq's default ``--dropout 0.1`` is passed when the
-  command has none, since transformer_b2t's own default is the paper's 0.3); the layer type follows
-  ``--residual-bottom-to-top`` (kept: transformer_b2t accepts it) or ``--*-normalize-before``;
+- ``--arch transformer_wmt_en_de`` (or ``transformer``) together with any fork flag becomes the named
+  architecture of the layer type the fork builds from these flags (its ``TransformerEncoderLayer``:
+  ``--residual-bottom-to-top`` is B2T with its rescaled initialization, ``--encoder-normalize-before
+  --decoder-normalize-before`` Pre-LN, neither Post-LN), with the same sizes: ``transformer_b2t``,
+  ``transformer_pre_ln`` or ``transformer_post_ln``. Word dropout alone does not make B2T. fairseq's
+  default ``--dropout 0.1`` is passed when the command has none (the named architectures' own default is
+  the paper's 0.3). What the fork would build but no layer type here is (B2T on Pre-LN layers, Pre-LN on
+  one side only) is refused;
 - ``--sampling-method worddrop --enc-replace-rate P --dec-replace-rate Q`` becomes
   ``--word-dropout-src P --word-dropout-tgt Q``; ``none`` drops the rates (the fork ignores them
   too); the fork's other perturbations are a one-line error;
 - ``--decay-val`` is dropped (only the fork's replacement perturbations use it, not word dropout);
 - ``--min-lr X`` becomes ``--stop-min-lr X`` (fairseq 0.9 stopped training when the learning rate
   fell to ``--min-lr``; 0.12 calls that ``--stop-min-lr``, and fairseq's own checkpoint upgrade maps
-  it the same way), unless the chosen ``--lr-scheduler`` has a ``--min-lr`` of its own (cosine, step).
+  it the same way), unless the chosen ``--lr-scheduler`` has a ``--min-lr`` of its own (cosine, step);
+  with ``--stop-min-lr`` too, the two must agree. (A stop value at or above the schedule's first
+  learning rate, as ``--min-lr`` without ``--warmup-init-lr`` gives in both fairseq versions, trains
+  nothing: preflight.py refuses it.)
 """
 
 import sys
@@ -23,11 +30,12 @@ from ..errors import ToolError
 
 FORK_FLAGS = ("--residual-bottom-to-top", "--sampling-method", "--enc-replace-rate", "--dec-replace-rate",
               "--decay-val")
-STOCK_ARCHS = ("transformer", "transformer_wmt_en_de")  # the sizes of transformer_b2t
+STOCK_ARCHS = ("transformer", "transformer_wmt_en_de")  # the sizes of the named architectures
+SWITCHES = ("--residual-bottom-to-top", "--encoder-normalize-before", "--decoder-normalize-before")
 SAMPLING_OTHERS = ("similarity", "uniform", "condprob", "worddrop_with_sim", "worddrop_with_sim_enc_drop",
                    "worddrop_with_uni", "worddrop_with_uni_enc_drop")
 VALUED = ("--arch", "-a", "--sampling-method", "--enc-replace-rate", "--dec-replace-rate", "--decay-val", "--min-lr",
-          "--lr-scheduler", "--dropout")
+          "--stop-min-lr", "--lr-scheduler", "--dropout")
 
 
 def _split(argv):
@@ -47,7 +55,7 @@ def _split(argv):
                 items.append((name, None, [a]))
                 i += 1
         else:
-            items.append((a if a == "--residual-bottom-to-top" else None, None, [a]))
+            items.append((a if a in SWITCHES else None, None, [a]))
             i += 1
     return items
 
@@ -79,6 +87,23 @@ def _scheduler_has_min_lr(name):
     return dc is not None and "min_lr" in getattr(dc, "__dataclass_fields__", {})
 
 
+def _layer_family(items):
+    """The named architecture of the layer type the fork's TransformerEncoder/DecoderLayer build from these flags."""
+    from b2t_fairseq import layer_types
+
+    b2t = any(f == "--residual-bottom-to-top" for f, _, _ in items)
+    enc, dec = (any(f == f"--{side}-normalize-before" for f, _, _ in items) for side in ("encoder", "decoder"))
+    if b2t and (enc or dec):
+        raise ToolError("--residual-bottom-to-top with --*-normalize-before: the authors' code then adds the "
+                       "bottom-to-top path to Pre-LN layers, a model the paper does not define and b2t-train does not "
+                       "build; drop --residual-bottom-to-top (Pre-LN) or the --*-normalize-before flags (B2T)")
+    if enc != dec:
+        raise ToolError(f"--{'encoder' if enc else 'decoder'}-normalize-before without the other side's: the authors' "
+                       "code builds a Pre-LN stack there and a Post-LN one on the other side, which b2t-train does not "
+                       "build; give both --encoder-normalize-before and --decoder-normalize-before (Pre-LN) or neither")
+    return layer_types.BY_KEY["b2t" if b2t else "pre" if enc else "post"].family
+
+
 def uses_fork_flags(argv):
     return any(a.split("=", 1)[0] in FORK_FLAGS for a in argv)
 
@@ -105,12 +130,16 @@ def translate(argv):
             int(decay)
         except ValueError:
             raise ToolError(f"--decay-val {decay}: not a whole number (the authors use 1000)") from None
+    if translate_min_lr and _last(items, "--stop-min-lr") not in (None, _last(items, "--min-lr")):
+        raise ToolError(f"--min-lr {_last(items, '--min-lr')} and --stop-min-lr {_last(items, '--stop-min-lr')}: both "
+                       "set the learning rate at which training stops (fairseq 0.9 called it --min-lr); give one")
     arch = _last(items, "--arch") or _last(items, "-a")
+    family = _layer_family(items) if fork else None
     out, redirected = [], False
     for flag, value, tokens in items:
         if flag in ("--arch", "-a") and fork:
             if value in STOCK_ARCHS:
-                out += ["--arch", "transformer_b2t"]
+                out += ["--arch", family]
                 redirected = True
             elif value is not None and not value.startswith(("transformer_b2t", "transformer_post_ln",
                                                              "transformer_pre_ln")):
@@ -126,7 +155,7 @@ def translate(argv):
         else:
             out += tokens
     if fork and arch is None:
-        out += ["--arch", "transformer_b2t"]  # fairseq 0.9's default arch was the stock transformer
+        out += ["--arch", family]  # fairseq 0.9's default arch was the stock transformer
         redirected = True
     if redirected and _last(items, "--dropout") is None:
         out += ["--dropout", "0.1"]  # the stock architecture's default, not transformer_b2t's 0.3

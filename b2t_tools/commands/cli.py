@@ -2,10 +2,12 @@
 
 ``b2t-train ARGS`` is ``fairseq-train --user-dir <this package> ARGS``, and so on for generate,
 interactive, validate and hydra-train. The plugin directory is passed as ``--user-dir`` (not just
-imported) so that fairseq records it and spawned workers load it too. Known failures (bad flags,
-missing data, broken checkpoints, an fp16 collapse: see explain.py) are printed as one line, not a
-traceback. Importing the plugin repairs fairseq; these commands also enable its behaviour changes
-(exact resume, the checkpoint-must-fit-its-data check: b2t_fairseq/patches/__init__.py).
+imported) so that fairseq records it and spawned workers load it too. The command line is read once,
+by fairseq's own parser for that command (``parse_args``), after the authors' flags are translated
+(authors_argv.py); the checks of preflight.py run on what it read. Known failures (bad flags, missing
+data, broken checkpoints, an fp16 collapse: see explain.py) are printed as one line, not a traceback.
+Importing the plugin repairs fairseq; these commands also enable its behaviour changes (exact resume,
+the checkpoint-must-fit-its-data check: b2t_fairseq/patches/__init__.py).
 
 Without the console scripts: ``python -m b2t_tools.commands.cli {train,generate,interactive,validate,
 hydra-train} ARGS``.
@@ -16,12 +18,11 @@ import os
 import sys
 
 from b2t_fairseq import patches
-from b2t_fairseq.fast import translate_argv
+from b2t_fairseq.fast import FAST_FLAG, translate_argv
 
-from ..errors import ToolError
-from . import authors_argv, run_command
-from .explain import check_args_before_fairseq
-from .preflight import finished_run
+from ..errors import ToolError, is_one_line
+from ..util import has_flag, wants_help
+from . import authors_argv, preflight, run_command
 
 # the plugin's folder, found without importing it (fairseq imports it from --user-dir)
 PLUGIN_DIR = importlib.util.find_spec("b2t_fairseq").submodule_search_locations[0]
@@ -53,25 +54,70 @@ def _with_user_dir(argv, hydra=False):
     return ["--user-dir", PLUGIN_DIR] + out
 
 
-def run_fairseq(main, argv=None, hydra=False, prog=None):
-    """Run a fairseq entry point with the plugin; known failures become one line (exit 2)."""
+# fairseq's parser for each command (fairseq.options)
+PARSERS = {"b2t-train": "get_training_parser", "b2t-generate": "get_generation_parser",
+           "b2t-interactive": "get_interactive_generation_parser", "b2t-validate": "get_validation_parser"}
+
+
+def parse_args(prog, argv):
+    """argv (with --user-dir, so the plugin's flags exist) read by fairseq's parser for ``prog``.
+
+    The same parse fairseq's entry point makes; its complaints (argparse's usage block plus an error)
+    become one line.
+    """
+    from fairseq import options
+
+    parser = getattr(options, PARSERS[prog])()
+
+    def error(message):
+        if "(choose from" in message and message.count(",") > 12:  # every registered architecture: hundreds
+            message = message.split(" (choose from")[0] + f" (run {prog} --help for the choices)"
+        fix = f"see {prog} --help for the flags"
+        if "invalid int value" in message:
+            fix = "give a whole number"
+        elif "invalid float value" in message:
+            fix = "give a number such as 0.1 or 1e-4"
+        elif "unrecognized arguments" in message and FAST_FLAG in message.split() and prog != "b2t-train":
+            fix = (f"{FAST_FLAG} is a b2t-train flag that the checkpoint keeps; to decode a checkpoint trained without "
+                   f"it on the fast kernels, pass --model-overrides \"{{'b2t_fast': True}}\"")
+        raise ToolError(f"{message}; {fix}")
+
+    parser.error = error  # argparse reports every bad value through it
+    try:
+        return options.parse_args_and_arch(parser, argv)
+    except ValueError as e:  # fairseq's own checks while parsing ("Cannot combine --fp16 and --tpu ...")
+        if is_one_line(e):
+            raise
+        raise ToolError(f"{e}; fix the flags") from None
+
+
+def run_fairseq(main, argv=None, hydra=False, prog=None, setup=None):
+    """Run a fairseq entry point with the plugin; known failures become one line (exit 2).
+
+    ``setup(args)``, if given, runs on the parsed arguments before fairseq starts.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or os.path.basename(sys.argv[0])
     patches.enable_behaviour()
 
     def work():
         nonlocal argv
+        if hydra or wants_help(argv):  # hydra reads its own overrides; --help is fairseq's to print
+            sys.argv = [prog] + _with_user_dir(argv, hydra=hydra)
+            return main()
         if prog == "b2t-train":
             argv = authors_argv.translate(argv)  # the authors' train.py flags (authors_argv.py)
-        if not hydra:
-            argv = translate_argv(argv)  # --b2t-fast: --optimizer adam -> b2t_adam (fast.py)
-            check_args_before_fairseq(argv, prog)
-            if prog == "b2t-train":
-                done = finished_run(argv)  # fairseq would train one more update (preflight.py)
-                if done:
-                    print(f"{prog}: {done}", file=sys.stderr)
-                    return 0
-        sys.argv = [prog] + _with_user_dir(argv, hydra=hydra)
+        argv = _with_user_dir(translate_argv(argv))  # --b2t-fast: --optimizer adam -> b2t_adam (fast.py)
+        sys.argv = [prog] + argv  # fairseq's parser factories read --user-dir from sys.argv itself
+        args = parse_args(prog, argv)
+        preflight.check(args, prog)
+        if prog == "b2t-train":
+            done = preflight.finished_run(args)  # fairseq would train one more update (preflight.py)
+            if done:
+                print(f"{prog}: {done}", file=sys.stderr)
+                return 0
+        if setup is not None:
+            setup(args)
         return main()
 
     rc = run_command(prog, work)
@@ -102,7 +148,7 @@ def validate(argv=None):
     from fairseq_cli.validate import cli_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a == "--task" or a.startswith("--task=") for a in argv):
+    if not has_flag(argv, "--task"):
         # fairseq-validate has no default task and fails with "KeyError: None"; the plugin's
         # models are translation models
         argv = ["--task", "translation"] + argv

@@ -2,29 +2,14 @@
 
 ``explain(exc, prog)`` returns the message for a known failure raised inside fairseq, or None;
 ``commands.run_command`` prints it. The README's Troubleshooting section lists every message.
+(The checks made before fairseq starts, on the parsed arguments, are in preflight.py.)
 """
 
 import errno
 import os
 import re
 
-from ..errors import ToolError, is_one_line, plugin_error
-from ..util import flag_value
-
-# --- checks made before fairseq starts ---------------------------------------------------------
-
-def check_args_before_fairseq(argv, prog):
-    """Checks that are cheap to make before fairseq starts."""
-    from .preflight import check_flags, check_paths
-
-    check_flags(argv, prog)
-    check_paths(argv, prog)
-    restore = flag_value(argv, "--restore-file")
-    if prog.endswith("train") and restore not in (None, "checkpoint_last.pt") and not os.path.exists(restore):
-        # fairseq would log "No existing checkpoint found" and silently train from scratch
-        raise ToolError(f"--restore-file {restore} does not exist; fix the path (it is used as given, not "
-                       "relative to --save-dir), or drop the flag to resume from SAVE_DIR/checkpoint_last.pt")
-
+from ..errors import is_one_line, plugin_error
 
 # --- the catalogue of failures inside fairseq --------------------------------------------------
 
@@ -79,6 +64,28 @@ def _explain_missing_file(e, prog):
     return None
 
 
+def _explain_unequal_sides(e):
+    """LanguagePairDataset's assertion, with the split, folder and counts read from the frames that raised it."""
+    split = folder = None
+    counts = {}
+    tb = e.__traceback__
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        if tb.tb_frame.f_code.co_name == "load_langpair_dataset":
+            split, folder = local.get("split"), local.get("data_path")
+            counts = {"langs": (local.get("src"), local.get("tgt"))}
+        elif tb.tb_frame.f_code.co_name == "__init__" and "src" in local and "tgt" in local:
+            try:
+                counts["sizes"] = (len(local["src"]), len(local["tgt"]))
+            except TypeError:
+                pass
+        tb = tb.tb_next
+    where = f"split '{split}' in {folder}" if split and folder else "a split of the data directory"
+    (s, t), (ns, nt) = counts.get("langs", ("source", "target")), counts.get("sizes", ("?", "?"))
+    return (f"{where} has {ns} {s} sentences but {nt} {t} sentences; binarize both sides together from parallel "
+            "files (one fairseq-preprocess run with --trainpref/--validpref/--testpref for both languages)")
+
+
 def _explain_value_error(e):
     msg = str(e)
     if msg == "--share-all-embeddings requires a joined dictionary":
@@ -115,6 +122,21 @@ def _explain_os_error(e, prog):
     return None
 
 
+def _explain_out_of_memory(e, prog):
+    """torch's allocator failing: a model or batch that does not fit (often an absurd size flag)."""
+    msg = str(e)
+    m = re.search(r"tried to allocate (\d+) bytes", msg) or re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", msg)
+    size = ""
+    if m:
+        size = m.group(1)
+        size = f" ({int(size) / 2 ** 30:,.0f} GiB at once)" if size.isdigit() else f" ({size} at once)"
+    where = "GPU" if "CUDA" in msg or "cuda" in msg else "machine"
+    lower = ("--max-tokens (with a larger --update-freq for the same batch) or the model's sizes "
+             "(--encoder/decoder-embed-dim, --encoder/decoder-ffn-embed-dim, --encoder/decoder-layers)"
+             if prog.endswith("train") else "--max-tokens or --batch-size (and --beam)")
+    return f"out of memory: the {where} cannot hold what these flags ask for{size}; lower {lower}"
+
+
 def _chain(e):
     seen = set()
     while e is not None and id(e) not in seen:
@@ -134,6 +156,8 @@ def explain(e, prog):
     if isinstance(e, NotADirectoryError) and e.filename and _frames(e) & _DATA_READERS:
         return (f"data directory {e.filename} is a file, not a folder; pass the folder that fairseq-preprocess "
                 "wrote (its --destdir) as the first argument")
+    if isinstance(e, AssertionError) and str(e) == "Source and target must contain the same number of examples":
+        return _explain_unequal_sides(e)
     if isinstance(e, AssertionError) and str(e).startswith("min_len cannot be larger than max_len"):
         return ("the longest output allowed (--max-len-a times the source length plus --max-len-b) is below "
                 "--min-len; raise --max-len-a/--max-len-b (the defaults are 0 and 200) or lower --min-len")
@@ -145,6 +169,11 @@ def explain(e, prog):
     if isinstance(e, OSError) and str(e).startswith("Model file not found: "):
         path = str(e).split(": ", 1)[1]
         return f"checkpoint {path} not found; fix --path (separate several checkpoints with ':')"
+    if isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)):
+        return _explain_out_of_memory(e, prog)
+    if isinstance(e, ValueError) and str(e).startswith("Default process group has not been initialized"):
+        return ("these flags need a distributed run (torch.distributed is not started; --base-layers does, for one); "
+                "start it with b2t-torchrun-train, or drop the flag")
     if isinstance(e, ValueError):
         return _explain_value_error(e)
     # fairseq re-raises some errors as a plain Exception ("Cannot load model parameters from checkpoint

@@ -1,7 +1,8 @@
-"""Checks b2t-train, b2t-generate and b2t-validate make before fairseq starts (cheap: flags, file
+"""Checks b2t-train, b2t-generate, b2t-validate and b2t-interactive make before fairseq starts, on
+the arguments as fairseq's own parser read them (``cli.parse_args``; cheap: values, paths, file
 headers, no model): a finished run, and bad values fairseq would take for a traceback or worse.
 
-``finished_run(argv)``: fairseq-train re-run on a run that reached --max-update trains ONE MORE update
+``finished_run(args)``: fairseq-train re-run on a run that reached --max-update trains ONE MORE update
 (its loop checks the limit only after a step) and overwrites checkpoint_last.pt with it. That is a
 fairseq bug for our users: a finished run must stay finished. b2t-train reads the checkpoint it would
 resume from (its pickled header only, memory-mapped: no weights are read) and, if the run is finished,
@@ -13,19 +14,25 @@ import zipfile
 
 from ..checkpoints import position, read_checkpoint
 from ..errors import ToolError
-from ..util import flag_value, has_flag
 
-RESETS = ("--reset-optimizer", "--reset-dataloader", "--reset-meters", "--reset-lr-scheduler",
-          "--finetune-from-model", "--continue-once")
+RESETS = ("reset_optimizer", "reset_dataloader", "reset_meters", "reset_lr_scheduler", "finetune_from_model",
+          "continue_once")
 
 
-def resume_path(argv):
-    """The checkpoint fairseq-train would resume from (it may not exist)."""
-    save_dir = flag_value(argv, "--save-dir") or "checkpoints"
-    restore = flag_value(argv, "--restore-file") or "checkpoint_last.pt"
-    suffix = flag_value(argv, "--checkpoint-suffix") or ""
+def check(args, prog):
+    """All the checks on parsed arguments (ToolError for the first problem)."""
+    check_flags(args, prog)
+    check_paths(args, prog)
+    check_devices(args, prog)
+    check_model_fits(args, prog)
+
+
+def resume_path(args):
+    """The checkpoint fairseq-train would resume from (it may not exist): checkpoint_utils.load_checkpoint's rule."""
+    suffix = getattr(args, "checkpoint_suffix", "") or ""
+    restore = getattr(args, "restore_file", None) or "checkpoint_last.pt"
     if restore == "checkpoint_last.pt":
-        return os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
+        return os.path.join(getattr(args, "save_dir", None) or "checkpoints", f"checkpoint_last{suffix}.pt")
     return restore.replace(".pt", suffix + ".pt") if suffix else restore
 
 
@@ -39,22 +46,14 @@ def peek(path):
         return None
 
 
-def _int_flag(argv, flag):
-    v = flag_value(argv, flag)
-    try:
-        return int(v) if v is not None else 0
-    except ValueError:
+def finished_run(args):
+    """The one-line note if b2t-train with these arguments would resume a finished run, else None."""
+    if any(getattr(args, f, None) for f in RESETS):
         return None
-
-
-def finished_run(argv):
-    """The one-line note if b2t-train argv would resume a finished run, else None."""
-    if any(has_flag(argv, f) for f in RESETS):
+    max_update, max_epoch = getattr(args, "max_update", 0) or 0, getattr(args, "max_epoch", 0) or 0
+    if max_update <= 0 and max_epoch <= 0:
         return None
-    max_update, max_epoch = _int_flag(argv, "--max-update"), _int_flag(argv, "--max-epoch")
-    if max_update is None or max_epoch is None or (max_update <= 0 and max_epoch <= 0):
-        return None
-    path = resume_path(argv)
+    path = resume_path(args)
     if not os.path.isfile(path):
         return None
     state = peek(path)
@@ -83,6 +82,9 @@ AT_LEAST = {
     "--max-tokens-valid": (1, True, "the most tokens in a validation batch", "e.g. --max-tokens-valid 4096"),
     "--batch-size": (1, True, "the most sentences in a batch", "e.g. --batch-size 64, or drop it and use --max-tokens"),
     "--batch-size-valid": (1, True, "the most sentences in a validation batch", "e.g. --batch-size-valid 64"),
+    "--required-batch-size-multiple": (1, True, "the number every batch's sentence count is a multiple of", "the default is 8; "
+                                       "1 for none"),
+    "--required-seq-len-multiple": (1, True, "the number every batch's length is padded to a multiple of", "the default is 1"),
     "--update-freq": (1, True, "batches accumulated per update", "1 accumulates none; the paper trains on 8 GPUs "
                       "with --update-freq 16"),
     "--encoder-layers": (1, True, "the encoder depth", "the paper uses 6 or 18"),
@@ -110,60 +112,159 @@ AT_LEAST = {
     "--clip-norm": (0, False, "the gradient norm clipping threshold (0: no clipping)", "the paper uses 0.1 "
                     "for deep models"),
 }
+# flag: (highest allowed, what breaks above it)
+AT_MOST = {
+    "--seed": (2 ** 32 - 1, "numpy's seeds are 32-bit"),
+    "--required-batch-size-multiple": (2 ** 31 - 1, "fairseq's batching code keeps it in a 32-bit integer"),
+}
 POSITIVE = {"--lr": ("the learning rate", "the paper uses --lr 0.001 (see recipe.py)")}
-PROBABILITIES = ("--dropout", "--attention-dropout", "--activation-dropout", "--label-smoothing")
+PROBABILITIES = ("--dropout", "--attention-dropout", "--activation-dropout", "--relu-dropout", "--label-smoothing")
 
 
-def _numbers(flag, text, integer):
-    try:
-        return [int(x) if integer else float(x) for x in text.split(",")]
-    except ValueError:
-        return None  # not a number: fairseq's argparse says so itself
+LARGEST_INT = 2 ** 63 - 1  # fairseq hands counts to numpy and C code as 64-bit integers
 
 
-def check_flags(argv, prog=""):
+def _dest(flag):
+    return flag[2:].replace("-", "_")
+
+
+def _shown(value):
+    """A parsed value as the command line would write it (lists comma-separated)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def _values(args, flag):
+    """The numbers a flag was parsed to (a list; empty if this command has no such flag or it is unset)."""
+    v = getattr(args, _dest(flag), None)
+    if v is None or isinstance(v, bool):
+        return []
+    values = v if isinstance(v, (list, tuple)) else [v]
+    return [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)]
+
+
+def check_flags(args, prog=""):
     """Raise a ToolError for a flag value out of range (0, negative, or absurd)."""
-    if prog.endswith(("train", "validate")) and not (has_flag(argv, "--max-tokens") or has_flag(argv, "--batch-size")):
+    if prog.endswith(("train", "validate")) and getattr(args, "max_tokens", None) is None \
+            and getattr(args, "batch_size", None) is None:
         raise ToolError("no batch size given; pass --max-tokens (tokens per batch and device, e.g. 4096) or --batch-size "
                        "(sentences per batch)")
+    for dest, value in sorted(vars(args).items()):
+        values = _values(args, "--" + dest.replace("_", "-"))
+        if any(isinstance(x, int) and abs(x) > LARGEST_INT for x in values):
+            raise ToolError(f"--{dest.replace('_', '-')} {_shown(value)}: too large (fairseq keeps it in a 64-bit "
+                           f"integer, at most {LARGEST_INT}); give a realistic value")
     for flag, (low, integer, what, fix) in AT_LEAST.items():
-        text = flag_value(argv, flag)
-        values = None if text is None else _numbers(flag, text, integer)
+        values = _values(args, flag)
         if values and min(values) < low:
             need = ("a whole number of at least 1" if low == 1 else "0 or more") if integer else f"{low} or more"
-            raise ToolError(f"{flag} {text}: {what} must be {need}; {fix}")
+            raise ToolError(f"{flag} {_shown(getattr(args, _dest(flag)))}: {what} must be {need}; {fix}")
+    for flag, (high, why) in AT_MOST.items():
+        values = _values(args, flag)
+        if values and max(values) > high:
+            raise ToolError(f"{flag} {_shown(getattr(args, _dest(flag)))}: at most {high} ({why}); give a smaller value")
     for flag, (what, fix) in POSITIVE.items():
-        text = flag_value(argv, flag)
-        values = None if text is None else _numbers(flag, text, False)
+        values = _values(args, flag)
         if values and min(values) <= 0:
+            text = _shown(getattr(args, _dest(flag)))
             raise ToolError(f"{flag} {text}: {what} must be above 0 (with {text} the model does not learn); {fix}")
     for flag in PROBABILITIES:
-        text = flag_value(argv, flag)
-        values = None if text is None else _numbers(flag, text, False)
+        values = _values(args, flag)
         if values and not all(0 <= v < 1 for v in values):
-            raise ToolError(f"{flag} {text}: must be a probability from 0 up to 1 (1 itself excluded); the paper "
-                           "uses 0.1 or 0.3")
-    warmup = _numbers("", flag_value(argv, "--warmup-updates") or "", True)
-    if flag_value(argv, "--lr-scheduler") == "inverse_sqrt" and warmup == [0]:
+            raise ToolError(f"{flag} {_shown(getattr(args, _dest(flag)))}: must be a probability from 0 up to 1 "
+                           "(1 itself excluded); the paper uses 0.1 or 0.3")
+    if getattr(args, "lr_scheduler", None) == "inverse_sqrt" and getattr(args, "warmup_updates", None) == 0:
         raise ToolError("--lr-scheduler inverse_sqrt with --warmup-updates 0 divides by zero; give it at least 1 "
                        "warmup update (the paper uses 4000), or use --lr-scheduler fixed")
-    beam, nbest = (_numbers("", flag_value(argv, f) or "", True) for f in ("--beam", "--nbest"))
-    if beam and nbest and nbest[0] > beam[0]:
-        raise ToolError(f"--nbest {nbest[0]} is more than --beam {beam[0]}: a beam search keeps only --beam "
+    beam, nbest = getattr(args, "beam", None), getattr(args, "nbest", None)
+    if beam and nbest and nbest > beam:
+        raise ToolError(f"--nbest {nbest} is more than --beam {beam}: a beam search keeps only --beam "
                        "hypotheses; raise --beam or lower --nbest")
     for side in ("encoder", "decoder"):
-        dim, heads = (_numbers("", flag_value(argv, f"--{side}-{k}") or "", True) for k in ("embed-dim", "attention-heads"))
-        if dim and heads and len(dim) == len(heads) == 1 and dim[0] % heads[0]:
-            raise ToolError(f"--{side}-embed-dim {dim[0]} is not divisible by --{side}-attention-heads {heads[0]}; "
+        dim, heads = (getattr(args, f"{side}_{k}", None) for k in ("embed_dim", "attention_heads"))
+        if isinstance(dim, int) and isinstance(heads, int) and dim % heads:
+            raise ToolError(f"--{side}-embed-dim {dim} is not divisible by --{side}-attention-heads {heads}; "
                            "choose a width that is a multiple of the heads (512 with 8 heads, 1024 with 16)")
+    if prog.endswith("train"):
+        _check_stop_min_lr(args)
 
 
-def check_paths(argv, prog):
+def _check_stop_min_lr(args):
+    """fairseq-train stops before an epoch whose learning rate is at or below --stop-min-lr, the first too."""
+    stop = getattr(args, "stop_min_lr", -1.0)
+    if stop is None or stop < 0:
+        return
+    start = start_lr(args)
+    if start is not None and start <= stop:
+        why = (" (inverse_sqrt starts its warmup at --warmup-init-lr, which is 0 when not given)"
+               if args.lr_scheduler == "inverse_sqrt" and getattr(args, "warmup_init_lr", -1) < 0 else "")
+        raise ToolError(f"--stop-min-lr {stop:g} (fairseq 0.9's --min-lr) is at or above the learning rate at update 0, "
+                       f"{start:g}{why}, so training would stop before its first update; start higher "
+                       "(the authors' command adds --warmup-init-lr 1e-07) or lower --stop-min-lr")
+
+
+def start_lr(args):
+    """The learning rate fairseq's trainer starts from (its scheduler after step_update(0)), or None."""
+    import torch
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.optim import FairseqOptimizer, lr_scheduler
+
+    class Probe(FairseqOptimizer):  # what a scheduler touches of an optimizer: one parameter group
+        def __init__(self, lr):
+            super().__init__(None)
+            self._optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+
+    try:
+        cfg = convert_namespace_to_omegaconf(args)
+        probe = Probe(cfg.optimization.lr[0])
+        scheduler = lr_scheduler.build_lr_scheduler(cfg.lr_scheduler, probe)
+        scheduler.step_update(0)
+        return probe.get_lr()
+    except Exception:  # noqa: BLE001 - a schedule that cannot be built here is reported by fairseq itself
+        return None
+
+
+def check_devices(args, prog):
+    """--fp16 on a machine (or with --cpu) without CUDA: a traceback in training, slow garbage in decoding."""
+    import torch
+
+    if not getattr(args, "fp16", False) or getattr(args, "memory_efficient_fp16", False):
+        return  # --memory-efficient-fp16 runs on the CPU too (fairseq sets --fp16 with it)
+    why = "--cpu is given" if getattr(args, "cpu", False) else "torch sees no CUDA GPU here" \
+        if not torch.cuda.is_available() else None
+    if why:
+        raise ToolError(f"--fp16 needs a CUDA GPU and {why}; drop --fp16 to run in fp32 on the CPU")
+
+
+def check_model_fits(args, prog):
+    """A model whose weights, gradients and Adam's two moments (4 x 4 bytes a parameter) exceed this
+    machine's memory: fairseq would build layer after layer until the allocator fails or the system
+    kills it (--encoder-layers 10**12 never returns). Embeddings are left out: a lower bound."""
+    if not prog.endswith("train"):
+        return
+    sizes = {k: getattr(args, k, None) for k in ("encoder_layers", "decoder_layers", "encoder_embed_dim",
+                                                 "decoder_embed_dim", "encoder_ffn_embed_dim", "decoder_ffn_embed_dim")}
+    if not all(isinstance(v, int) and v > 0 for v in sizes.values()):
+        return
+    e, d = sizes["encoder_embed_dim"], sizes["decoder_embed_dim"]
+    params = (sizes["encoder_layers"] * (4 * e * e + 2 * e * sizes["encoder_ffn_embed_dim"])
+              + sizes["decoder_layers"] * (8 * d * d + 2 * d * sizes["decoder_ffn_embed_dim"]))
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on Linux: no check
+        return
+    if params * 16 > memory:
+        raise ToolError(f"the model has at least {params:.3g} parameters ({params * 16 / 2 ** 30:,.0f} GiB with gradients "
+                       f"and Adam's state), more than this machine's {memory / 2 ** 30:,.0f} GiB of memory; lower "
+                       "--encoder/decoder-layers or the widths (the paper's 18-layer model has about 1.3e+08 by this count)")
+
+
+def check_paths(args, prog):
     """Raise a ToolError for an output place that cannot be written or an input of the wrong kind."""
-    if prog.endswith("train") and not has_flag(argv, "--no-save"):
-        save_dir = flag_value(argv, "--save-dir") or "checkpoints"
+    if prog.endswith("train") and not getattr(args, "no_save", False):
+        save_dir = getattr(args, "save_dir", None) or "checkpoints"
         _check_writable_dir(save_dir, "--save-dir", "pass a folder that can be written (it is created if missing)")
-    log_file = flag_value(argv, "--log-file")
+    log_file = getattr(args, "log_file", None)
     if log_file and prog.endswith("train"):
         folder = os.path.dirname(os.path.abspath(log_file))
         if not os.path.isdir(folder):
@@ -173,11 +274,16 @@ def check_paths(argv, prog):
             raise ToolError(f"--log-file {log_file} is a folder; pass a file name such as {log_file}/train.log")
         if not os.access(folder, os.W_OK):
             raise ToolError(f"--log-file {log_file}: folder {folder} cannot be written; log to a folder you can write")
-    restore = flag_value(argv, "--restore-file")
-    if prog.endswith("train") and restore and os.path.isdir(restore):
-        raise ToolError(f"--restore-file {restore} is a folder; pass a checkpoint file in it, such as "
-                       f"{os.path.join(restore, 'checkpoint_last.pt')}")
-    path = flag_value(argv, "--path")
+    restore = getattr(args, "restore_file", None)
+    if prog.endswith("train") and restore and restore != "checkpoint_last.pt":
+        if os.path.isdir(restore):
+            raise ToolError(f"--restore-file {restore} is a folder; pass a checkpoint file in it, such as "
+                           f"{os.path.join(restore, 'checkpoint_last.pt')}")
+        if not os.path.exists(resume_path(args)):
+            # fairseq would log "No existing checkpoint found" and silently train from scratch
+            raise ToolError(f"--restore-file {restore} does not exist; fix the path (it is used as given, not "
+                           "relative to --save-dir), or drop the flag to resume from SAVE_DIR/checkpoint_last.pt")
+    path = getattr(args, "path", None)
     if path and prog.endswith(("generate", "validate", "interactive")):
         for p in path.split(os.pathsep):
             if os.path.isdir(p):

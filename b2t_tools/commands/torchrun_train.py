@@ -24,8 +24,8 @@ import sys
 from b2t_fairseq.patches import collective_timeout
 
 from ..errors import ToolError
-from ..util import flag_value
 from ..util import has_flag as _has
+from ..util import wants_help
 from . import cli, run_command
 
 
@@ -57,22 +57,18 @@ def torchrun_argv(argv, env=os.environ, cuda=None):
     return out
 
 
-def _setup(argv):
-    """This process's full argv; applies --heartbeat-timeout to the process groups."""
-    heartbeat = flag_value(argv, "--heartbeat-timeout")
-    try:
-        seconds = float(heartbeat) if heartbeat is not None else 0.0
-    except ValueError:
-        raise ToolError(f"--heartbeat-timeout {heartbeat} is not a number; give it in seconds") from None
-    full = torchrun_argv(argv)
-    if seconds > 0:
-        collective_timeout.install(seconds)
-    return full
+def _heartbeat(args):
+    """--heartbeat-timeout (as parsed) becomes the process groups' timeout too."""
+    if getattr(args, "heartbeat_timeout", -1) > 0:
+        collective_timeout.install(float(args.heartbeat_timeout))
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    return run_command("b2t-torchrun-train", lambda: cli.run_fairseq(_train_main, _setup(argv), prog="b2t-train"))
+    if wants_help(argv):  # the help needs no torchrun
+        return cli.run_fairseq(_train_main, argv, prog="b2t-torchrun-train")
+    return run_command("b2t-torchrun-train",
+                       lambda: cli.run_fairseq(_train_main, torchrun_argv(argv), prog="b2t-train", setup=_heartbeat))
 
 
 def _train_main():
