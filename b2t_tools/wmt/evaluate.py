@@ -76,9 +76,13 @@ def generate(data, checkpoint, subset, lenpen, args, workdir):
 
 def read_refs(data, year):
     refs = Path(data) / "refs"
+    def lines(path):  # as prepare wrote them: a last line without a newline counts; bytes that are not UTF-8
+        text = path.read_bytes().decode("utf-8", "replace")  # (kept there as Google's are) read as U+FFFD
+        return text[:-1].split("\n") if text.endswith("\n") else (text.split("\n") if text else [])
+
     try:
-        raw = (refs / f"newstest{year}.de").read_text(encoding="utf-8").split("\n")[:-1]
-        tok = (refs / f"newstest{year}.tok.de").read_text(encoding="utf-8").split("\n")[:-1]
+        raw = lines(refs / f"newstest{year}.de")
+        tok = lines(refs / f"newstest{year}.tok.de")
     except FileNotFoundError as e:
         raise ToolError(f"reference {e.filename} is missing; run b2t-wmt-prepare (it keeps the references in "
                        "DATA/refs) or pass the right --data") from None
