@@ -31,7 +31,7 @@ from ..commands import run_command
 from ..commands.cli import PLUGIN_DIR
 from ..errors import ToolError
 from ..util import check_writable, json_digest, parse_generate_output
-from . import TEST_YEAR, YEARS
+from . import RECORDED_GENERATE_FLAGS, TEST_YEAR, YEARS, recorded_overrides
 
 PROG = "b2t-wmt-evaluate"
 TOK_LABEL = ("tokenized BLEU: Google's tokenizer.perl tokens (escaped), ##AT## compound splitting "
@@ -116,10 +116,36 @@ def check_options(args):
     if args.name is not None and not args.name.strip():
         raise ToolError("--name is empty; give the run a name for the table, or leave --name out")
     try:
-        shlex.split(args.generate_args or "")
+        extra = shlex.split(args.generate_args or "")
     except ValueError as e:
         raise ToolError(f"--generate-args {args.generate_args!r} cannot be split into flags ({e}); quote it as one "
                        "string, e.g. --generate-args '--max-len-b 50'") from None
+    # the result records beam, length penalties, checkpoint, years, precision: an override in --generate-args
+    # would decode with other values than those recorded, so it is refused and the proper flag named
+    for flag in recorded_overrides(extra):
+        raise ToolError(f"--generate-args sets {flag}, which {PROG} sets and records itself; use "
+                        f"{RECORDED_GENERATE_FLAGS[flag]} instead of putting it in --generate-args")
+
+
+def check_generate_args(args, data):
+    """fairseq's generation parser accepts the whole command line (an unknown or malformed flag in
+    --generate-args is one line here, not fairseq's usage text after the checkpoint is loaded)."""
+    if not args.generate_args:
+        return
+    import contextlib
+    import io
+
+    from fairseq import options
+
+    argv = generation_argv(data, "checkpoint.pt", "test", 1.0, args, "out")
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            options.parse_args_and_arch(options.get_generation_parser(), argv)
+    except SystemExit:
+        lines = [x for x in err.getvalue().strip().splitlines() if "error:" in x] or ["(no message)"]
+        raise ToolError(f"--generate-args {args.generate_args!r}: fairseq-generate refuses it "
+                        f"({lines[-1].split('error:', 1)[1].strip()}); fix the flags (fairseq-generate --help)") from None
 
 
 def read_subsets(data):
@@ -207,6 +233,7 @@ def evaluate(args):
     subsets = read_subsets(data)
     years = sorted(set(args.years)) if args.years else list(YEARS)  # a year given twice is scored once
     check_inputs(data, years, subsets)
+    check_generate_args(args, data)
     check_writable(args.out, "--out")
     if args.keep_outputs:
         check_writable(Path(args.keep_outputs) / f"newstest{years[0]}.de", "--keep-outputs")

@@ -19,13 +19,14 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from ..commands import run_command
 from ..errors import ToolError
 from ..util import atomic_write, check_writable
-from . import YEARS
+from . import YEARS, recorded_overrides
 from .published import FLAGS as PUBLISHED_FLAGS
 from .published import PAPER_TABLES_NOT_CONFIRMED, PUBLISHED
 
@@ -102,6 +103,13 @@ def status(run):
     """("current" | "not checked" | "stale", why) for a loaded result, checked against the files here."""
     from .. import checkpoints as avg
 
+    try:
+        over = recorded_overrides(shlex.split(str(run.get("generate_args") or "")))
+    except ValueError:
+        over = ["(unreadable --generate-args)"]
+    if over:  # an older b2t-wmt-evaluate let --generate-args override what the result records
+        return "stale", (f"its --generate-args set {', '.join(over)}, so it decoded with other settings than it "
+                         "records")
     prov = run.get("provenance")
     if prov is None:
         return "stale", "it records no checkpoint provenance (written by an older b2t-wmt-evaluate)"
