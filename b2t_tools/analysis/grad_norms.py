@@ -191,13 +191,30 @@ def run_models(data, specs, *, layers=None, model_args=(), k=4, max_tokens=2048,
         else:
             task, model, crit = build_fresh(data, arch, layers, model_args, seed)
         model = model.float()
+        # the label is the layer type of the model built, never the --arch word: --model-args may change it
+        kind = layer_types.of_model(model)
+        if not ckpt and kind is not None:
+            name = layer_types.BY_KEY[kind].short
+        if name in results:
+            raise ToolError(f"two models would both be reported as '{name}' ({results[name]['source']}: "
+                            f"{results[name]['arch']} and {ckpt or arch}); give each --checkpoint its own NAME=, "
+                            "and note that --model-args applies to every --arch (--ln-position there makes them "
+                            "all one layer type)")
         res = measure(model, crit, batches(task, split, k, max_tokens, seed))
         res.update({"source": str(ckpt) if ckpt else "fresh init", "arch": arch or getattr(model.cfg, "arch", None),
                     "ln_position": getattr(model.cfg, "ln_position", None) if hasattr(model, "cfg") else None,
+                    "layer_type": kind, "label": layer_types.BY_KEY[kind].label if kind else "mixed layer types",
                     "layers": {"encoder": len(model.encoder.layers), "decoder": len(model.decoder.layers)},
                     "batches": k, "split": split})
         results[name] = res
     return results
+
+
+def label(name, res):
+    """The plot's label: the built layer type, with the run's name where that says more."""
+    kind = res.get("label") or LABELS.get(name, name)
+    short = layer_types.BY_KEY[res["layer_type"]].short if res.get("layer_type") in layer_types.BY_KEY else None
+    return kind if name == short else f"{name} ({kind})"
 
 
 def bottom_top_ratio(norms, n=3):
@@ -228,7 +245,7 @@ def plot(results, path, title=None):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, side in zip(axes[:2], ("encoder", "decoder")):
         for name, res in results.items():
-            ax.plot(range(1, len(res[side]) + 1), res[side], marker="o", ms=3, label=LABELS.get(name, name))
+            ax.plot(range(1, len(res[side]) + 1), res[side], marker="o", ms=3, label=label(name, res))
         ax.set_yscale("log")
         ax.set_xlabel(f"{side} layer (1 = lowest)")
         ax.set_ylabel("gradient norm of the layer's parameters")
@@ -241,7 +258,7 @@ def plot(results, path, title=None):
     for j, (name, res) in enumerate(results.items()):
         top = res["decoder_ln_points"][-1]
         ax.bar([i + j * width for i in range(len(keys))], [top.get(k, float("nan")) for k in keys], width,
-               label=LABELS.get(name, name))
+               label=label(name, res))
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
     ax.set_xticklabels([k.replace("_ln.", " LN ") for k in keys], rotation=30, ha="right", fontsize=8)
     ax.set_yscale("log")
@@ -262,10 +279,17 @@ def default_title(results):
 
 
 def parse_specs(args):
-    specs = []
+    specs, given = [], []
     for c in args.checkpoint or []:
         name, _, path = c.rpartition("=")
-        specs.append((name or Path(path).parent.name, None, path))
+        if name and name in given:
+            raise ToolError(f"--checkpoint {c}: the name '{name}' is given twice; give each checkpoint its own NAME=")
+        given.append(name)
+        specs.append((name, None, path))
+    # a checkpoint without NAME= is named by its folder, and by folder/file where a folder gives more than one
+    folders = [Path(p).parent.name for n, _, p in specs if not n]
+    specs = [(n or (Path(p).parent.name if folders.count(Path(p).parent.name) == 1 else
+                    f"{Path(p).parent.name}/{Path(p).stem}"), a, p) for n, a, p in specs]
     if not specs or args.arch:
         for a in args.arch or DEFAULT_ARCHS:
             arch = a if a.startswith("transformer") else f"transformer_{a}_{args.size}"
