@@ -140,3 +140,44 @@ def test_two_checkpoints_of_one_folder_keep_both_results(toy_data_bin, tmp_path,
     with pytest.raises(grad_norms.ToolError, match="given twice"):
         grad_norms.parse_specs(grad_norms.get_parser().parse_args(
             [str(toy_data_bin), "--checkpoint", "a=x/1.pt", "--checkpoint", "a=x/2.pt", "--json", "x"]))
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--batches", "0"], "--batches 0 is not a positive number"),  # k=0 measured every batch, recorded 0
+    (["--max-tokens", "-5"], "--max-tokens -5 is not a positive number"),
+    (["--max-tokens", "100000000000000000000"], "pass at most 2147483647"),  # was an OverflowError
+    (["--layers", "0"], "--layers 0 is not a positive number"),  # was the arch's default depth, silently
+    (["--layers", "-2"], "--layers -2 is not a positive number"),  # was a ZeroDivisionError
+    (["--layers", "100000000"], "pass at most 1000"),  # was tens of GB of memory
+    (["--csv", "{T}/g.csv", "--json", "{T}/g.csv"], "--csv and --json are both"),
+    (["--json", "{D}/dict.en.txt"], "inside the data folder"),
+    (["--checkpoint", "{T}/ckpt.pt", "--json", "{T}/ckpt.pt"], "is a --checkpoint"),
+    (["--json", "{T}/afile/g.json"], "is a file, not a folder"),
+])
+def test_bad_numbers_and_places_are_one_line_before_any_model(toy_data_bin, tmp_path, capsys, extra, expect):
+    from helpers import assert_one_line_error
+
+    (tmp_path / "afile").write_text("x\n")
+    (tmp_path / "ckpt.pt").write_text("x\n")
+    before = (toy_data_bin / "dict.en.txt").read_bytes()
+    argv = [str(toy_data_bin), "--layers", "2"] + [a.replace("{T}", str(tmp_path)).replace("{D}", str(toy_data_bin))
+                                                  for a in extra]
+    if "--json" not in extra and "--csv" not in extra:
+        argv += ["--json", str(tmp_path / "g.json")]
+    assert grad_norms.main(argv) == 2
+    assert_one_line_error(capsys.readouterr().err, "b2t-grad-norms", expect)
+    assert (toy_data_bin / "dict.en.txt").read_bytes() == before and (tmp_path / "ckpt.pt").read_text() == "x\n"
+
+
+def test_a_checkpoint_fairseq_cannot_build_is_one_line(toy_data_bin, tmp_path, capsys):
+    import argparse
+
+    import torch
+    from helpers import assert_one_line_error
+
+    torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(arch="transformer_b2t")}, tmp_path / "c.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    for name, expect in (("c.pt", "cannot build a model from checkpoint"), ("tensor.pt", "is not a fairseq checkpoint")):
+        assert grad_norms.main([str(toy_data_bin), "--checkpoint", str(tmp_path / name), "--json",
+                                str(tmp_path / "g.json")]) == 2
+        assert_one_line_error(capsys.readouterr().err, "b2t-grad-norms", expect)

@@ -80,3 +80,15 @@ def test_work_or_dest_that_is_a_file(mirror, tmp_path, capsys):
         rc, err = _prepare(mirror, work, dest, capsys)
         assert rc == 2 and what in assert_one_line_error(err, "b2t-wmt-prepare"), err
     assert f.read_text() == "x\n"
+
+
+def test_unusable_places_and_numbers_are_one_line(mirror, tmp_path, capsys):
+    ro = "/sys/b2t-test-readonly/out"  # root ignores chmod: /sys refuses new files even to root
+    for work, dest, extra, expect in (
+            (tmp_path / "work", ro, [], "cannot write in /sys/b2t-test-readonly"),
+            (ro, tmp_path / "bin", [], "pass a --work folder you can write to"),
+            (tmp_path / "work", tmp_path / "bin", ["--workers", "1000000"], "pass at most"),  # was a million processes
+            (tmp_path / "work", tmp_path / "bin", ["--google-archive", str(tmp_path)], "is a folder")):
+        rc, err = _prepare(mirror, work, dest, capsys, *extra)
+        assert rc == 2 and expect in assert_one_line_error(err, "b2t-wmt-prepare"), err
+    assert not (tmp_path / "bin").exists()

@@ -29,10 +29,11 @@ import sys
 from pathlib import Path
 
 from b2t_fairseq import layer_types
+from b2t_fairseq.errors import B2TError
 
 from ..commands import run_command
 from ..errors import ToolError
-from ..util import atomic_open, pyplot, write_json
+from ..util import atomic_open, check_writable, pyplot, write_json
 
 DEFAULT_ARCHS = layer_types.PAPER_SHORTS
 SUBLAYERS = {  # parameter-name prefix inside a layer -> sub-layer name
@@ -82,9 +83,24 @@ def load_checkpoint(path, data):
     from fairseq import checkpoint_utils
 
 
+    if Path(path).is_dir():
+        raise ToolError(f"checkpoint {path} is a folder; pass a checkpoint_*.pt file written by b2t-train")
     if not Path(path).is_file():
         raise ToolError(f"checkpoint {path} does not exist; pass a checkpoint_*.pt written by b2t-train")
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": str(data)})
+    from ..commands import average_checkpoints as avg
+
+    try:
+        avg.load(str(path), mmap=True)  # one line for an empty, truncated, corrupt or foreign file
+    except ToolError as e:
+        raise ToolError(str(e).split("; ")[0] + "; pass another checkpoint written by b2t-train") from None
+    try:
+        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)],
+                                                                          arg_overrides={"data": str(data)})
+    except (ToolError, B2TError, SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as e:  # a state dict without fairseq's configuration, a model this fairseq cannot build ...
+        raise ToolError(f"cannot build a model from checkpoint {path} ({type(e).__name__}: "
+                        f"{str(e).strip()[:160]}); pass a checkpoint written by b2t-train or fairseq-train") from None
     return task, models[0], task.build_criterion(cfg.criterion)
 
 
@@ -323,12 +339,40 @@ def get_parser():
     return p
 
 
+MAX_TOKENS = 2**31 - 1
+MAX_LAYERS = 1000  # DeepNorm's deepest model has 1000 layers in all; more would only exhaust the memory
+
+
+def check_args(args):
+    """Impossible numbers and output places, before any model is built (measuring takes minutes)."""
+    for flag, v, most in (("--batches", args.batches, None), ("--max-tokens", args.max_tokens, MAX_TOKENS),
+                          ("--layers", args.layers, MAX_LAYERS)):
+        if v is not None and v < 1:
+            raise ToolError(f"{flag} {v} is not a positive number; pass 1 or more (see --help for the default)")
+        if v is not None and most is not None and v > most:
+            raise ToolError(f"{flag} {v} is more than a model or batch here can hold; pass at most {most}")
+    outs = [(f, p) for f, p in (("--json", args.json), ("--csv", args.csv), ("--png", args.png)) if p]
+    if not outs:
+        raise ToolError("nothing to write; pass --json PATH, --csv PATH and/or --png PATH")
+    data = Path(args.data).resolve()
+    inputs = {Path(c.rpartition("=")[2]).resolve() for c in args.checkpoint or []}
+    seen = {}
+    for flag, p in outs:
+        r = Path(p).resolve()
+        if r in seen:
+            raise ToolError(f"{flag} and {seen[r]} are both {p}; one would overwrite the other: give each its own path")
+        seen[r] = flag
+        if r in inputs or data == r or data in r.parents:
+            raise ToolError(f"{flag} {p} is {'a --checkpoint' if r in inputs else 'inside the data folder'}; it "
+                            "would be overwritten: choose a path outside the inputs")
+        check_writable(p, flag)
+
+
 def run(argv):
     args = get_parser().parse_args(argv)
     if args.size == "base":
         args.size = ""
-    if not (args.json or args.csv or args.png):
-        raise ToolError("nothing to write; pass --json PATH, --csv PATH and/or --png PATH")
+    check_args(args)
     set_threads()
     specs = [(n, a.rstrip("_") if a else a, c) for n, a, c in parse_specs(args)]
     results = run_models(args.data, specs, layers=args.layers, model_args=args.model_args.split(),

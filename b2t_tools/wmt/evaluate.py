@@ -37,6 +37,8 @@ PROG = "b2t-wmt-evaluate"
 TOK_LABEL = ("tokenized BLEU: Google's tokenizer.perl tokens (escaped), ##AT## compound splitting "
              "(fairseq compound_split_bleu.sh, multi-bleu style)")
 SACRE_LABEL = "SacreBLEU, 13a, case-sensitive, detokenized"
+MAX_BEAM = 10_000
+MAX_TOKENS = 2**31 - 1  # fairseq's batching indexes tokens with int32/int64 arrays; more is a typo
 
 
 def lenpen_for(year, lenpen_test=0.6, lenpen_other=1.0):
@@ -107,8 +109,14 @@ def check_options(args):
     """Refuse impossible numbers before anything is loaded."""
     if args.beam < 1:
         raise ToolError(f"--beam {args.beam} is not a beam size; pass --beam 1 or more (the paper: 4)")
+    if args.beam > MAX_BEAM:
+        raise ToolError(f"--beam {args.beam} is more hypotheses than decoding can hold; pass at most {MAX_BEAM} "
+                        "(the paper: 4)")
     if args.max_tokens < 1:
         raise ToolError(f"--max-tokens {args.max_tokens} is not a positive number of tokens; pass e.g. --max-tokens 8192 (the default)")
+    if args.max_tokens > MAX_TOKENS:
+        raise ToolError(f"--max-tokens {args.max_tokens} is larger than any batch fairseq can index; pass at most "
+                        f"{MAX_TOKENS} (default 8192)")
     for flag, v in (("--lenpen-test", args.lenpen_test), ("--lenpen-other", args.lenpen_other)):
         if not math.isfinite(v):
             raise ToolError(f"{flag} {v} is not a finite number; pass a length penalty (the paper: 0.6 on "
@@ -211,6 +219,23 @@ def checkpoint_provenance(ckpt):
             "selection": averaged.get("selection") if averaged else None}
 
 
+def check_apart(args, data, ckpt):
+    """The outputs overwrite no input: --out is not the checkpoint nor a file of --data; --keep-outputs (which
+    writes newstestYYYY.de there) is not --data or inside it (DATA/refs holds the references by those names)."""
+    out, d = Path(args.out).resolve(), data.resolve()
+    if out == ckpt.resolve():
+        raise ToolError(f"--out {args.out} is the --checkpoint; writing the result there would destroy it: "
+                        "choose another --out")
+    if d in out.parents:
+        raise ToolError(f"--out {args.out} is inside --data {data}; the result must not overwrite the data: "
+                        "choose an --out outside it")
+    if args.keep_outputs:
+        keep = Path(args.keep_outputs).resolve()
+        if keep == d or d in keep.parents:
+            raise ToolError(f"--keep-outputs {args.keep_outputs} is inside --data {data}, whose refs/ holds the "
+                            "references under the names the translations get; choose a folder outside --data")
+
+
 def settings(args, years):
     """The generation settings that shape the numbers (part of the result's key)."""
     return {"years": list(years), "beam": args.beam, "lenpen_test": args.lenpen_test,
@@ -234,6 +259,7 @@ def evaluate(args):
     years = sorted(set(args.years)) if args.years else list(YEARS)  # a year given twice is scored once
     check_inputs(data, years, subsets)
     check_generate_args(args, data)
+    check_apart(args, data, ckpt)
     check_writable(args.out, "--out")
     if args.keep_outputs:
         check_writable(Path(args.keep_outputs) / f"newstest{years[0]}.de", "--keep-outputs")

@@ -687,6 +687,10 @@ def check_options(args):
                         ("--workers", args.workers)):
         if value < 1:
             raise ToolError(f"{flag} {value}: must be at least 1")
+    most = 4 * (os.cpu_count() or 1) if (os.cpu_count() or 1) > 2 else 8
+    if args.workers > most:  # each stage starts this many processes (a million would exhaust the machine)
+        raise ToolError(f"--workers {args.workers} is more processes than this machine's {os.cpu_count()} CPUs can "
+                        f"use; pass at most {most} (default: the number of CPUs)")
     if not args.ratio > 0 or args.ratio == float("inf"):  # nan and inf too
         raise ToolError(f"--ratio {args.ratio}: must be positive (Google's recipe: 9)")
     if args.sums is not None:
@@ -706,6 +710,13 @@ def check_places(work, dest):
         raise ToolError(f"--dest {dest} {how} --work {work}; the binarized data replaces --dest as a whole, so it "
                         "must lie apart from the downloads and Google's files: choose another --dest")
     check_replaceable(dest, "--dest", work)
+    try:  # the binarized data is built beside --dest and renamed onto it: its folder must be writable
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        probe = dest.parent / f".{dest.name}.b2t-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ToolError(f"cannot write in {dest.parent} ({e.strerror or e}); pass a --dest you can write to") from None
     return ours(dest, work)
 
 
@@ -722,6 +733,8 @@ def prepare(args):
     m = args.bpe_merges
     if args.google_archive:
         archive = Path(args.google_archive)
+        if archive.is_dir():
+            raise ToolError(f"--google-archive {archive} is a folder; pass the path of wmt16_en_de.tar.gz")
         if not archive.is_file():
             raise ToolError(f"--google-archive {archive} does not exist; pass the path of wmt16_en_de.tar.gz")
         prev = stages.run("bpe", [google / n for n in google_archive_files(m)], lambda: import_google(archive, google, m),
