@@ -251,31 +251,62 @@ class FastMultiheadAttention(MultiheadAttention):
         q = self.q_proj(query).view(tgt_len, bsz, h, d).permute(1, 2, 0, 3)
         k = self.k_proj(key).view(-1, bsz, h, d).permute(1, 2, 0, 3)
         v = self.v_proj(value).view(-1, bsz, h, d).permute(1, 2, 0, 3)
-        mask, causal = self._sdpa_mask(attn_mask, key_padding_mask, tgt_len, k.size(2), q.dtype)
+        expressible, mask, causal = self._sdpa_mask(attn_mask, key_padding_mask, tgt_len, k.size(2), q.dtype)
+        if not expressible:  # a mask form SDPA cannot take as it is: fairseq's own kernel
+            return super().forward(query, key, value, key_padding_mask, incremental_state, need_weights,
+                                   static_kv, attn_mask, before_softmax, need_head_weights)
         p = self.dropout_module.p if (self.training or self.dropout_module.apply_during_inference) else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)
         return self.out_proj(out), None
 
     def _sdpa_mask(self, attn_mask, key_padding_mask, tgt_len, src_len, dtype):
-        """SDPA's mask for fairseq's (additive attn_mask, key_padding_mask True = pad).
+        """(expressible, mask, is_causal): SDPA's form of fairseq's (additive attn_mask, key_padding_mask
+        True = pad), or expressible False where there is none and fairseq's kernel must run.
 
-        The decoder's future mask becomes ``is_causal``; its padding mask is then dropped, which
-        changes only the outputs at padded target positions (they attend to later pads instead
-        of ignoring them): no real position attends to a later one, and padded positions carry
-        no loss, so the loss and every real position are unchanged.
+        The decoder's future mask becomes ``is_causal``; its padding mask can then be dropped only when
+        every row's pads come after its real tokens (right padding): a padded position then attends to
+        later pads instead of ignoring them, no real position attends to a pad, and padded positions carry
+        no loss. Left-padded targets (--left-pad-target) put pads before real tokens: the mask must stay,
+        and fairseq's kernel keeps it (a causal plus padding mask leaves the leading pads' rows with no
+        key at all, which only fairseq's kernel handles as fairseq does).
         """
+        if attn_mask is not None and attn_mask.dim() != 2:
+            return False, None, False  # per-head or per-sentence masks: fairseq's layout, not SDPA's
+        if key_padding_mask is not None:
+            if key_padding_mask.dim() != 2 or key_padding_mask.dtype not in (torch.bool, torch.uint8):
+                return False, None, False  # an additive (float) padding mask: fairseq's semantics
+            key_padding_mask = key_padding_mask.to(torch.bool)
         causal = attn_mask is not None and tgt_len == src_len and self._is_future_mask(attn_mask)
         if causal:
-            return None, True
+            if key_padding_mask is not None and not self._is_right_padding(key_padding_mask):
+                return False, None, False
+            return True, None, True
         mask = None
         if key_padding_mask is not None:
-            mask = ~key_padding_mask.to(torch.bool).view(key_padding_mask.size(0), 1, 1, src_len)
+            mask = ~key_padding_mask.view(key_padding_mask.size(0), 1, 1, src_len)
         if attn_mask is not None:
             add = attn_mask.to(dtype) if attn_mask.dtype != torch.bool else \
                 torch.zeros_like(attn_mask, dtype=dtype).masked_fill(attn_mask, float("-inf"))
             mask = add if mask is None else add.masked_fill(~mask, float("-inf"))
-        return mask, False
+        return True, mask, False
+
+    _right: Dict = {}
+
+    @staticmethod
+    def _is_right_padding(key_padding_mask):
+        """Does every row's padding come after all its real tokens? Every decoder layer gets the same
+        tensor, so the answer is cached by its identity and version: one device sync per batch."""
+        kpm = key_padding_mask
+        key = (kpm.data_ptr(), tuple(kpm.shape), kpm.device, kpm._version)
+        cached = FastMultiheadAttention._right.get(key)
+        if cached is None:
+            hit = bool((kpm[:, 1:] >= kpm[:, :-1]).all()) if kpm.size(1) > 1 else True
+            if len(FastMultiheadAttention._right) >= 64:
+                FastMultiheadAttention._right.clear()
+            # the entry holds the tensor, so its memory cannot be reused by another mask meanwhile
+            cached = FastMultiheadAttention._right[key] = (hit, kpm)
+        return cached[0]
 
     _checked: Dict = {}
 

@@ -273,11 +273,43 @@ def test_future_mask_becomes_is_causal_and_other_masks_do_not():
 
     m = fast.FastMultiheadAttention(8, 2, self_attention=True)
     future = torch.triu(utils.fill_with_neg_inf(torch.zeros(5, 5)), 1)
-    assert m._sdpa_mask(future, None, 5, 5, torch.float32) == (None, True)
+    assert m._sdpa_mask(future, None, 5, 5, torch.float32) == (True, None, True)
     other = future.clone()
     other[0, 1] = 0.0
-    mask, causal = m._sdpa_mask(other, None, 5, 5, torch.float32)
-    assert not causal and torch.equal(mask, other)
+    ok, mask, causal = m._sdpa_mask(other, None, 5, 5, torch.float32)
+    assert ok and not causal and torch.equal(mask, other)
+    # padding after the real tokens may be dropped under is_causal; padding before them may not
+    right = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    assert m._sdpa_mask(future, right, 5, 5, torch.float32) == (True, None, True)
+    assert not m._sdpa_mask(future, right.flip(1), 5, 5, torch.float32)[0]
+    assert not m._sdpa_mask(future, right.float(), 5, 5, torch.float32)[0]  # an additive padding mask
+    assert not m._sdpa_mask(future.expand(4, 5, 5), None, 5, 5, torch.float32)[0]  # a per-head mask
+
+
+def _left_padded(batch, pad):
+    """The batch with its targets (and decoder inputs) padded on the left, as --left-pad-target collates."""
+    def left(t):
+        n = t.ne(pad).sum(1)
+        return torch.stack([torch.cat([row[row.ne(pad)][:0].new_full((t.size(1) - k,), pad), row[:k]])
+                            for row, k in zip(t, n.tolist())])
+    out = dict(batch, net_input=dict(batch["net_input"]))
+    out["target"] = left(batch["target"])
+    out["net_input"]["prev_output_tokens"] = left(batch["net_input"]["prev_output_tokens"])
+    return out
+
+
+@pytest.mark.parametrize("ln", ["post", "b2t"])
+def test_left_padded_targets_give_the_plain_losses(data, ln):
+    """--left-pad-target puts the decoder's pads before its real tokens: the fast path must keep
+    the padding mask under the causal one (it falls back to fairseq's kernel there)."""
+    workdir, batches = data
+    plain = make_trainer(workdir, ln, False)
+    quick = make_trainer(workdir, ln, True)
+    pad = plain.task.target_dictionary.pad()
+    lefts = [_left_padded(b, pad) for b in batches]
+    assert any(bool(b["target"][:, 0].eq(pad).any()) for b in lefts)  # some rows really start with pads
+    a, b = train(plain, lefts, 6), train(quick, lefts, 6)
+    assert b == pytest.approx(a, rel=RTOL, abs=0)
 
 
 def test_gpu_checks_fast_path_stops_where_it_needs_cuda(tmp_path):

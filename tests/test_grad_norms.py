@@ -104,3 +104,80 @@ def test_committed_five_layer_type_measurement():
         assert r["ln_position"] == {"post_ln": "post", "pre_ln": "pre"}.get(name, name)
         assert len(r["decoder"]) == 18 and all(v > 0 for v in r["decoder"] + r["encoder"])
     assert (REPO / "results" / "grad-norms-five-18l.png").stat().st_size > 10000
+
+
+def test_labels_follow_the_layer_type_built_not_the_arch_word(toy_data_bin):
+    """--arch b2t --model-args '--ln-position post' builds Post-LN layers: reported and plotted as Post-LN."""
+    res = grad_norms.run_models(toy_data_bin, [("b2t", "transformer_b2t_tiny", None)], layers=2, k=1,
+                                max_tokens=256, model_args=["--ln-position", "post"])
+    assert list(res) == ["post_ln"]
+    r = res["post_ln"]
+    assert r["layer_type"] == "post" and r["label"] == "Post-LN" and r["arch"] == "transformer_b2t_tiny"
+    assert grad_norms.label("post_ln", r) == "Post-LN"
+    with pytest.raises(grad_norms.ToolError, match="both be reported as 'post_ln'"):
+        grad_norms.run_models(toy_data_bin, [("post_ln", "transformer_post_ln_tiny", None),
+                                             ("b2t", "transformer_b2t_tiny", None)], layers=2, k=1,
+                              max_tokens=256, model_args=["--ln-position", "post"])
+
+
+def test_two_checkpoints_of_one_folder_keep_both_results(toy_data_bin, tmp_path, monkeypatch):
+    built = {}
+
+    def fake_load(path, data):  # a checkpoint per file: one fresh B2T model each, with its own seed
+        built[path] = len(built) + 1
+        return grad_norms.build_fresh(data, "transformer_b2t_tiny", 2, seed=built[path])
+
+    monkeypatch.setattr(grad_norms, "load_checkpoint", fake_load)
+    argv = [str(toy_data_bin), "--checkpoint", "runs/b2t/checkpoint_1.pt", "--checkpoint", "runs/b2t/checkpoint_2.pt",
+            "--checkpoint", "other/checkpoint_last.pt", "--json", "x"]
+    specs = grad_norms.parse_specs(grad_norms.get_parser().parse_args(argv))
+    assert [s[0] for s in specs] == ["b2t/checkpoint_1", "b2t/checkpoint_2", "other"]
+    res = grad_norms.run_models(toy_data_bin, specs, k=1, max_tokens=256)
+    assert list(res) == ["b2t/checkpoint_1", "b2t/checkpoint_2", "other"]
+    assert res["b2t/checkpoint_1"]["decoder"] != res["b2t/checkpoint_2"]["decoder"]
+    assert {r["label"] for r in res.values()} == {"B2T"}
+    assert grad_norms.label("other", res["other"]) == "other (B2T)"
+    with pytest.raises(grad_norms.ToolError, match="given twice"):
+        grad_norms.parse_specs(grad_norms.get_parser().parse_args(
+            [str(toy_data_bin), "--checkpoint", "a=x/1.pt", "--checkpoint", "a=x/2.pt", "--json", "x"]))
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--batches", "0"], "--batches 0 is not a positive number"),  # k=0 measured every batch, recorded 0
+    (["--max-tokens", "-5"], "--max-tokens -5 is not a positive number"),
+    (["--max-tokens", "100000000000000000000"], "pass at most 2147483647"),  # was an OverflowError
+    (["--layers", "0"], "--layers 0 is not a positive number"),  # was the arch's default depth, silently
+    (["--layers", "-2"], "--layers -2 is not a positive number"),  # was a ZeroDivisionError
+    (["--layers", "100000000"], "pass at most 1000"),  # was tens of GB of memory
+    (["--csv", "{T}/g.csv", "--json", "{T}/g.csv"], "--csv and --json are both"),
+    (["--json", "{D}/dict.en.txt"], "inside the data folder"),
+    (["--checkpoint", "{T}/ckpt.pt", "--json", "{T}/ckpt.pt"], "is a --checkpoint"),
+    (["--json", "{T}/afile/g.json"], "is a file, not a folder"),
+])
+def test_bad_numbers_and_places_are_one_line_before_any_model(toy_data_bin, tmp_path, capsys, extra, expect):
+    from helpers import assert_one_line_error
+
+    (tmp_path / "afile").write_text("x\n")
+    (tmp_path / "ckpt.pt").write_text("x\n")
+    before = (toy_data_bin / "dict.en.txt").read_bytes()
+    argv = [str(toy_data_bin), "--layers", "2"] + [a.replace("{T}", str(tmp_path)).replace("{D}", str(toy_data_bin))
+                                                  for a in extra]
+    if "--json" not in extra and "--csv" not in extra:
+        argv += ["--json", str(tmp_path / "g.json")]
+    assert grad_norms.main(argv) == 2
+    assert_one_line_error(capsys.readouterr().err, "b2t-grad-norms", expect)
+    assert (toy_data_bin / "dict.en.txt").read_bytes() == before and (tmp_path / "ckpt.pt").read_text() == "x\n"
+
+
+def test_a_checkpoint_fairseq_cannot_build_is_one_line(toy_data_bin, tmp_path, capsys):
+    import argparse
+
+    import torch
+    from helpers import assert_one_line_error
+
+    torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(arch="transformer_b2t")}, tmp_path / "c.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    for name, expect in (("c.pt", "cannot build a model from checkpoint"), ("tensor.pt", "is not a fairseq checkpoint")):
+        assert grad_norms.main([str(toy_data_bin), "--checkpoint", str(tmp_path / name), "--json",
+                                str(tmp_path / "g.json")]) == 2
+        assert_one_line_error(capsys.readouterr().err, "b2t-grad-norms", expect)

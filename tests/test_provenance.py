@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import assert_one_line_error
 
 from b2t_tools.commands import average_checkpoints as avg
 from b2t_tools.wmt import evaluate as ev
@@ -192,3 +193,40 @@ def test_legacy_checkpoint_is_evaluated_not_called_corrupt(data, decoded, tmp_pa
     torch.save({"model": {"w": torch.full((2, 3), 2.0)}}, ckpt, _use_new_zipfile_serialization=False)
     assert _evaluate(data, ckpt, tmp_path / "r.json") == 0
     assert json.loads((tmp_path / "r.json").read_text())["provenance"]["fingerprint"].startswith("sha256:")
+
+
+@pytest.mark.parametrize("extra,flag,instead", [
+    ("--beam 1 --lenpen 2.0", "--beam", "use --beam"), ("--lenpen=2.0", "--lenpen", "--lenpen-test"),
+    ("--path other.pt", "--path", "--checkpoint"), ("--max-len-b 5 --gen-subset valid", "--gen-subset", "--years"),
+    ("-sde", "-s", "en-de"), ("--fp16", "--fp16", "--fp16"), ("--remove-bpe sentencepiece", "--remove-bpe", "BPE"),
+])
+def test_generate_args_cannot_override_what_the_result_records(run_dir, data, decoded, tmp_path, capsys, extra, flag,
+                                                                instead):
+    """--generate-args '--beam 1 --lenpen 2.0' decoded with beam 1 while the result recorded beam 4, and
+    '--path other.pt' decoded another checkpoint than the one recorded: such flags are refused, one line."""
+    out = tmp_path / "r.json"
+    assert _evaluate(data, run_dir / "checkpoint2.pt", out, f"--generate-args={extra}") == 2
+    line = assert_one_line_error(capsys.readouterr().err, "b2t-wmt-evaluate", f"sets {flag},", instead)
+    assert "--generate-args" in line and not out.exists() and decoded == []
+
+
+def test_generate_args_that_fairseq_refuses_are_one_line_before_decoding(run_dir, data, decoded, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert _evaluate(data, run_dir / "checkpoint2.pt", out, "--generate-args", "--no-such-flag 3") == 2
+    assert_one_line_error(capsys.readouterr().err, "b2t-wmt-evaluate", "unrecognized arguments: --no-such-flag 3")
+    assert decoded == [] and not out.exists()
+    assert _evaluate(data, run_dir / "checkpoint2.pt", out, "--generate-args", "--max-len-b 50") == 0  # allowed
+    assert json.loads(out.read_text())["generate_args"] == "--max-len-b 50"
+
+
+def test_table_does_not_show_an_old_result_whose_generate_args_overrode_its_record(run_dir, data, decoded,
+                                                                                    tmp_path, capsys):
+    result = tmp_path / "r.json"
+    assert _evaluate(data, run_dir / "checkpoint2.pt", result) == 0
+    old = json.loads(result.read_text())
+    old["generate_args"] = "--beam 1 --lenpen 2.0"  # what an older b2t-wmt-evaluate let through
+    result.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert _table(result) == 2
+    assert "--generate-args set --beam, --lenpen" in assert_one_line_error(capsys.readouterr().err, "b2t-results-table")
+    assert _table(result, "--allow-stale") == 0 and "| b2t (stale) |" in capsys.readouterr().out

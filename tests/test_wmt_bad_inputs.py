@@ -164,7 +164,15 @@ CASES = [
     (EV, EVAL + ["--out", "{W}/afile/r.json"], "{W}/afile is a file, not a folder"),
     (EV, EVAL + ["--out", RO], "cannot write --out " + RO),
     (EV, EVAL + ["--out", "{W}/r.json", "--keep-outputs", "{W}/afile"], "{W}/afile is a file, not a folder"),
+    # b2t-wmt-evaluate: outputs that would overwrite inputs, absurd numbers
+    (EV, EVAL + ["--out", "{W}/good.pt"], "--out {W}/good.pt is the --checkpoint"),
+    (EV, EVAL + ["--out", "{W}/data/subsets.json"], "is inside --data {W}/data"),
+    (EV, EVAL + ["--out", "{W}/r.json", "--keep-outputs", "{W}/data/refs"], "--keep-outputs {W}/data/refs is inside --data"),
+    (EV, EVOUT + ["--beam", "100000000000000000000"], "pass at most 10000"),
+    (EV, EVOUT + ["--max-tokens", "100000000000000000000"], "pass at most 2147483647"),
     # b2t-results-table
+    (TAB, ["{W}/results", "--out", "{W}/results/good.json"], "the next table would read it as a result"),
+    (TAB, ["{W}/results/good.json", "--out", "{W}/results/good.json"], "is one of the results read"),
     (TAB, ["{W}/nothing"], "{W}/nothing does not exist"),
     (TAB, ["{W}/noresults"], "holds no result JSON"),
     (TAB, ["{W}/malformed.json"], "is not valid JSON"),
@@ -197,6 +205,7 @@ CASES = [
     (TRAIN, ["transformer_b2t", "6", "--gpus", "0", "--cpu-procs", "0", "--dry-run"], "--cpu-procs 0 is not a number of processes"),
     (TRAIN, ["transformer_b2t", "0", "--gpus", "8", "--dry-run"], "LAYERS 0 is not a number of layers"),
     (TRAIN, ["transformer_b2t", "-6", "--gpus", "8", "--dry-run"], "LAYERS -6 is not a number of layers"),
+    (TRAIN, ["transformer_b2t", "1000000000", "--gpus", "8", "--dry-run"], "pass at most 1000"),
     (TRAIN, ["transformer_b3t", "6", "--gpus", "8", "--dry-run"], "unknown ARCH 'transformer_b3t'; choose one of"),
     (TRAIN, TR + ["--nodes", "2", "--node-rank", "2"], "--node-rank 2 does not exist with --nodes 2; pass 0 to 1"),
     (TRAIN, TR + ["--node-rank", "-1"], "--node-rank -1 is negative"),
@@ -298,3 +307,11 @@ def test_reproduce_table_refuses_unbalanced_quotes(world):
 
     p = run(["bash", REPO / "scripts" / "reproduce-table.sh"], check=False, env={"EVAL_ARGS": "--last '5"})
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "EVAL_ARGS cannot be split" in p.stderr
+
+
+def test_results_table_reads_a_file_named_twice_once(world, capsys):
+    from b2t_tools.wmt import results_table
+
+    assert results_table.main([str(world / "results"), str(world / "results" / "good.json")]) == 0
+    rows = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| run | - |")]
+    assert len(rows) == 2  # the SacreBLEU and the tokenized table, one row each

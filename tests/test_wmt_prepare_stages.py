@@ -61,7 +61,7 @@ def test_changed_options_rerun_their_stage_and_the_later_ones(built, capsys, mon
     g, dest = root / "work/google", root / "bin"
     calls = []
 
-    def fake_binarize(google, dest, workers, merges, nwords):  # fairseq-preprocess is tested above; here: when
+    def fake_binarize(google, dest, workers, merges, nwords, *_):  # fairseq-preprocess is tested above; here: when
         calls.append((merges, nwords))
         for name in ("dict.en.txt", "dict.de.txt", "train.en-de.en.bin", "subsets.json"):
             (dest / name).write_text(f"{merges} {nwords}\n")

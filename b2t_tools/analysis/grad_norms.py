@@ -29,11 +29,12 @@ import sys
 from pathlib import Path
 
 from b2t_fairseq import layer_types
+from b2t_fairseq.errors import B2TError
 
-from ..checkpoints import check_checkpoint_file
+from ..checkpoints import read_checkpoint
 from ..commands import run_command
 from ..errors import ToolError
-from ..util import atomic_open, pyplot, write_json
+from ..util import atomic_open, check_writable, pyplot, write_json
 
 DEFAULT_ARCHS = layer_types.PAPER_SHORTS
 SUBLAYERS = {  # parameter-name prefix inside a layer -> sub-layer name
@@ -83,8 +84,20 @@ def load_checkpoint(path, data):
     from fairseq import checkpoint_utils
 
 
-    check_checkpoint_file(str(path), "checkpoint")  # fairseq's load below checks the rest (b2t_fairseq/patches)
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": str(data)})
+    if Path(path).is_dir():
+        raise ToolError(f"checkpoint {path} is a folder; pass a checkpoint_*.pt file written by b2t-train")
+    if not Path(path).is_file():
+        raise ToolError(f"checkpoint {path} does not exist; pass a checkpoint_*.pt written by b2t-train")
+    # one line for an empty, truncated, corrupt or foreign file
+    read_checkpoint(str(path), "pass another checkpoint written by b2t-train", flag="checkpoint", mmap=True)
+    try:
+        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)],
+                                                                          arg_overrides={"data": str(data)})
+    except (ToolError, B2TError, SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as e:  # a state dict without fairseq's configuration, a model this fairseq cannot build ...
+        raise ToolError(f"cannot build a model from checkpoint {path} ({type(e).__name__}: "
+                        f"{str(e).strip()[:160]}); pass a checkpoint written by b2t-train or fairseq-train") from None
     return task, models[0], task.build_criterion(cfg.criterion)
 
 
@@ -191,13 +204,30 @@ def run_models(data, specs, *, layers=None, model_args=(), k=4, max_tokens=2048,
         else:
             task, model, crit = build_fresh(data, arch, layers, model_args, seed)
         model = model.float()
+        # the label is the layer type of the model built, never the --arch word: --model-args may change it
+        kind = layer_types.of_model(model)
+        if not ckpt and kind is not None:
+            name = layer_types.BY_KEY[kind].short
+        if name in results:
+            raise ToolError(f"two models would both be reported as '{name}' ({results[name]['source']}: "
+                            f"{results[name]['arch']} and {ckpt or arch}); give each --checkpoint its own NAME=, "
+                            "and note that --model-args applies to every --arch (--ln-position there makes them "
+                            "all one layer type)")
         res = measure(model, crit, batches(task, split, k, max_tokens, seed))
         res.update({"source": str(ckpt) if ckpt else "fresh init", "arch": arch or getattr(model.cfg, "arch", None),
                     "ln_position": getattr(model.cfg, "ln_position", None) if hasattr(model, "cfg") else None,
+                    "layer_type": kind, "label": layer_types.BY_KEY[kind].label if kind else "mixed layer types",
                     "layers": {"encoder": len(model.encoder.layers), "decoder": len(model.decoder.layers)},
                     "batches": k, "split": split})
         results[name] = res
     return results
+
+
+def label(name, res):
+    """The plot's label: the built layer type, with the run's name where that says more."""
+    kind = res.get("label") or LABELS.get(name, name)
+    short = layer_types.BY_KEY[res["layer_type"]].short if res.get("layer_type") in layer_types.BY_KEY else None
+    return kind if name == short else f"{name} ({kind})"
 
 
 def bottom_top_ratio(norms, n=3):
@@ -228,7 +258,7 @@ def plot(results, path, title=None):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, side in zip(axes[:2], ("encoder", "decoder")):
         for name, res in results.items():
-            ax.plot(range(1, len(res[side]) + 1), res[side], marker="o", ms=3, label=LABELS.get(name, name))
+            ax.plot(range(1, len(res[side]) + 1), res[side], marker="o", ms=3, label=label(name, res))
         ax.set_yscale("log")
         ax.set_xlabel(f"{side} layer (1 = lowest)")
         ax.set_ylabel("gradient norm of the layer's parameters")
@@ -241,7 +271,7 @@ def plot(results, path, title=None):
     for j, (name, res) in enumerate(results.items()):
         top = res["decoder_ln_points"][-1]
         ax.bar([i + j * width for i in range(len(keys))], [top.get(k, float("nan")) for k in keys], width,
-               label=LABELS.get(name, name))
+               label=label(name, res))
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))])
     ax.set_xticklabels([k.replace("_ln.", " LN ") for k in keys], rotation=30, ha="right", fontsize=8)
     ax.set_yscale("log")
@@ -262,10 +292,17 @@ def default_title(results):
 
 
 def parse_specs(args):
-    specs = []
+    specs, given = [], []
     for c in args.checkpoint or []:
         name, _, path = c.rpartition("=")
-        specs.append((name or Path(path).parent.name, None, path))
+        if name and name in given:
+            raise ToolError(f"--checkpoint {c}: the name '{name}' is given twice; give each checkpoint its own NAME=")
+        given.append(name)
+        specs.append((name, None, path))
+    # a checkpoint without NAME= is named by its folder, and by folder/file where a folder gives more than one
+    folders = [Path(p).parent.name for n, _, p in specs if not n]
+    specs = [(n or (Path(p).parent.name if folders.count(Path(p).parent.name) == 1 else
+                    f"{Path(p).parent.name}/{Path(p).stem}"), a, p) for n, a, p in specs]
     if not specs or args.arch:
         for a in args.arch or DEFAULT_ARCHS:
             arch = a if a.startswith("transformer") else f"transformer_{a}_{args.size}"
@@ -299,12 +336,40 @@ def get_parser():
     return p
 
 
+MAX_TOKENS = 2**31 - 1
+MAX_LAYERS = 1000  # DeepNorm's deepest model has 1000 layers in all; more would only exhaust the memory
+
+
+def check_args(args):
+    """Impossible numbers and output places, before any model is built (measuring takes minutes)."""
+    for flag, v, most in (("--batches", args.batches, None), ("--max-tokens", args.max_tokens, MAX_TOKENS),
+                          ("--layers", args.layers, MAX_LAYERS)):
+        if v is not None and v < 1:
+            raise ToolError(f"{flag} {v} is not a positive number; pass 1 or more (see --help for the default)")
+        if v is not None and most is not None and v > most:
+            raise ToolError(f"{flag} {v} is more than a model or batch here can hold; pass at most {most}")
+    outs = [(f, p) for f, p in (("--json", args.json), ("--csv", args.csv), ("--png", args.png)) if p]
+    if not outs:
+        raise ToolError("nothing to write; pass --json PATH, --csv PATH and/or --png PATH")
+    data = Path(args.data).resolve()
+    inputs = {Path(c.rpartition("=")[2]).resolve() for c in args.checkpoint or []}
+    seen = {}
+    for flag, p in outs:
+        r = Path(p).resolve()
+        if r in seen:
+            raise ToolError(f"{flag} and {seen[r]} are both {p}; one would overwrite the other: give each its own path")
+        seen[r] = flag
+        if r in inputs or data == r or data in r.parents:
+            raise ToolError(f"{flag} {p} is {'a --checkpoint' if r in inputs else 'inside the data folder'}; it "
+                            "would be overwritten: choose a path outside the inputs")
+        check_writable(p, flag)
+
+
 def run(argv):
     args = get_parser().parse_args(argv)
     if args.size == "base":
         args.size = ""
-    if not (args.json or args.csv or args.png):
-        raise ToolError("nothing to write; pass --json PATH, --csv PATH and/or --png PATH")
+    check_args(args)
     set_threads()
     specs = [(n, a.rstrip("_") if a else a, c) for n, a, c in parse_specs(args)]
     results = run_models(args.data, specs, layers=args.layers, model_args=args.model_args.split(),

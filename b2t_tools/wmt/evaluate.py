@@ -32,12 +32,14 @@ from ..commands import run_command
 from ..commands.cli import PLUGIN_DIR
 from ..errors import ToolError
 from ..util import check_writable, json_digest, parse_generate_output
-from . import TEST_YEAR, YEARS
+from . import RECORDED_GENERATE_FLAGS, TEST_YEAR, YEARS, recorded_overrides
 
 PROG = "b2t-wmt-evaluate"
 TOK_LABEL = ("tokenized BLEU: Google's tokenizer.perl tokens (escaped), ##AT## compound splitting "
              "(fairseq compound_split_bleu.sh, multi-bleu style)")
 SACRE_LABEL = "SacreBLEU, 13a, case-sensitive, detokenized"
+MAX_BEAM = 10_000
+MAX_TOKENS = 2**31 - 1  # fairseq's batching indexes tokens with int32/int64 arrays; more is a typo
 
 
 def lenpen_for(year, lenpen_test=0.6, lenpen_other=1.0):
@@ -77,9 +79,13 @@ def generate(data, checkpoint, subset, lenpen, args, workdir):
 
 def read_refs(data, year):
     refs = Path(data) / "refs"
+    def lines(path):  # as prepare wrote them: a last line without a newline counts; bytes that are not UTF-8
+        text = path.read_bytes().decode("utf-8", "replace")  # (kept there as Google's are) read as U+FFFD
+        return text[:-1].split("\n") if text.endswith("\n") else (text.split("\n") if text else [])
+
     try:
-        raw = (refs / f"newstest{year}.de").read_text(encoding="utf-8").split("\n")[:-1]
-        tok = (refs / f"newstest{year}.tok.de").read_text(encoding="utf-8").split("\n")[:-1]
+        raw = lines(refs / f"newstest{year}.de")
+        tok = lines(refs / f"newstest{year}.tok.de")
     except FileNotFoundError as e:
         raise ToolError(f"reference {e.filename} is missing; run b2t-wmt-prepare (it keeps the references in "
                        "DATA/refs) or pass the right --data") from None
@@ -104,8 +110,14 @@ def check_options(args):
     """Refuse impossible numbers before anything is loaded."""
     if args.beam < 1:
         raise ToolError(f"--beam {args.beam} is not a beam size; pass --beam 1 or more (the paper: 4)")
+    if args.beam > MAX_BEAM:
+        raise ToolError(f"--beam {args.beam} is more hypotheses than decoding can hold; pass at most {MAX_BEAM} "
+                        "(the paper: 4)")
     if args.max_tokens < 1:
         raise ToolError(f"--max-tokens {args.max_tokens} is not a positive number of tokens; pass e.g. --max-tokens 8192 (the default)")
+    if args.max_tokens > MAX_TOKENS:
+        raise ToolError(f"--max-tokens {args.max_tokens} is larger than any batch fairseq can index; pass at most "
+                        f"{MAX_TOKENS} (default 8192)")
     for flag, v in (("--lenpen-test", args.lenpen_test), ("--lenpen-other", args.lenpen_other)):
         if not math.isfinite(v):
             raise ToolError(f"{flag} {v} is not a finite number; pass a length penalty (the paper: 0.6 on "
@@ -113,10 +125,36 @@ def check_options(args):
     if args.name is not None and not args.name.strip():
         raise ToolError("--name is empty; give the run a name for the table, or leave --name out")
     try:
-        shlex.split(args.generate_args or "")
+        extra = shlex.split(args.generate_args or "")
     except ValueError as e:
         raise ToolError(f"--generate-args {args.generate_args!r} cannot be split into flags ({e}); quote it as one "
                        "string, e.g. --generate-args '--max-len-b 50'") from None
+    # the result records beam, length penalties, checkpoint, years, precision: an override in --generate-args
+    # would decode with other values than those recorded, so it is refused and the proper flag named
+    for flag in recorded_overrides(extra):
+        raise ToolError(f"--generate-args sets {flag}, which {PROG} sets and records itself; use "
+                        f"{RECORDED_GENERATE_FLAGS[flag]} instead of putting it in --generate-args")
+
+
+def check_generate_args(args, data):
+    """fairseq's generation parser accepts the whole command line (an unknown or malformed flag in
+    --generate-args is one line here, not fairseq's usage text after the checkpoint is loaded)."""
+    if not args.generate_args:
+        return
+    import contextlib
+    import io
+
+    from fairseq import options
+
+    argv = generation_argv(data, "checkpoint.pt", "test", 1.0, args, "out")
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            options.parse_args_and_arch(options.get_generation_parser(), argv)
+    except SystemExit:
+        lines = [x for x in err.getvalue().strip().splitlines() if "error:" in x] or ["(no message)"]
+        raise ToolError(f"--generate-args {args.generate_args!r}: fairseq-generate refuses it "
+                        f"({lines[-1].split('error:', 1)[1].strip()}); fix the flags (fairseq-generate --help)") from None
 
 
 def read_subsets(data):
@@ -182,6 +220,23 @@ def checkpoint_provenance(ckpt):
             "selection": averaged.get("selection") if averaged else None}
 
 
+def check_apart(args, data, ckpt):
+    """The outputs overwrite no input: --out is not the checkpoint nor a file of --data; --keep-outputs (which
+    writes newstestYYYY.de there) is not --data or inside it (DATA/refs holds the references by those names)."""
+    out, d = Path(args.out).resolve(), data.resolve()
+    if out == ckpt.resolve():
+        raise ToolError(f"--out {args.out} is the --checkpoint; writing the result there would destroy it: "
+                        "choose another --out")
+    if d in out.parents:
+        raise ToolError(f"--out {args.out} is inside --data {data}; the result must not overwrite the data: "
+                        "choose an --out outside it")
+    if args.keep_outputs:
+        keep = Path(args.keep_outputs).resolve()
+        if keep == d or d in keep.parents:
+            raise ToolError(f"--keep-outputs {args.keep_outputs} is inside --data {data}, whose refs/ holds the "
+                            "references under the names the translations get; choose a folder outside --data")
+
+
 def settings(args, years):
     """The generation settings that shape the numbers (part of the result's key)."""
     return {"years": list(years), "beam": args.beam, "lenpen_test": args.lenpen_test,
@@ -204,6 +259,8 @@ def evaluate(args):
     subsets = read_subsets(data)
     years = sorted(set(args.years)) if args.years else list(YEARS)  # a year given twice is scored once
     check_inputs(data, years, subsets)
+    check_generate_args(args, data)
+    check_apart(args, data, ckpt)
     check_writable(args.out, "--out")
     if args.keep_outputs:
         check_writable(Path(args.keep_outputs) / f"newstest{years[0]}.de", "--keep-outputs")

@@ -40,6 +40,7 @@ from ..stages import Stages
 from ..util import atomic_open, file_digest
 from ..util import log as util_log
 from . import BPE_MERGES, TEST_YEAR, VALID_YEAR, YEARS
+from .text import BYTES, PrefixFileError, encode
 
 PROG = "b2t-wmt-prepare"
 OFFICIAL = {
@@ -58,7 +59,7 @@ LANGS = ("en", "de")
 STAGES = ("extract", "tokenize", "clean", "bpe", "binarize")
 NWORDS = 32768  # fairseq examples/scaling_nmt: --nwordssrc 32768 --nwordstgt 32768
 # part of every stage's key: change it when the code would write different files from the same inputs
-RECIPE = "google-wmt16-en-de/2"
+RECIPE = "google-wmt16-en-de/3"
 SGM_YEARS = (2014, 2015, 2016)  # converted from SGM by Google's script; older years are plain text in dev.tgz
 
 
@@ -69,14 +70,21 @@ def log(msg):
 # --- small file helpers -----------------------------------------------------------------------
 
 def read_lines(path):
-    with open(path, encoding="utf-8", newline="\n") as f:
+    """Lines split at \\n only (a \\r stays, as perl reads it); bytes that are not UTF-8 kept (text.BYTES)."""
+    with open(path, encoding="utf-8", errors=BYTES, newline="\n") as f:
         return [line[:-1] if line.endswith("\n") else line for line in f]
 
 
 def write_lines(path, lines):
-    with atomic_open(path) as f:
+    with atomic_open(path, "wb") as f:
         for line in lines:
-            f.write(line + "\n")
+            f.write(encode(line) + b"\n")
+
+
+def split_lines(data):
+    """bytes -> lines as perl's <FH> reads them (split at \\n; a last line without \\n still counts)."""
+    lines = data.split(b"\n")
+    return lines[:-1] if lines[-1] == b"" else lines
 
 
 def md5sum(path):
@@ -215,21 +223,8 @@ def download_all(work, urls, sums_file=None):
 
 # --- extract ----------------------------------------------------------------------------------
 
-def _decode(raw, where):
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ToolError(f"{where} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); convert the "
-                       "file to UTF-8 (iconv) or remove that line") from None
-
-
-def _member_lines(tar, member, where):
-    f = tar.extractfile(member)
-    lines = []
-    for i, raw in enumerate(f, 1):
-        raw = raw[:-1] if raw.endswith(b"\n") else raw
-        lines.append(_decode(raw, f"{where} line {i}"))
-    return lines
+def _member_bytes(tar, member):
+    return tar.extractfile(member).read()
 
 
 def _find(tar, suffix, archive):
@@ -240,10 +235,10 @@ def _find(tar, suffix, archive):
 
 
 def read_parallel(archive, stem):
+    """{lang: the file's bytes as they are} of one training corpus (Google's script cats them)."""
     with tarfile.open(archive, "r:*") as tar:
-        sides = {lang: _member_lines(tar, _find(tar, f"{stem}.{lang}", archive.name), f"{archive.name}:{stem}.{lang}")
-                 for lang in LANGS}
-    n_en, n_de = len(sides["en"]), len(sides["de"])
+        sides = {lang: _member_bytes(tar, _find(tar, f"{stem}.{lang}", archive.name)) for lang in LANGS}
+    n_en, n_de = len(split_lines(sides["en"])), len(split_lines(sides["de"]))
     if n_en != n_de:
         raise ToolError(f"{archive.name}: {stem}.en has {n_en} lines but {stem}.de has {n_de}; the corpus is "
                        "damaged: delete the archive and re-run")
@@ -286,31 +281,42 @@ def read_newstest(archives, year):
         arch, member = hit
         data = _read_member(arch, member)
         if year in SGM_YEARS:
-            raw = sgm_segments(data)
-        else:  # copied as they are (cp): lines split at \n only
-            raw = data.split(b"\n")
-            if raw[-1] == b"":
-                raw.pop()
-        out[lang] = [_decode(x, f"{arch.name}:{member} line {i}") for i, x in enumerate(raw, 1)]
-    if len(out["en"]) != len(out["de"]) or not out["en"]:
-        raise ToolError(f"newstest{year}: {len(out['en'])} English and {len(out['de'])} German segments; the files "
+            out[lang] = b"".join(x + b"\n" for x in sgm_segments(data))
+        else:  # copied as they are (cp), bytes and all
+            out[lang] = data
+    n_en, n_de = len(split_lines(out["en"])), len(split_lines(out["de"]))
+    if n_en != n_de or not n_en:
+        raise ToolError(f"newstest{year}: {n_en} English and {n_de} German segments; the files "
                        "do not match: delete the dev/test archives and re-run")
     return out["en"], out["de"]
 
 
+def _write_bytes(path, data):
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
 def extract(paths, google):
+    """Byte for byte what Google's script writes: cat of the three corpora (a file without a final newline
+    runs into the next one's first line, as with cat), cp of the plain-text test sets, input-from-sgm.perl's
+    lines of the SGM ones. Bytes that are not UTF-8 stay as they are."""
     en, de = [], []
     for key, stem in TRAIN_CORPORA:
         e, d = read_parallel(paths[key], stem)
-        log(f"extract: {stem}: {len(e)} pairs")
-        en += e
-        de += d
-    write_lines(google / "train.en", en)
-    write_lines(google / "train.de", de)
+        log(f"extract: {stem}: {len(split_lines(e))} pairs")
+        en.append(e)
+        de.append(d)
+    en, de = b"".join(en), b"".join(de)
+    n_en, n_de = len(split_lines(en)), len(split_lines(de))
+    if n_en != n_de:  # only a corpus without a final newline on one side can do this
+        raise ToolError(f"train.en has {n_en} lines but train.de {n_de} after concatenating the corpora (a corpus "
+                        "file lacks its final newline on one side); delete the damaged archive and re-run")
+    _write_bytes(google / "train.en", en)
+    _write_bytes(google / "train.de", de)
     for year in YEARS:
         e, d = read_newstest([paths["dev"], paths["test"]], year)
-        write_lines(google / f"newstest{year}.en", e)
-        write_lines(google / f"newstest{year}.de", d)
+        _write_bytes(google / f"newstest{year}.en", e)
+        _write_bytes(google / f"newstest{year}.de", d)
 
 
 # --- tokenize, clean, bpe -----------------------------------------------------------------------
@@ -337,6 +343,13 @@ def map_lines(worker, lines, lang, workers):
 
 
 def tokenize(google, workers):
+    from .text import prefix_file_2017
+
+    for lang in LANGS:
+        try:
+            prefix_file_2017(lang)
+        except PrefixFileError as e:
+            raise ToolError(str(e)) from None
     for name in TEXTS:
         for lang in LANGS:
             lines = read_lines(google / f"{name}.{lang}")
@@ -366,9 +379,17 @@ def _bpe_worker(args):
     if _bpe is None or _bpe[0] != codes:
         from subword_nmt.apply_bpe import BPE
 
-        with open(codes, encoding="utf-8") as f:
+        with open(codes, encoding="utf-8", errors=BYTES) as f:
             _bpe = (codes, BPE(f))
-    return [_bpe[1].process_line(line) for line in lines]
+    return [apply_bpe_2017(_bpe[1], line) for line in lines]
+
+
+def apply_bpe_2017(bpe, line):
+    """One line as subword-nmt's apply_bpe.py of March 2017 (b481fdc, 2017-03-09) writes it, which Google's
+    script cloned: Python's codecs reader splits lines at every Unicode line boundary, each piece is split at
+    any whitespace and written as ``' '.join(segments).strip()`` -- no leading or trailing space, where today's
+    process_line keeps them (tokenizer.perl leaves one after a final ``.'``)."""
+    return "\n".join(" ".join(bpe.segment_tokens(piece.split())) for piece in (line + "\n").splitlines())
 
 
 def bpe_outputs(google, merges):
@@ -391,13 +412,22 @@ def write_vocab(paths, dest):
 def learn_and_apply_bpe(google, merges, workers):
     from subword_nmt.learn_bpe import learn_bpe
 
+    import io
+
     joint = google / "bpe.joint.tmp"
-    with open(joint, "w", encoding="utf-8") as f:  # cat train.tok.clean.de train.tok.clean.en, as Google's script
-        for lang in ("de", "en"):
-            f.writelines(line + "\n" for line in read_lines(google / f"train.tok.clean.{lang}"))
+    both = b"".join((google / f"train.tok.clean.{lang}").read_bytes() for lang in ("de", "en"))  # cat de en
+    joint.write_bytes(both)
+    try:
+        both.decode("utf-8")
+        workers_bpe = max(1, workers)
+    except UnicodeDecodeError:
+        workers_bpe = 1  # learn_bpe's worker processes reopen the file as strict UTF-8
     codes = google / f"bpe.{merges}"
-    with open(joint, encoding="utf-8") as inp, atomic_open(codes) as out:
-        learn_bpe(inp, out, merges, num_workers=max(1, workers))
+    text = io.StringIO()
+    with open(joint, encoding="utf-8", errors=BYTES, newline="\n") as inp:
+        learn_bpe(inp, text, merges, num_workers=workers_bpe)
+    with atomic_open(codes, "wb") as out:
+        out.write(encode(text.getvalue()))
     joint.unlink()
     for name in ["train.tok.clean"] + [f"newstest{y}.tok" for y in YEARS]:
         for lang in LANGS:
@@ -436,7 +466,6 @@ def import_google(archive, google, merges):
                 raise ToolError(f"{archive} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
                                "pass Google's wmt16_en_de.tar.gz (or leave out --google-archive)")
             for name in wanted:
-                _member_lines(tar, members[name], f"{archive}:{name}")  # refuses non-UTF-8 text
                 with atomic_open(google / name, "wb") as out:
                     shutil.copyfileobj(tar.extractfile(members[name]), out)
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -458,17 +487,77 @@ def subsets():
     return out
 
 
-def binarize(google, dest, workers, merges, nwords):
+MARKER = ".b2t-wmt-prepare.json"  # in every --dest we write: what made it; only such folders are ever replaced
+
+
+def ours(folder, work=None):
+    """Whether folder is an output of this command: it holds our marker file, or (written before the marker
+    existed) WORK/.stages/binarize.json records it as this work folder's --dest."""
+    folder = Path(folder)
+    if (folder / MARKER).is_file():
+        return True
+    key = Stages(work).recorded_key("binarize") if work is not None else None
+    return isinstance(key, dict) and key.get("dest") == str(folder.resolve())
+
+
+def check_replaceable(folder, flag, work=None):
+    """work: a folder whose stage record may name folder as its --dest (True: already found to be ours)."""
+    """Refuse to replace a folder this command did not make (another corpus, someone's files)."""
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise ToolError(f"{flag} {folder} is {'a link' if folder.is_symlink() else 'a file'}, not a folder; "
+                        "choose a new folder for the binarized data")
+    if folder.is_dir() and any(folder.iterdir()) and work is not True and not ours(folder, work):
+        raise ToolError(f"{flag} {folder} holds files that b2t-wmt-prepare did not write (no {MARKER}); it is not "
+                        "replaced: choose a new or empty --dest, or move that folder away")
+
+
+def utf8_inputs(google, prefixes, tmp):
+    """The folder fairseq-preprocess reads: WORK/google, or where a file holds bytes that are not UTF-8 (which
+    fairseq reads strictly and fails on; Google's files keep them) copies in tmp/utf8 with each such byte
+    replaced by U+FFFD."""
+    bad = [g for p in prefixes for lang in LANGS for g in [google / f"{p}.{lang}"]
+           if not _is_utf8(g.read_bytes())]
+    if not bad:
+        return google
+    out = tmp / "utf8"
+    out.mkdir(exist_ok=True)
+    n = 0
+    for p in prefixes:
+        for lang in LANGS:
+            data = (google / f"{p}.{lang}").read_bytes()
+            fixed = data.decode("utf-8", "replace")
+            n += sum(1 for line in split_lines(data) if not _is_utf8(line))
+            (out / f"{p}.{lang}").write_text(fixed, encoding="utf-8", newline="\n")
+    log(f"binarize: {n} lines of {', '.join(g.name for g in bad[:3])}{' ...' if len(bad) > 3 else ''} hold bytes that "
+        "are not UTF-8; fairseq reads them as U+FFFD (Google's files keep the bytes)")
+    return out
+
+
+def _is_utf8(data):
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def binarize(google, dest, workers, merges, nwords, record=None, work=None):
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".partial")
+    check_replaceable(dest, "--dest", work)
+    check_replaceable(tmp, "--dest's work folder")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / MARKER).write_text(json.dumps(dict(record or {}, made_by=PROG, recipe=RECIPE), indent=1) + "\n")
     subs = subsets()
     tests = [TEST_YEAR] + [y for y in YEARS if y not in (VALID_YEAR, TEST_YEAR)]
     bpe = f"bpe.{merges}"
+    src = utf8_inputs(google, [f"train.tok.clean.{bpe}"] + [f"newstest{y}.tok.{bpe}" for y in YEARS], tmp)
     cmd = [os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"), "--source-lang", "en",
-           "--target-lang", "de", "--trainpref", str(google / f"train.tok.clean.{bpe}"),
-           "--validpref", str(google / f"newstest{VALID_YEAR}.tok.{bpe}"),
-           "--testpref", ",".join(str(google / f"newstest{y}.tok.{bpe}") for y in tests),
+           "--target-lang", "de", "--trainpref", str(src / f"train.tok.clean.{bpe}"),
+           "--validpref", str(src / f"newstest{VALID_YEAR}.tok.{bpe}"),
+           "--testpref", ",".join(str(src / f"newstest{y}.tok.{bpe}") for y in tests),
            "--destdir", str(tmp), "--joined-dictionary", "--nwordssrc", str(nwords), "--nwordstgt", str(nwords),
            "--workers", str(max(1, workers))]
     log("binarize: " + " ".join(cmd))
@@ -476,6 +565,7 @@ def binarize(google, dest, workers, merges, nwords):
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise ToolError(f"fairseq-preprocess failed ({tail}); see the message above, fix it and re-run")
+    shutil.rmtree(tmp / "utf8", ignore_errors=True)
     refs = tmp / "refs"
     refs.mkdir()
     for y in YEARS:
@@ -484,6 +574,7 @@ def binarize(google, dest, workers, merges, nwords):
         shutil.copy(google / f"newstest{y}.en", refs / f"newstest{y}.en")
     shutil.copy(google / bpe, tmp / bpe)
     (tmp / "subsets.json").write_text(json.dumps({str(y): s for y, s in subs.items()}, indent=1) + "\n")
+    check_replaceable(dest, "--dest", work)  # again: another program may have filled it meanwhile
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
 
@@ -517,21 +608,54 @@ def check_options(args):
                         ("--workers", args.workers)):
         if value < 1:
             raise ToolError(f"{flag} {value}: must be at least 1")
+    most = 4 * (os.cpu_count() or 1) if (os.cpu_count() or 1) > 2 else 8
+    if args.workers > most:  # each stage starts this many processes (a million would exhaust the machine)
+        raise ToolError(f"--workers {args.workers} is more processes than this machine's {os.cpu_count()} CPUs can "
+                        f"use; pass at most {most} (default: the number of CPUs)")
     if not args.ratio > 0 or args.ratio == float("inf"):  # nan and inf too
         raise ToolError(f"--ratio {args.ratio}: must be positive (Google's recipe: 9)")
     if args.sums is not None:
         read_sums_option(args.sums)  # a missing or malformed --sums used to be ignored silently
 
 
+def check_places(work, dest):
+    """--work and --dest: folders (or to be made), apart from each other; checked before anything is written."""
+    for flag, path in (("--work", work), ("--dest", dest)):
+        for p in [path, *path.parents]:
+            if p.exists() and not p.is_dir():
+                where = "is a file" if p == path else f"is under the file {p}"
+                raise ToolError(f"{flag} {path} {where}; pass a folder (it is made if missing)")
+    w, d = work.resolve(), dest.resolve()
+    if w == d or w in d.parents or d in w.parents:
+        how = "is" if w == d else ("is inside" if w in d.parents else "contains")
+        raise ToolError(f"--dest {dest} {how} --work {work}; the binarized data replaces --dest as a whole, so it "
+                        "must lie apart from the downloads and Google's files: choose another --dest")
+    check_replaceable(dest, "--dest", work)
+    try:  # the binarized data is built beside --dest and renamed onto it: its folder must be writable
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        probe = dest.parent / f".{dest.name}.b2t-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ToolError(f"cannot write in {dest.parent} ({e.strerror or e}); pass a --dest you can write to") from None
+    return ours(dest, work)
+
+
 def prepare(args):
     check_options(args)
     work, dest = Path(args.work), Path(args.dest)
+    dest_ours = check_places(work, dest)  # before the stages run: they drop the binarize record first
     google = work / "google"
-    google.mkdir(parents=True, exist_ok=True)
+    try:
+        google.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ToolError(f"cannot create {google} ({e.strerror or e}); pass a --work folder you can write to") from None
     stages = Stages(work, STAGES, RECIPE, log)
     m = args.bpe_merges
     if args.google_archive:
         archive = Path(args.google_archive)
+        if archive.is_dir():
+            raise ToolError(f"--google-archive {archive} is a folder; pass the path of wmt16_en_de.tar.gz")
         if not archive.is_file():
             raise ToolError(f"--google-archive {archive} does not exist; pass the path of wmt16_en_de.tar.gz")
         prev = stages.run("bpe", [google / n for n in google_archive_files(m)], lambda: import_google(archive, google, m),
@@ -566,7 +690,9 @@ def prepare(args):
                    for kind in ("", ".tok", f".tok.bpe.{m}")]
     stages.run("binarize", [dest / "dict.en.txt", dest / "dict.de.txt", dest / "train.en-de.en.bin",
                             dest / "subsets.json"],
-               lambda: binarize(google, dest, args.workers, m, args.nwords), args.force,
+               lambda: binarize(google, dest, args.workers, m, args.nwords, {"work": str(work.resolve())},
+                                dest_ours or work),
+               args.force,
                key={"after": prev, "inputs": fingerprint(bin_inputs), "nwords": args.nwords,
                     "dest": str(dest.resolve())})
     log(f"Google's files: {google}; ready: {dest} (train with scripts/train.sh ARCH LAYERS --data {dest})")

@@ -19,13 +19,14 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from ..commands import run_command
 from ..errors import ToolError
 from ..util import atomic_write, check_writable
-from . import YEARS
+from . import YEARS, recorded_overrides
 from .published import FLAGS as PUBLISHED_FLAGS
 from .published import PAPER_TABLES_NOT_CONFIRMED, PUBLISHED
 
@@ -52,8 +53,11 @@ def load_results(paths):
             files.append(p)
         else:
             raise ToolError(f"{p} does not exist; pass result JSON files or folders")
-    runs = []
+    runs, seen = [], set()
     for f in files:
+        if f.resolve() in seen:  # a file named twice (or its folder and itself) is one run, shown once
+            continue
+        seen.add(f.resolve())
         if f.is_dir():
             raise ToolError(f"{f} is a folder, not a result JSON; move it out of the results folder")
         try:
@@ -102,6 +106,13 @@ def status(run):
     """("current" | "not checked" | "stale", why) for a loaded result, checked against the files here."""
     from .. import checkpoints as avg
 
+    try:
+        over = recorded_overrides(shlex.split(str(run.get("generate_args") or "")))
+    except ValueError:
+        over = ["(unreadable --generate-args)"]
+    if over:  # an older b2t-wmt-evaluate let --generate-args override what the result records
+        return "stale", (f"its --generate-args set {', '.join(over)}, so it decoded with other settings than it "
+                         "records")
     prov = run.get("provenance")
     if prov is None:
         return "stale", "it records no checkpoint provenance (written by an older b2t-wmt-evaluate)"
@@ -223,6 +234,19 @@ def render_published():
     return "\n".join(out) + "\n"
 
 
+def check_out_apart(out, inputs):
+    """--out must not overwrite a result, nor become one: a .json in a results folder is read as a result."""
+    o = Path(out).resolve()
+    for p in map(Path, inputs):
+        r = p.resolve()
+        if o == r:
+            raise ToolError(f"--out {out} is one of the results read; writing the table there would destroy it: "
+                            "choose another --out (e.g. table.md)")
+        if p.is_dir() and o.parent == r and o.suffix == ".json":
+            raise ToolError(f"--out {out} is a .json file in the results folder {p}; the next table would read it "
+                            "as a result: choose another name (e.g. table.md) or folder")
+
+
 def run(argv):
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="result JSON files or folders")
@@ -235,6 +259,8 @@ def run(argv):
     args = p.parse_args(argv)
     if args.out:
         check_writable(args.out, "--out")
+    if args.out:
+        check_out_apart(args.out, args.results)
     runs = load_results(args.results)
     check_current(runs, args.allow_stale)
     text = render(runs, paper=not args.no_paper)

@@ -14,11 +14,56 @@ Character classes come from the pinned ``regex`` module (its Unicode tables); pe
 version, so the two can differ only on characters whose properties changed between the two versions.
 """
 
+import codecs
 import functools
+import hashlib
 import re
 from pathlib import Path
 
 import regex
+
+# --- bytes that are not UTF-8 ----------------------------------------------------------------------
+# tokenizer.perl and clean-corpus-n.perl read with perl's lax :utf8 layer: an encoded surrogate (ED A0..BF xx)
+# is one character that is neither a letter nor a space, and comes out as the same three bytes; input-from-sgm.perl
+# and cat copy bytes. BYTES is a codec error handler that keeps every such byte sequence: an encoded surrogate
+# decodes to that surrogate (as perl reads it), any other byte that is not UTF-8 to the private-use character
+# U+10FF00 + byte (a symbol, neither letter nor space; modern perl dies on such bytes, the 2017 scripts had no
+# defined behaviour), and ``encode`` turns both back into the bytes they came from. (A real U+10FF80..U+10FFFF in
+# the text would come back as one byte: private-use plane 16 is not in WMT's text.)
+BYTES = "b2t-bytes"
+_BYTE_BASE = 0x10FF00
+_ESCAPED = re.compile("[\U0010ff80-\U0010ffff]+")
+
+
+def _bytes_handler(e):
+    if isinstance(e, UnicodeDecodeError):
+        raw, i = e.object, e.start
+        b = raw[i:i + 3]
+        if len(b) == 3 and b[0] == 0xED and 0xA0 <= b[1] <= 0xBF and 0x80 <= b[2] <= 0xBF:
+            return chr(0xD000 | ((b[1] & 0x3F) << 6) | (b[2] & 0x3F)), i + 3
+        return chr(_BYTE_BASE + raw[i]), i + 1
+    raise e
+
+
+codecs.register_error(BYTES, _bytes_handler)
+
+
+def decode(raw):
+    return raw.decode("utf-8", BYTES)
+
+
+def encode(text):
+    """The bytes ``decode`` read (surrogates as perl writes them, escaped bytes as themselves)."""
+    if not _ESCAPED.search(text):
+        return text.encode("utf-8", "surrogatepass")
+    out, pos = [], 0
+    for m in _ESCAPED.finditer(text):
+        out.append(text[pos:m.start()].encode("utf-8", "surrogatepass"))
+        out.append(bytes(ord(c) - _BYTE_BASE for c in m.group()))
+        pos = m.end()
+    out.append(text[pos:].encode("utf-8", "surrogatepass"))
+    return b"".join(out)
+
 
 # perl's \s on character strings (perlrecharclass): ASCII \t \n \v \f \r and space plus the Unicode spaces.
 # Python's own \s also matches \x1c-\x1f, which perl does not (tokenizer.perl deletes them instead).
@@ -58,28 +103,63 @@ ESCAPES = (("&", "&amp;"), ("|", "&#124;"), ("<", "&lt;"), (">", "&gt;"), ("'", 
            ("[", "&#91;"), ("]", "&#93;"))
 
 
+# Moses' scripts/share/nonbreaking_prefixes as Google's script cloned them in March 2017 (mosesdecoder
+# 1d6500619, 2017-03-29: nonbreaking_prefix.en as of 7c507bfa7, 2015-01-19; .de as of 93bff3f20, 2012-06-26):
+# the SHA-256 of each file, and the lines Moses added since (4da86c360, 2019-11-05: "# rupees" / "Rs"), which
+# are taken out of sacremoses' newer copy.
+PREFIXES_2017 = {
+    "en": ("82ed99e34cd69b449f150d17b369041604861d1b9b2a7932794d1269785596ad", (b"# rupees\n", b"Rs\n")),
+    "de": ("caec29277f3cb15748430cdcd41dc341d3d01aab7ef849cda131818b3e52df83", ()),
+}
+
+
+class PrefixFileError(ValueError):
+    pass
+
+
+def prefix_file_2017(lang):
+    """The bytes of Moses' nonbreaking_prefix.LANG of March 2017, from sacremoses' copy (checked by SHA-256)."""
+    import sacremoses
+
+    path = Path(sacremoses.__file__).parent / "data" / "nonbreaking_prefixes" / f"nonbreaking_prefix.{lang}"
+    want, later = PREFIXES_2017[lang]
+    data = path.read_bytes()
+    if later:
+        data = data.replace(b"".join(later), b"", 1)
+    if hashlib.sha256(data).hexdigest() != want:
+        raise PrefixFileError(f"{path} (sacremoses {getattr(sacremoses, '__version__', '?')}) is not Moses' "
+                              f"nonbreaking_prefix.{lang} of March 2017 plus known later lines; install the "
+                              "sacremoses of requirements.txt")
+    return data
+
+
 @functools.lru_cache(maxsize=None)
 def nonbreaking_prefixes(lang, path=None):
     """{prefix: 1 (always) or 2 (only before a number)}, read as tokenizer.perl's load_prefixes does
-    (no stripping; a line that is empty, "0" or starts with # is skipped). Default files: sacremoses' copy
-    of Moses' scripts/share/nonbreaking_prefixes."""
-    if path is None:
-        import sacremoses
+    (no stripping; a line that is empty, "0" or starts with # is skipped). Default: for en and de Moses' files
+    of March 2017 (``prefix_file_2017``), for other languages sacremoses' copy of Moses' current files."""
+    if path is None and lang in PREFIXES_2017:
+        lines = prefix_file_2017(lang).decode("utf-8").split("\n")
+        lines = [x + "\n" for x in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+    else:
+        if path is None:
+            import sacremoses
 
-        folder = Path(sacremoses.__file__).parent / "data" / "nonbreaking_prefixes"
-        path = folder / f"nonbreaking_prefix.{lang}"
-        if not path.exists():
-            path = folder / "nonbreaking_prefix.en"
+            folder = Path(sacremoses.__file__).parent / "data" / "nonbreaking_prefixes"
+            path = folder / f"nonbreaking_prefix.{lang}"
+            if not path.exists():
+                path = folder / "nonbreaking_prefix.en"
+        with open(path, encoding="utf-8", newline="\n") as f:
+            lines = list(f)
     out = {}
-    with open(path, encoding="utf-8", newline="\n") as f:
-        for item in f:
-            item = item[:-1] if item.endswith("\n") else item
-            if item and item != "0" and not item.startswith("#"):
-                m = re.match(r"(.*)[\s]+(#NUMERIC_ONLY#)", item)
-                if m:
-                    out[m.group(1)] = 2
-                else:
-                    out[item] = 1
+    for item in lines:
+        item = item[:-1] if item.endswith("\n") else item
+        if item and item != "0" and not item.startswith("#"):
+            m = re.match(r"(.*)[\s]+(#NUMERIC_ONLY#)", item)
+            if m:
+                out[m.group(1)] = 2
+            else:
+                out[item] = 1
     return out
 
 

@@ -126,6 +126,9 @@ def check_numbers(args):
     if args.layers < 1:
         raise ToolError(f"LAYERS {args.layers} is not a number of layers; pass a positive number of layers per stack "
                        "(the paper: 6 or 18)")
+    if args.layers > 1000:  # DeepNorm's deepest model has 1000 layers in all; more is a typo that would exhaust memory
+        raise ToolError(f"LAYERS {args.layers} is more layers per stack than any model trained (DeepNorm: 1000 in "
+                        "all); pass at most 1000 (the paper: 6 or 18)")
     if args.max_tokens < 1:
         raise ToolError(f"--max-tokens {args.max_tokens} is not a positive number of tokens; pass the tokens per GPU batch, "
                        f"e.g. --max-tokens {recipe.MAX_TOKENS} (the paper's)")
