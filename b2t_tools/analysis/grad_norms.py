@@ -351,6 +351,7 @@ def check_args(args):
     outs = [(f, p) for f, p in (("--json", args.json), ("--csv", args.csv), ("--png", args.png)) if p]
     if not outs:
         raise ToolError("nothing to write; pass --json PATH, --csv PATH and/or --png PATH")
+    _check_data(args.data)
     data = Path(args.data).resolve()
     inputs = {Path(c.rpartition("=")[2]).resolve() for c in args.checkpoint or []}
     seen = {}
