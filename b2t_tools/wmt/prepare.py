@@ -496,7 +496,7 @@ def ours(folder, work=None):
     folder = Path(folder)
     if (folder / MARKER).is_file():
         return True
-    key = Stages(work).recorded_key("binarize") if work is not None else None
+    key = Stages(work, STAGES, RECIPE, log).recorded_key("binarize") if work is not None else None
     return isinstance(key, dict) and key.get("dest") == str(folder.resolve())
 
 
