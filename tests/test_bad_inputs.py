@@ -155,6 +155,10 @@ def bad(toy_data_bin, tmp_path_factory):
         ("layers_absurd", "train", train("--encoder-layers", str(10 ** 12), "--no-save"), None),  # never returned
         ("relu_dropout_absurd", "train", train("--relu-dropout", "1e20", "--no-save"), None),
         ("base_layers_one_process", "train", train("--base-layers", "1", "--no-save"), None),
+        ("lenpen_absurd", "generate", [d, "--path", ck, *GEN, "--lenpen", "1e20"], None),
+        ("topk_without_sampling", "generate", [d, "--path", ck, *GEN, "--sampling-topk", "3"], None),
+        ("temperature_0", "generate", [d, "--path", ck, *GEN, "--temperature", "0"], None),
+        ("beam_groups_indivisible", "generate", [d, "--path", ck, *GEN, "--diverse-beam-groups", "3"], None),
         ("full_disk", "train", train("--save-dir", str(tmp / "s4")), "full_disk"),
         ("ctrl_c", "train", train("--no-save"), "ctrl_c"),
     ]
@@ -234,6 +238,10 @@ def test_b2t_train_bad_input(bad, name, words):
     ("generate_max_tokens_1e20", "b2t-generate", ["invalid int value: '1e20'"]),
     ("generate_batch_size_2_to_70", "b2t-generate", [f"--batch-size {2 ** 70}: too large"]),
     ("generate_unequal_sides", "b2t-generate", ["split 'test'", "40 en sentences but 400 de sentences"]),
+    ("lenpen_absurd", "b2t-generate", ["--lenpen 1e+20: at most 100"]),
+    ("topk_without_sampling", "b2t-generate", ["--sampling-topk requires --sampling", "change the flags"]),
+    ("temperature_0", "b2t-generate", ["--temperature must be greater than 0"]),
+    ("beam_groups_indivisible", "b2t-generate", ["--beam to be divisible by the number of groups"]),
 ])
 def test_evaluation_bad_input(bad, name, prog, words):
     error(bad, name, prog, *words)

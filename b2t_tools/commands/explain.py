@@ -171,11 +171,16 @@ def explain(e, prog):
         return f"checkpoint {path} not found; fix --path (separate several checkpoints with ':')"
     if isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)):
         return _explain_out_of_memory(e, prog)
+    if isinstance(e, ValueError) and _explain_value_error(e):
+        return _explain_value_error(e)
+    if isinstance(e, (AssertionError, ValueError)) and re.search(r"(^|\s)--[a-z]", str(e)) and "\n" not in str(e):
+        # fairseq's own checks of flag combinations ("--sampling-topk requires --sampling"): they name the flags
+        return f"{str(e).rstrip('.')}; change the flags it names (see {prog} --help)"
     if isinstance(e, ValueError) and str(e).startswith("Default process group has not been initialized"):
         return ("these flags need a distributed run (torch.distributed is not started; --base-layers does, for one); "
                 "start it with b2t-torchrun-train, or drop the flag")
     if isinstance(e, ValueError):
-        return _explain_value_error(e)
+        return None
     # fairseq re-raises some errors as a plain Exception ("Cannot load model parameters from checkpoint
     # ...; please ensure that the architectures match."): the plugin's own error underneath is the one to show
     for cause in _chain(e):

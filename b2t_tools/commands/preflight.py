@@ -116,6 +116,7 @@ AT_LEAST = {
 AT_MOST = {
     "--seed": (2 ** 32 - 1, "numpy's seeds are 32-bit"),
     "--required-batch-size-multiple": (2 ** 31 - 1, "fairseq's batching code keeps it in a 32-bit integer"),
+    "--lenpen": (100, "scores are divided by length ** lenpen, which overflows; the paper uses 0.6 and 1.0"),
 }
 POSITIVE = {"--lr": ("the learning rate", "the paper uses --lr 0.001 (see recipe.py)")}
 PROBABILITIES = ("--dropout", "--attention-dropout", "--activation-dropout", "--relu-dropout", "--label-smoothing")
