@@ -27,6 +27,7 @@ setup(
             "b2t-generate = b2t_tools.commands.cli:generate",
             "b2t-interactive = b2t_tools.commands.cli:interactive",
             "b2t-validate = b2t_tools.commands.cli:validate",
+            "b2t-eval-lm = b2t_tools.commands.cli:eval_lm",
             "b2t-hydra-train = b2t_tools.commands.cli:hydra_train",
             "b2t-torchrun-train = b2t_tools.commands.torchrun_train:main",
             "b2t-average-checkpoints = b2t_tools.commands.average_checkpoints:main",

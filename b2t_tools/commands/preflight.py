@@ -176,7 +176,7 @@ def check_paths(argv, prog):
         raise ToolError(f"--restore-file {restore} is a folder; pass a checkpoint file in it, such as "
                        f"{os.path.join(restore, 'checkpoint_last.pt')}")
     path = flag_value(argv, "--path")
-    if path and prog.endswith(("generate", "validate", "interactive")):
+    if path and prog.endswith(("generate", "validate", "interactive", "eval-lm")):
         for p in path.split(os.pathsep):
             if os.path.isdir(p):
                 raise ToolError(f"--path {p} is a folder; pass a checkpoint file in it, such as "
