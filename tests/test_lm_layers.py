@@ -24,14 +24,6 @@ DROPOUT = ["--dropout", "0.1", "--attention-dropout", "0.1", "--activation-dropo
 NO_DROPOUT = ["--dropout", "0", "--attention-dropout", "0"]
 
 
-@pytest.fixture(scope="module")
-def lm_dict_dir(tmp_path_factory):
-    """A folder with only dict.txt: enough for fairseq's language_modeling task to build a model."""
-    d = tmp_path_factory.mktemp("lmdict")
-    (d / "dict.txt").write_text("".join(f"w{i} {100 - i}\n" for i in range(40)))
-    return d
-
-
 def build_lm(data, arch, *extra, seed=1):
     """As fairseq-train builds it: argv -> args -> Hydra config (transformer_lm is a dataclass model)."""
     parser = options.get_training_parser()
