@@ -39,6 +39,9 @@ setup(
             "b2t-wmt-train = b2t_tools.wmt.train:main",
             "b2t-wmt-evaluate = b2t_tools.wmt.evaluate:main",
             "b2t-results-table = b2t_tools.wmt.results_table:main",
+            "b2t-lm-prepare = b2t_tools.lm.prepare:main",
+            "b2t-lm-train = b2t_tools.lm.train:main",
+            "b2t-lm-evaluate = b2t_tools.lm.evaluate:main",
         ],
     },
 )

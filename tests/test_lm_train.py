@@ -51,6 +51,7 @@ def test_numpy_is_2_here():
     assert int(numpy.__version__.split(".")[0]) >= 2 and not hasattr(numpy, "compat")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["none", "complete", "complete_doc", "eos"])
 def test_language_modeling_trains_with_every_sample_break_mode(lm_data_bin, tmp_path, mode):
     p = run(["b2t-train", *lm_argv(lm_data_bin, "--sample-break-mode", mode, "--max-update", "3", "--no-save")])
@@ -58,6 +59,7 @@ def test_language_modeling_trains_with_every_sample_break_mode(lm_data_bin, tmp_
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.slow
 def test_lm_trains_and_evaluates_with_both_commands(lm_data_bin, tmp_path):
     save = tmp_path / "ckpt"
     run(["b2t-train", *lm_argv(lm_data_bin, "--sample-break-mode", "none", "--max-update", "20", "--save-dir", save,
