@@ -7,7 +7,7 @@ import random
 
 import numpy
 import pytest
-from helpers import REPO, run, toy_train_argv, train_losses
+from helpers import REPO, assert_one_line_error, run, toy_train_argv, train_losses
 
 _WORDS = "the a cat dog house tree red blue big small runs sees eats and with on".split()
 
@@ -81,3 +81,14 @@ def test_translation_with_batch_buckets_trains(toy_data_bin):
     # LanguagePairDataset's bucketing is where fairseq uses np.compat.long
     p = run(["b2t-train", toy_data_bin, *toy_train_argv("--num-batch-buckets", "4", "--max-update", "2", "--no-save")])
     assert sorted(train_losses(p.stdout + p.stderr)) == [1, 2]
+
+
+@pytest.mark.slow
+def test_lm_bad_input_is_one_line(lm_data_bin, tmp_path):
+    p = run(["b2t-train", *lm_argv(lm_data_bin, "--decoder-normalize-before", "--max-update", "1", "--no-save")],
+            check=False)
+    assert p.returncode == 2
+    assert_one_line_error(p.stderr, "b2t-train", "B2T cannot be combined", "--ln-position pre")
+    p = run(["b2t-eval-lm", lm_data_bin, "--path", tmp_path / "missing.pt", "--cpu"], check=False)
+    assert p.returncode == 2
+    assert_one_line_error(p.stderr, "b2t-eval-lm", "not found")
