@@ -4,7 +4,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import TATOEBA_ZIP, run, write_toy_corpus
+from helpers import TATOEBA_ZIP, run, write_toy_corpus, write_toy_dictionaries
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +16,12 @@ def toy_data_bin(tmp_path_factory):
          "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
          "--destdir", root / "bin", "--joined-dictionary", "--workers", "1"])
     return root / "bin"
+
+
+@pytest.fixture(scope="session")
+def toy_dicts(tmp_path_factory):
+    """A folder with only the toy corpus's joined dictionary: enough to build any model, in-process."""
+    return write_toy_dictionaries(tmp_path_factory.mktemp("toy_dicts"))
 
 
 @pytest.fixture(scope="session")

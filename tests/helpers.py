@@ -58,10 +58,27 @@ TINY = ["--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--encoder
         "--encoder-layers", "3", "--decoder-layers", "2"]
 
 
+def write_toy_dictionaries(folder):
+    """dict.en.txt and dict.de.txt (one joined dictionary) of the toy corpus's words, written in-process:
+    all a model needs to be built, so the model tests need no fairseq-preprocess run."""
+    from fairseq.data import Dictionary
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    d = Dictionary()
+    for w in _EN + list(_DE.values()):
+        d.add_symbol(w)
+    d.finalize(padding_factor=8)  # as fairseq-preprocess pads a joined dictionary
+    for lang in ("en", "de"):
+        d.save(str(folder / f"dict.{lang}.txt"))
+    return folder
+
+
 def parse(data_bin, arch, *extra):
     parser = options.get_training_parser()
     return options.parse_args_and_arch(
-        parser, [str(data_bin), "--task", "translation", "--arch", arch, "--share-all-embeddings", "--cpu", *extra])
+        parser, [str(data_bin), "--task", "translation", "--arch", arch, "--share-all-embeddings", "--cpu",
+                 "--source-lang", "en", "--target-lang", "de", *extra])
 
 
 def build(data_bin, arch, *extra, seed=1):

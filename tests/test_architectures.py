@@ -29,9 +29,9 @@ def test_all_architectures_are_registered():
 
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED))
-def test_architecture_builds_trains_and_decodes(toy_data_bin, arch):
+def test_architecture_builds_trains_and_decodes(toy_dicts, arch):
     ln, enc_layers, dec_layers, dim = EXPECTED[arch]
-    model, task, args = build(toy_data_bin, arch, "--dropout", "0.1")
+    model, task, args = build(toy_dicts, arch, "--dropout", "0.1")
     assert (args.ln_position, len(model.encoder.layers), len(model.decoder.layers)) == (ln, enc_layers, dec_layers)
     assert model.encoder.embed_tokens.embedding_dim == dim
     assert isinstance(model.encoder.layers[0], B2TEncoderLayer) == (ln == "b2t")
@@ -57,8 +57,8 @@ def test_architecture_builds_trains_and_decodes(toy_data_bin, arch):
     assert len(hyps) == 2 and all(len(h) == 2 and h[0]["tokens"][-1] == task.target_dictionary.eos() for h in hyps)
 
 
-def test_depth_flags_override_named_architectures(toy_data_bin):
-    model, _, _ = build(toy_data_bin, "transformer_b2t_18l", "--encoder-layers", "3", "--decoder-layers", "1",
+def test_depth_flags_override_named_architectures(toy_dicts):
+    model, _, _ = build(toy_dicts, "transformer_b2t_18l", "--encoder-layers", "3", "--decoder-layers", "1",
                         "--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
                         "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2")
     assert (len(model.encoder.layers), len(model.decoder.layers)) == (3, 1)
@@ -70,8 +70,8 @@ def test_depth_flags_override_named_architectures(toy_data_bin):
     ("transformer_b2t", ["--ln-position", "pre"], "pre"),
     ("transformer_b2t", ["--ln-position", "post"], "post"),
 ])
-def test_one_flag_switches_the_layer_type(toy_data_bin, arch, flags, ln):
-    model, _, args = build(toy_data_bin, arch, *TINY, *flags)
+def test_one_flag_switches_the_layer_type(toy_dicts, arch, flags, ln):
+    model, _, args = build(toy_dicts, arch, *TINY, *flags)
     assert args.ln_position == ln
     assert (type(model.decoder.layers[0]).__name__ == "B2TDecoderLayer") == (ln == "b2t")
     assert args.encoder_normalize_before == args.decoder_normalize_before == (ln == "pre")
@@ -84,13 +84,13 @@ def test_one_flag_switches_the_layer_type(toy_data_bin, arch, flags, ln):
     ("transformer_b2t", ["--word-dropout-src", "1.5"], "--word-dropout-src"),
     ("transformer_b2t", ["--cross-self-attention"], "--cross-self-attention"),
 ])
-def test_contradictory_flags_are_refused(toy_data_bin, arch, flags, needle):
+def test_contradictory_flags_are_refused(toy_dicts, arch, flags, needle):
     with pytest.raises(B2TConfigError, match=needle):
-        build(toy_data_bin, arch, *TINY, *flags)
+        build(toy_dicts, arch, *TINY, *flags)
 
 
-def test_unknown_ln_position_lists_the_choices(toy_data_bin, capsys):
+def test_unknown_ln_position_lists_the_choices(toy_dicts, capsys):
     with pytest.raises(SystemExit):
-        build(toy_data_bin, "transformer_b2t", "--ln-position", "sandwich")
+        build(toy_dicts, "transformer_b2t", "--ln-position", "sandwich")
     err = capsys.readouterr().err
     assert "invalid choice: 'sandwich'" in err and "'post', 'pre', 'b2t'" in err

@@ -73,9 +73,9 @@ def test_admin_omega_equals_admin_torch(n, scale):
     assert admin_omega(n, scale) == pytest.approx(admin_torch.calculate_init(n, scale), rel=1e-12)
 
 
-def test_admin_omega_is_counted_per_stack_from_its_residual_connections(toy_data_bin):
+def test_admin_omega_is_counted_per_stack_from_its_residual_connections(toy_dicts):
     # TINY: 3 encoder layers (2 residuals each), 2 decoder layers (3 residuals each)
-    model, _, args = build(toy_data_bin, "transformer_admin", *TINY)
+    model, _, args = build(toy_dicts, "transformer_admin", *TINY)
     assert args.admin_omega == "trainable" and args.admin_output_change_scale == "O(logn)"
     enc, dec = model.encoder.layers[0], model.decoder.layers[1]
     ref_enc = admin_torch.as_module(2 * 3, as_parameter=True, embed_dim=32).omega
@@ -105,8 +105,8 @@ def _decoder_inputs():
     return x, enc, enc_pad, causal
 
 
-def test_deepnorm_encoder_layer_follows_the_equations(toy_data_bin):
-    model, _, _ = build(toy_data_bin, "transformer_deepnorm", *TINY, *NO_DROPOUT)
+def test_deepnorm_encoder_layer_follows_the_equations(toy_dicts):
+    model, _, _ = build(toy_dicts, "transformer_deepnorm", *TINY, *NO_DROPOUT)
     model.train()
     layer = model.encoder.layers[1]
     assert isinstance(layer, DeepNormEncoderLayer)
@@ -123,8 +123,8 @@ def test_deepnorm_encoder_layer_follows_the_equations(toy_data_bin):
     assert model.encoder.layer_norm is None
 
 
-def test_deepnorm_decoder_layer_follows_the_equations(toy_data_bin):
-    model, _, _ = build(toy_data_bin, "transformer_deepnorm", *TINY, *NO_DROPOUT)
+def test_deepnorm_decoder_layer_follows_the_equations(toy_dicts):
+    model, _, _ = build(toy_dicts, "transformer_deepnorm", *TINY, *NO_DROPOUT)
     model.train()
     layer = model.decoder.layers[1]
     assert isinstance(layer, DeepNormDecoderLayer)
@@ -158,8 +158,8 @@ def _omega_residual(omega):
 
 
 @pytest.mark.parametrize("perturb", [False, True])
-def test_admin_encoder_layer_equals_admin_torch_residuals(toy_data_bin, perturb):
-    model, _, _ = build(toy_data_bin, "transformer_admin", *TINY, *NO_DROPOUT)
+def test_admin_encoder_layer_equals_admin_torch_residuals(toy_dicts, perturb):
+    model, _, _ = build(toy_dicts, "transformer_admin", *TINY, *NO_DROPOUT)
     model.train()
     layer = model.encoder.layers[1]
     assert isinstance(layer, AdminEncoderLayer)
@@ -178,8 +178,8 @@ def test_admin_encoder_layer_equals_admin_torch_residuals(toy_data_bin, perturb)
 
 
 @pytest.mark.parametrize("perturb", [False, True])
-def test_admin_decoder_layer_equals_admin_torch_residuals(toy_data_bin, perturb):
-    model, _, _ = build(toy_data_bin, "transformer_admin", *TINY, *NO_DROPOUT)
+def test_admin_decoder_layer_equals_admin_torch_residuals(toy_dicts, perturb):
+    model, _, _ = build(toy_dicts, "transformer_admin", *TINY, *NO_DROPOUT)
     model.train()
     layer = model.decoder.layers[1]
     assert isinstance(layer, AdminDecoderLayer)
@@ -199,10 +199,10 @@ def test_admin_decoder_layer_equals_admin_torch_residuals(toy_data_bin, perturb)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_admin_with_unit_omega_is_exactly_post_ln(toy_data_bin):
+def test_admin_with_unit_omega_is_exactly_post_ln(toy_dicts):
     # O(n) gives omega = 1; Admin layers consume the random stream as fairseq's do: same weights
-    post, task, _ = build(toy_data_bin, "transformer_post_ln", *TINY, seed=5)
-    admin, _, _ = build(toy_data_bin, "transformer_admin", *TINY, "--admin-output-change-scale", "O(n)",
+    post, task, _ = build(toy_dicts, "transformer_post_ln", *TINY, seed=5)
+    admin, _, _ = build(toy_dicts, "transformer_admin", *TINY, "--admin-output-change-scale", "O(n)",
                         "--admin-omega", "fixed", seed=5)
     post.load_state_dict({k: v for k, v in admin.state_dict().items() if "residual_scale" not in k}, strict=True)
     post.eval(), admin.eval()
@@ -217,9 +217,9 @@ def _module_of(name):
     return name.split(".")[-2]
 
 
-def test_deepnorm_torchscale_init_divides_exactly_the_intended_tensors(toy_data_bin):
-    post, _, _ = build(toy_data_bin, "transformer_post_ln", *TINY, seed=7)
-    deep, _, args = build(toy_data_bin, "transformer_deepnorm", *TINY, "--deepnorm-reference", "torchscale", seed=7)
+def test_deepnorm_torchscale_init_divides_exactly_the_intended_tensors(toy_dicts):
+    post, _, _ = build(toy_dicts, "transformer_post_ln", *TINY, seed=7)
+    deep, _, args = build(toy_dicts, "transformer_deepnorm", *TINY, "--deepnorm-reference", "torchscale", seed=7)
     assert args.b2t_rescale_init is False
     divisor = {"encoder": math.pow(math.pow(3, 4) * 2, 0.0625) / 1.15, "decoder": math.pow(12.0 * 2, 0.25)}
     p0, p1 = post.state_dict(), deep.state_dict()
@@ -236,13 +236,13 @@ def test_deepnorm_torchscale_init_divides_exactly_the_intended_tensors(toy_data_
     assert "decoder.layers.0.encoder_attn.v_proj.bias" in touched
 
 
-def test_deepnorm_paper_init_is_xavier_normal_with_gain_beta(toy_data_bin):
+def test_deepnorm_paper_init_is_xavier_normal_with_gain_beta(toy_dicts):
     # wide enough for the standard deviations to be estimated within a few percent
     wide = ["--encoder-embed-dim", "256", "--decoder-embed-dim", "256", "--encoder-ffn-embed-dim", "1024",
             "--decoder-ffn-embed-dim", "1024", "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
             "--encoder-layers", "2", "--decoder-layers", "2"]
-    post, _, _ = build(toy_data_bin, "transformer_post_ln", *wide, seed=11)
-    deep, _, args = build(toy_data_bin, "transformer_deepnorm", *wide, seed=11)
+    post, _, _ = build(toy_dicts, "transformer_post_ln", *wide, seed=11)
+    deep, _, args = build(toy_dicts, "transformer_deepnorm", *wide, seed=11)
     assert args.deepnorm_reference == "paper"  # the documented default
     beta = {"encoder": 0.87 * (2 ** 4 * 2) ** (-1 / 16), "decoder": (12 * 2) ** -0.25}
     p0, p1 = post.state_dict(), deep.state_dict()
@@ -275,17 +275,17 @@ def test_deepnorm_paper_init_is_xavier_normal_with_gain_beta(toy_data_bin):
     ("transformer_admin", []),
     ("transformer_admin", ["--admin-omega", "fixed"]),
 ])
-def test_incremental_decoding_equals_full_forward(toy_data_bin, arch, flags):
-    model, task, _ = build(toy_data_bin, arch, *TINY, *flags)
+def test_incremental_decoding_equals_full_forward(toy_dicts, arch, flags):
+    model, task, _ = build(toy_dicts, arch, *TINY, *flags)
     for layer in model.decoder.layers:
         _random_omegas_(layer)  # no-op for DeepNorm
     assert_incremental_equals_full(model, task)
 
 
-def test_admin_keys_are_stock_keys_plus_the_named_omegas(toy_data_bin):
-    stock, _, _ = build(toy_data_bin, "transformer", *TINY)
-    admin, _, _ = build(toy_data_bin, "transformer_admin", *TINY)
-    fixed, _, _ = build(toy_data_bin, "transformer_admin", *TINY, "--admin-omega", "fixed")
+def test_admin_keys_are_stock_keys_plus_the_named_omegas(toy_dicts):
+    stock, _, _ = build(toy_dicts, "transformer", *TINY)
+    admin, _, _ = build(toy_dicts, "transformer_admin", *TINY)
+    fixed, _, _ = build(toy_dicts, "transformer_admin", *TINY, "--admin-omega", "fixed")
     extra = set(admin.state_dict()) - set(stock.state_dict())
     assert set(stock.state_dict()) <= set(admin.state_dict())
     assert len(extra) == 3 * 2 + 2 * 3 and all(k.endswith("_residual_scale") for k in extra)
@@ -295,8 +295,8 @@ def test_admin_keys_are_stock_keys_plus_the_named_omegas(toy_data_bin):
     assert extra <= trainable and not extra & {n for n, _ in fixed.named_parameters()}
 
 
-def test_admin_omegas_learn(toy_data_bin):
-    model, task, _ = build(toy_data_bin, "transformer_admin", *TINY)
+def test_admin_omegas_learn(toy_dicts):
+    model, task, _ = build(toy_dicts, "transformer_admin", *TINY)
     model.train()
     logits, _ = model(*toy_batch(task))
     logits.float().log_softmax(-1).mean().backward()
@@ -311,8 +311,8 @@ def test_admin_omegas_learn(toy_data_bin):
     ("transformer_admin", []),
     ("transformer_admin", ["--admin-omega", "fixed", "--admin-output-change-scale", "O(1)"]),
 ])
-def test_checkpoint_round_trips_through_fairseq(toy_data_bin, tmp_path, arch, flags):
-    model, task, args = build(toy_data_bin, arch, *TINY, *flags, seed=2)
+def test_checkpoint_round_trips_through_fairseq(toy_dicts, tmp_path, arch, flags):
+    model, task, args = build(toy_dicts, arch, *TINY, *flags, seed=2)
     for module in list(model.encoder.layers) + list(model.decoder.layers):
         _random_omegas_(module)  # trained omegas must come back from the file, not from the init
     path = tmp_path / "checkpoint.pt"
@@ -341,17 +341,17 @@ def test_checkpoint_round_trips_through_fairseq(toy_data_bin, tmp_path, arch, fl
     ("transformer_admin", ["--residual-bottom-to-top"], "--residual-bottom-to-top cannot be combined"),
     ("transformer_deepnorm", ["--cross-self-attention"], "--cross-self-attention"),
 ])
-def test_contradictory_flags_are_refused(toy_data_bin, arch, flags, needle):
+def test_contradictory_flags_are_refused(toy_dicts, arch, flags, needle):
     with pytest.raises(B2TConfigError, match=needle):
-        build(toy_data_bin, arch, *TINY, *flags)
+        build(toy_dicts, arch, *TINY, *flags)
 
 
 @pytest.mark.parametrize("flags,attr,value", [
     (["--ln-position", "deepnorm"], "ln_position", "deepnorm"),
     (["--ln-position", "admin"], "ln_position", "admin"),
 ])
-def test_the_one_switch_selects_the_new_types(toy_data_bin, flags, attr, value):
-    model, _, args = build(toy_data_bin, "transformer_post_ln", *TINY, *flags)
+def test_the_one_switch_selects_the_new_types(toy_dicts, flags, attr, value):
+    model, _, args = build(toy_dicts, "transformer_post_ln", *TINY, *flags)
     assert getattr(args, attr) == value
     expected = {"deepnorm": DeepNormEncoderLayer, "admin": AdminEncoderLayer}[value]
     assert all(type(layer) is expected for layer in model.encoder.layers)
@@ -360,7 +360,7 @@ def test_the_one_switch_selects_the_new_types(toy_data_bin, flags, attr, value):
 
 # --- published numbers ----------------------------------------------------------------------------
 
-def test_published_numbers_are_labelled_and_their_flags_select_their_setting(toy_data_bin):
+def test_published_numbers_are_labelled_and_their_flags_select_their_setting(toy_dicts):
     import shlex
 
     from b2t_tools.wmt.published import FLAGS, PUBLISHED
@@ -369,7 +369,7 @@ def test_published_numbers_are_labelled_and_their_flags_select_their_setting(toy
     for label, entry in PUBLISHED.items():
         assert all(entry[k] for k in ("source", "setting", "metric")), label
         assert entry["bleu"] and all(isinstance(v, float) and 0 < v < 100 for v in entry["bleu"].values())
-        args = parse(toy_data_bin, "transformer_post_ln_tiny", *shlex.split(FLAGS[label]))
+        args = parse(toy_dicts, "transformer_post_ln_tiny", *shlex.split(FLAGS[label]))
         scale = "O(1)" if "O(1)" in label else "O(logn)"
         omega = "fixed" if "fixed omega" in label else "trainable"
         assert (args.ln_position, args.admin_output_change_scale, args.admin_omega) == ("admin", scale, omega)

@@ -24,10 +24,10 @@ def _forward_backward(model, batch, seed=123):
     ("transformer_post_ln", []),
     ("transformer_pre_ln", STOCK_PRE),
 ])
-def test_post_and_pre_ln_are_bit_identical_to_stock(toy_data_bin, plugin_arch, stock_flags):
+def test_post_and_pre_ln_are_bit_identical_to_stock(toy_dicts, plugin_arch, stock_flags):
     common = TINY + ["--dropout", "0.1", "--attention-dropout", "0.1", "--activation-dropout", "0.1"]
-    stock, task, _ = build(toy_data_bin, "transformer", *common, *stock_flags)
-    plugin, _, _ = build(toy_data_bin, plugin_arch, *common)
+    stock, task, _ = build(toy_dicts, "transformer", *common, *stock_flags)
+    plugin, _, _ = build(toy_dicts, plugin_arch, *common)
     # same seed, same construction order: fairseq's own layers, so the very same initial weights
     for (ns, ps), (np_, pp) in zip(stock.state_dict().items(), plugin.state_dict().items()):
         assert ns == np_ and torch.equal(ps, pp), ns
@@ -40,9 +40,9 @@ def test_post_and_pre_ln_are_bit_identical_to_stock(toy_data_bin, plugin_arch, s
         assert torch.equal(grads_s[n], grads_p[n]), n
 
 
-def test_b2t_checkpoint_has_exactly_stock_keys(toy_data_bin):
-    stock, _, _ = build(toy_data_bin, "transformer", *TINY)
-    b2t, _, _ = build(toy_data_bin, "transformer_b2t", *TINY)
+def test_b2t_checkpoint_has_exactly_stock_keys(toy_dicts):
+    stock, _, _ = build(toy_dicts, "transformer", *TINY)
+    b2t, _, _ = build(toy_dicts, "transformer_b2t", *TINY)
     assert list(stock.state_dict().keys()) == list(b2t.state_dict().keys())
     assert all(stock.state_dict()[k].shape == v.shape for k, v in b2t.state_dict().items())
     # and a stock checkpoint loads into a B2T model strictly (and vice versa)
@@ -54,8 +54,8 @@ def _ffn(layer, h):
     return layer.fc2(F.relu(layer.fc1(h)))
 
 
-def test_b2t_encoder_layer_follows_the_equations(toy_data_bin):
-    model, _, _ = build(toy_data_bin, "transformer_b2t", *TINY, "--dropout", "0", "--attention-dropout", "0")
+def test_b2t_encoder_layer_follows_the_equations(toy_dicts):
+    model, _, _ = build(toy_dicts, "transformer_b2t", *TINY, "--dropout", "0", "--attention-dropout", "0")
     model.train()  # dropout is 0: training mode must still follow the equations exactly
     layer = model.encoder.layers[1]
     torch.manual_seed(0)
@@ -73,8 +73,8 @@ def test_b2t_encoder_layer_follows_the_equations(toy_data_bin):
     assert model.encoder.layer_norm is None  # no LayerNorm after the stack
 
 
-def test_b2t_decoder_layer_follows_the_equations(toy_data_bin):
-    model, _, _ = build(toy_data_bin, "transformer_b2t", *TINY, "--dropout", "0", "--attention-dropout", "0")
+def test_b2t_decoder_layer_follows_the_equations(toy_dicts):
+    model, _, _ = build(toy_dicts, "transformer_b2t", *TINY, "--dropout", "0", "--attention-dropout", "0")
     model.train()
     layer = model.decoder.layers[1]
     torch.manual_seed(0)
@@ -94,15 +94,15 @@ def test_b2t_decoder_layer_follows_the_equations(toy_data_bin):
 
 
 @pytest.mark.parametrize("arch", ["transformer_post_ln", "transformer_pre_ln", "transformer_b2t"])
-def test_incremental_decoding_equals_full_forward(toy_data_bin, arch):
-    model, task, _ = build(toy_data_bin, arch, *TINY)
+def test_incremental_decoding_equals_full_forward(toy_dicts, arch):
+    model, task, _ = build(toy_dicts, arch, *TINY)
     assert_incremental_equals_full(model, task)
 
 
-def test_rescaled_init_scales_exactly_the_projection_weights(toy_data_bin):
+def test_rescaled_init_scales_exactly_the_projection_weights(toy_dicts):
     # 3 encoder and 2 decoder layers: each stack is scaled by its own depth
-    plain, _, _ = build(toy_data_bin, "transformer_b2t", *TINY, "--no-b2t-rescale-init", seed=7)
-    scaled, _, args = build(toy_data_bin, "transformer_b2t", *TINY, seed=7)
+    plain, _, _ = build(toy_dicts, "transformer_b2t", *TINY, "--no-b2t-rescale-init", seed=7)
+    scaled, _, args = build(toy_dicts, "transformer_b2t", *TINY, seed=7)
     assert args.b2t_rescale_init is True  # the documented default for B2T
     p0, p1 = plain.state_dict(), scaled.state_dict()
     touched = []
@@ -132,14 +132,14 @@ def test_rescaled_init_factors_for_paper_depths(depth, factor):
     assert torch.allclose(layer.fc1.weight, before * got)
 
 
-def test_b2t_without_rescale_starts_from_the_stock_initialization(toy_data_bin):
-    stock, _, _ = build(toy_data_bin, "transformer", *TINY, seed=3)
-    b2t, _, _ = build(toy_data_bin, "transformer_b2t", *TINY, "--no-b2t-rescale-init", seed=3)
+def test_b2t_without_rescale_starts_from_the_stock_initialization(toy_dicts):
+    stock, _, _ = build(toy_dicts, "transformer", *TINY, seed=3)
+    b2t, _, _ = build(toy_dicts, "transformer_b2t", *TINY, "--no-b2t-rescale-init", seed=3)
     for k, v in stock.state_dict().items():
         assert torch.equal(v, b2t.state_dict()[k]), k
 
 
-def test_rescale_init_can_be_asked_for_post_ln_as_an_ablation(toy_data_bin):
-    _, _, default = build(toy_data_bin, "transformer_post_ln", *TINY)
-    _, _, forced = build(toy_data_bin, "transformer_post_ln", *TINY, "--b2t-rescale-init")
+def test_rescale_init_can_be_asked_for_post_ln_as_an_ablation(toy_dicts):
+    _, _, default = build(toy_dicts, "transformer_post_ln", *TINY)
+    _, _, forced = build(toy_dicts, "transformer_post_ln", *TINY, "--b2t-rescale-init")
     assert default.b2t_rescale_init is False and forced.b2t_rescale_init is True

@@ -34,8 +34,8 @@ def test_word_dropout_function_zeroes_whole_rows_without_rescaling():
     assert _rate_ok(zero_rows[:, 1:].sum().item(), zero_rows[:, 1:].numel())
 
 
-def test_encoder_word_dropout_in_training_only(toy_data_bin):
-    model, task, _ = build(toy_data_bin, "transformer_b2t", *NOPOS)
+def test_encoder_word_dropout_in_training_only(toy_dicts):
+    model, task, _ = build(toy_dicts, "transformer_b2t", *NOPOS)
     src = _tokens(task)
     model.train()
     x, embed = model.encoder.forward_embedding(src)
@@ -49,8 +49,8 @@ def test_encoder_word_dropout_in_training_only(toy_data_bin):
     assert torch.equal(x_eval, reference)
 
 
-def test_decoder_word_dropout_spares_first_position_and_eval(toy_data_bin):
-    model, task, _ = build(toy_data_bin, "transformer_b2t", *NOPOS)
+def test_decoder_word_dropout_spares_first_position_and_eval(toy_dicts):
+    model, task, _ = build(toy_dicts, "transformer_b2t", *NOPOS)
     prev = _tokens(task, seed=1)
     seen = {}
     hook = model.decoder.layers[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0]))
@@ -70,8 +70,8 @@ def test_decoder_word_dropout_spares_first_position_and_eval(toy_data_bin):
     hook.remove()
 
 
-def test_paper_18_layer_architectures_default_to_word_dropout(toy_data_bin):
-    _, _, deep = build(toy_data_bin, "transformer_b2t_18l", "--encoder-layers", "1", "--decoder-layers", "1")
-    _, _, shallow = build(toy_data_bin, "transformer_b2t", "--encoder-layers", "1", "--decoder-layers", "1")
+def test_paper_18_layer_architectures_default_to_word_dropout(toy_dicts):
+    _, _, deep = build(toy_dicts, "transformer_b2t_18l", "--encoder-layers", "1", "--decoder-layers", "1")
+    _, _, shallow = build(toy_dicts, "transformer_b2t", "--encoder-layers", "1", "--decoder-layers", "1")
     assert (deep.word_dropout_src, deep.word_dropout_tgt, deep.dropout) == (0.1, 0.1, 0.5)
     assert (shallow.word_dropout_src, shallow.word_dropout_tgt, shallow.dropout) == (0.0, 0.0, 0.3)

@@ -17,12 +17,13 @@ import random
 import re
 import shutil
 import sys
-import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
 
+from ..download import fetch
 from ..errors import ToolError
+from ..stages import Stages
 from ..util import file_digest as util_file_digest
 from ..util import write_json
 from . import children
@@ -30,6 +31,7 @@ from . import children
 DEFAULT_URL = "https://www.manythings.org/anki/deu-eng.zip"
 SPLITS = ("train", "valid", "test")
 LANGS = ("en", "de")
+DATA_VERSION = "tatoeba-data/2"  # bump when the preparation changes: every cached stage is rebuilt
 
 
 def find_corpus(corpus=None, cache_dir=None, log=print):
@@ -49,24 +51,24 @@ def find_corpus(corpus=None, cache_dir=None, log=print):
 
 
 def download(cache_dir, log=print, timeout=15):
-    """Fetch the current deu-eng.zip (URL overridable with $B2T_TATOEBA_URL for tests and mirrors)."""
+    """Fetch the current deu-eng.zip (URL overridable with $B2T_TATOEBA_URL for tests and mirrors); an
+    interrupted download resumes (download.fetch)."""
     url = os.environ.get("B2T_TATOEBA_URL", DEFAULT_URL)
     dest = cache_dir / "download" / "deu-eng.zip"
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     log(f"downloading {url} (no --corpus and no B2T_TATOEBA_ZIP given)")
-    part = dest.with_suffix(".zip.part")
+    part = dest.with_name(dest.name + ".partial")
     try:
-        req = urllib.request.Request(url, headers={"User-Agent": "b2t-fairseq-demo/0.1"})
-        with urllib.request.urlopen(req, timeout=timeout) as r, open(part, "wb") as f:
-            shutil.copyfileobj(r, f)
+        fetch(url, part, log=log, timeout=timeout)
         zipfile.ZipFile(part).testzip()
     except Exception as e:  # network down, HTTP error, not a zip: all the same fix
-        part.unlink(missing_ok=True)
+        if not isinstance(e, ToolError):  # a short read keeps the partial file to resume; a bad zip does not
+            part.unlink(missing_ok=True)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ToolError(f"could not download the Tatoeba corpus from {url} ({reason}); pass --corpus PATH/deu-eng.zip "
-                       "or set B2T_TATOEBA_ZIP to a local copy") from None
+                        "or set B2T_TATOEBA_ZIP to a local copy") from None
     os.replace(part, dest)
     return dest
 
@@ -145,13 +147,12 @@ def _write_lines(path, lines):
 
 
 def _step(final, make):
-    """Run make(tmp) into a temporary sibling of final, then rename it into place (once)."""
+    """make(tmp) into a temporary sibling of final, then rename it into place: final is whole or absent."""
     final = Path(final)
-    if final.exists():
-        return final
     tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    for old in (tmp, final):
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     make(tmp)
     os.replace(tmp, final)
     return final
@@ -260,18 +261,28 @@ def prepare(zip_path, cache_dir, *, vocab_size=4000, n_valid=1000, n_test=1000, 
         log(f"data: reusing {root}")
         return root
     root.mkdir(parents=True, exist_ok=True)
-    if not (root / "raw").exists():
+    stages = Stages(root, ("raw", "spm", "bin"), DATA_VERSION, log=lambda m: None)
+
+    def raw():
         log(f"data: splitting {zip_path} (grouped by English sentence)")
         pairs = read_pairs(zip_path)
         splits = split_pairs(pairs, n_valid, n_test, max_train, seed)
         check_splits(zip_path, pairs, splits, n_valid, n_test)
         _step(root / "raw", _make_raw(splits))
-    if not (root / "spm").exists():
+
+    def spm():
         log(f"data: learning a joint sentencepiece vocabulary ({vocab_size}) on train")
         _step(root / "spm", _make_spm(root / "raw", vocab_size, seed))
-    if not (root / "bin").exists():
+
+    def binarize():
         log("data: binarizing with fairseq-preprocess --joined-dictionary")
         _step(root / "bin", _make_bin(root / "spm"))
+
+    # the folder's name already holds every option; the keys chain the stages, so a rebuilt one reruns the rest
+    prev = stages.run("raw", [root / "raw"], raw, key={"corpus": digest, "n_valid": n_valid, "n_test": n_test,
+                                                        "max_train": max_train, "seed": seed})
+    prev = stages.run("spm", [root / "spm"], spm, key={"after": prev, "vocab_size": vocab_size})
+    stages.run("bin", [root / "bin"], binarize, key={"after": prev})
     counts = {s: sum(1 for _ in open(root / "raw" / f"{s}.en", encoding="utf-8")) for s in SPLITS}
     meta = {"zip": str(zip_path), "zip_sha256_16": digest, "pairs": counts, "vocab_size": vocab_size,
             "seed": seed, "unigram_valid_xent_bits": unigram_xent_bits(root / "spm")}

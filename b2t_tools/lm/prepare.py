@@ -11,7 +11,6 @@ Then train with ``b2t-lm-train`` and evaluate with ``b2t-lm-evaluate``. This mod
 """
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -20,10 +19,11 @@ import zipfile
 from pathlib import Path
 
 from ..commands import run_command
+from ..download import fetch
 from ..errors import ToolError
-from ..util import atomic_open, file_digest, json_digest
+from ..stages import Stages
+from ..util import atomic_open, file_digest
 from ..util import log as util_log
-from ..wmt.prepare import fetch
 
 PROG = "b2t-lm-prepare"
 URL = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip"  # fairseq's prepare-wikitext-103.sh
@@ -41,36 +41,6 @@ def log(msg):
 
 def _sizes(paths):
     return {str(p): Path(p).stat().st_size for p in paths}
-
-
-class Stages:
-    """WORK/.stages/NAME.json: done when it records the same key and its outputs keep their sizes."""
-
-    def __init__(self, work):
-        self.dir = Path(work) / ".stages"
-
-    def done(self, name, key):
-        try:
-            record = json.loads((self.dir / f"{name}.json").read_text())
-        except (OSError, ValueError):
-            return False
-        return record.get("key") == key and all(Path(p).is_file() and Path(p).stat().st_size == n
-                                                for p, n in record.get("outputs", {}).items())
-
-    def run(self, name, outputs, fn, key, force=False):
-        key = dict(key, recipe=RECIPE)
-        if not force and self.done(name, key):
-            log(f"{name}: complete, skipped")
-            return json_digest(key)
-        for later in STAGES[STAGES.index(name):]:
-            (self.dir / f"{later}.json").unlink(missing_ok=True)
-        log(f"{name}: running")
-        fn()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with atomic_open(self.dir / f"{name}.json") as f:
-            json.dump({"key": key, "outputs": _sizes(outputs)}, f, indent=1)
-        log(f"{name}: done")
-        return json_digest(key)
 
 
 def verify(path, md5):
@@ -102,7 +72,7 @@ def download(work, url, md5):
         return dest, verify(dest, md5)
     partial = ddir / (ARCHIVE + ".partial")
     log(f"download: {url}")
-    fetch(url, partial)  # a short read keeps the partial file, so the next run resumes it
+    fetch(url, partial, alternative="--url", log=log)  # a short read keeps the partial file: the next run resumes
     try:
         got = verify(partial, md5)
     except ToolError:
@@ -155,14 +125,14 @@ def prepare(args):
     work, dest = Path(args.work), Path(args.dest)
     text_dir = work / "wikitext-103"
     texts = [text_dir / f"wiki.{s}.tokens" for s in SPLITS]
-    stages = Stages(work)
+    stages = Stages(work, STAGES, RECIPE, log=log)
     archive = work / "downloads" / ARCHIVE
     found = {}
 
     def get():
         found["archive"], found["md5"] = download(work, args.url, args.md5)
 
-    prev = stages.run("download", [archive], get, key={"md5": args.md5}, force=args.force)
+    prev = stages.run("download", [archive], get, force=args.force, key={"md5": args.md5})
     if "archive" not in found:
         found["archive"] = archive
     prev = stages.run("extract", texts, lambda: extract(found["archive"], text_dir), force=args.force,

@@ -30,15 +30,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import urllib.error
-import urllib.request
 from multiprocessing import Pool
 from pathlib import Path
 
 from ..commands import run_command
+from ..download import fetch as _fetch
 from ..errors import ToolError
+from ..stages import Stages
 from ..util import atomic_open, file_digest
-from ..util import json_digest as digest
 from ..util import log as util_log
 from . import BPE_MERGES, TEST_YEAR, VALID_YEAR, YEARS
 
@@ -91,52 +90,6 @@ def fingerprint(paths):
         st = Path(p).stat()
         out[str(p)] = [st.st_size, st.st_mtime_ns]
     return out
-
-
-class Stages:
-    """Markers in WORK/.stages. A stage is done when its marker exists, records the same key (the recipe version,
-    the stage's options, its inputs' sizes and times, the key of the stage before) and its outputs still
-    have the recorded sizes. Running a stage removes the markers of the later ones."""
-
-    def __init__(self, work):
-        self.dir = Path(work) / ".stages"
-
-    def done(self, name, key=None):
-        marker = self.dir / f"{name}.json"
-        if not marker.exists():
-            return False
-        try:
-            record = json.loads(marker.read_text())
-        except ValueError:
-            return False
-        if key is not None and record.get("key") != key:
-            return False
-        return all(Path(p).exists() and (Path(p).is_dir() or Path(p).stat().st_size == n)
-                   for p, n in record.get("outputs", {}).items())
-
-    def recorded_key(self, name):
-        try:
-            return json.loads((self.dir / f"{name}.json").read_text()).get("key")
-        except (OSError, ValueError):
-            return None
-
-    def run(self, name, outputs, fn, force=False, key=None):
-        key = dict(key or {}, recipe=RECIPE)
-        if not force and self.done(name, key):
-            log(f"{name}: complete, skipped")
-            return digest(key)
-        if (self.dir / f"{name}.json").exists() and not force:
-            log(f"{name}: options or inputs changed since it was built; running it again")
-        for later in STAGES[STAGES.index(name):]:
-            (self.dir / f"{later}.json").unlink(missing_ok=True)
-        log(f"{name}: running")
-        fn()
-        sizes = {str(p): (0 if Path(p).is_dir() else Path(p).stat().st_size) for p in outputs}
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with atomic_open(self.dir / f"{name}.json") as f:
-            json.dump({"key": key, "outputs": sizes}, f, indent=1)
-        log(f"{name}: done")
-        return digest(key)
 
 
 # --- download ---------------------------------------------------------------------------------
@@ -211,40 +164,8 @@ def verify(path, name, expected):
 
 
 def fetch(url, dest):
-    """Stream url into dest (a .partial file). When dest already holds the start of the file (an interrupted
-    download), ask for the rest with an HTTP Range request: a 206 answer starting at that byte is appended; any
-    other answer (the server or scheme ignores Range) rewrites the file from the start. A short read (fewer
-    bytes than announced) keeps what arrived, so the next run resumes, and is an error. Returns whether it resumed."""
-    dest = Path(dest)
-    name = dest.name[:-len(".partial")] if dest.name.endswith(".partial") else dest.name
-    have = dest.stat().st_size if dest.exists() else 0
-    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    resumed = False
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            status = getattr(r, "status", None)
-            crange = r.headers.get("Content-Range") or ""
-            resumed = have > 0 and status == 206 and crange.startswith(f"bytes {have}-")
-            if have and not resumed:
-                log(f"{name}: the server sent the whole file (no resume); starting again from byte 0")
-            elif resumed:
-                log(f"{name}: resuming at byte {have}")
-            expected = r.headers.get("Content-Length")
-            with open(dest, "ab" if resumed else "wb") as out:
-                start = out.tell()
-                shutil.copyfileobj(r, out, 1 << 20)
-                got = out.tell() - start
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # the partial file already holds every byte: let the checksum decide
-            return True
-        raise ToolError(f"download of {url} failed ({e}); check the URL, or use --mirror/--url, or put the "
-                       f"file at {dest.with_suffix('')} yourself") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise ToolError(f"download of {url} failed ({e}); check the network, or use --mirror/--url, or put the "
-                       f"file at {dest.with_suffix('')} yourself; a re-run resumes it") from None
-    if expected is not None and int(expected) != got:
-        raise ToolError(f"download of {name} is short ({got} of {expected} bytes); re-run to resume it")
-    return resumed
+    """download.fetch with prepare's alternatives in its messages."""
+    return _fetch(url, dest, alternative="use --mirror/--url", log=log)
 
 
 def download_all(work, urls, sums_file=None):
@@ -607,7 +528,7 @@ def prepare(args):
     work, dest = Path(args.work), Path(args.dest)
     google = work / "google"
     google.mkdir(parents=True, exist_ok=True)
-    stages = Stages(work)
+    stages = Stages(work, STAGES, RECIPE, log)
     m = args.bpe_merges
     if args.google_archive:
         archive = Path(args.google_archive)
