@@ -2,6 +2,7 @@
 language_modeling with every --sample-break-mode on a freshly binarized corpus, b2t-eval-lm and
 fairseq-eval-lm with --context-window, and translation with --num-batch-buckets (the numpy repair)."""
 
+import json
 import math
 import random
 
@@ -92,3 +93,19 @@ def test_lm_bad_input_is_one_line(lm_data_bin, tmp_path):
     p = run(["b2t-eval-lm", lm_data_bin, "--path", tmp_path / "missing.pt", "--cpu"], check=False)
     assert p.returncode == 2
     assert_one_line_error(p.stderr, "b2t-eval-lm", "not found")
+
+
+@pytest.mark.slow
+def test_grad_norms_measure_decoder_only_models(lm_data_bin, tmp_path, capsys):
+    from b2t_tools.analysis import grad_norms
+
+    out = tmp_path / "gn.json"
+    assert grad_norms.main([str(lm_data_bin), "--arch", "post_ln", "--arch", "b2t", "--layers", "3", "--batches", "1",
+                            "--max-tokens", "128", "--json", str(out), "--png", str(tmp_path / "gn.png")]) in (0, None)
+    res = json.loads(out.read_text())
+    assert set(res) == {"post_ln", "b2t"}
+    for name, r in res.items():
+        assert r["arch"] == f"transformer_lm_{name}_tiny" and r["layers"] == {"decoder": 3} and "encoder" not in r
+        assert len(r["decoder"]) == 3 and all(math.isfinite(v) and v > 0 for v in r["decoder"])
+    assert res["b2t"]["decoder"] != res["post_ln"]["decoder"]  # two different layer types were measured
+    assert "encoder" not in capsys.readouterr().out

@@ -64,7 +64,7 @@ def _check_data(data):
                        "fairseq-preprocess wrote (b2t-demo keeps it under its cache folder, in bin/)")
 
 
-def build_fresh(data, arch, layers=None, model_args=(), seed=1):
+def build_fresh(data, arch, layers=None, model_args=(), seed=1, max_tokens=2048):
     """(task, model, criterion) for --arch at fresh initialization, parsed as b2t-train would."""
     import torch
     from fairseq import options, tasks
@@ -74,7 +74,8 @@ def build_fresh(data, arch, layers=None, model_args=(), seed=1):
         from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
         argv = [str(data), "--task", "language_modeling", "--arch", arch, "--cpu", "--seed", str(seed),
-                "--criterion", "cross_entropy"] + (["--decoder-layers", str(layers)] if layers else [])
+                "--criterion", "cross_entropy", "--tokens-per-sample", str(min(512, max_tokens))]
+        argv += ["--decoder-layers", str(layers)] if layers else []  # blocks fit in a batch of max_tokens
         args = options.parse_args_and_arch(options.get_training_parser(), argv + list(model_args))
         cfg = convert_namespace_to_omegaconf(args)  # as fairseq-train: transformer_lm is a dataclass model
         torch.manual_seed(seed)
@@ -205,7 +206,7 @@ def run_models(data, specs, *, layers=None, model_args=(), k=4, max_tokens=2048,
         if ckpt:
             task, model, crit = load_checkpoint(ckpt, data)
         else:
-            task, model, crit = build_fresh(data, arch, layers, model_args, seed)
+            task, model, crit = build_fresh(data, arch, layers, model_args, seed, max_tokens)
         model = model.float()
         res = measure(model, crit, batches(task, split, k, max_tokens, seed))
         res.update({"source": str(ckpt) if ckpt else "fresh init", "arch": arch or getattr(model.cfg, "arch", None),
@@ -337,8 +338,8 @@ def run(argv):
     if args.png:
         plot(results, args.png, args.title or default_title(results))
     for name, res in results.items():
-        print(f"{name}: decoder lowest/top-3 grad-norm ratio {bottom_top_ratio(res['decoder']):.3g}, "
-              f"encoder {bottom_top_ratio(res['encoder']):.3g}")
+        enc = f", encoder {bottom_top_ratio(res['encoder']):.3g}" if "encoder" in res else ""  # none in an LM
+        print(f"{name}: decoder lowest/top-3 grad-norm ratio {bottom_top_ratio(res['decoder']):.3g}{enc}")
 
 
 def main(argv=None):
