@@ -76,6 +76,11 @@ def test_lm_trains_and_evaluates_with_both_commands(lm_data_bin, tmp_path):
     # both load the checkpoint as B2T (not stock Post-LN) and so agree; the model learned something
     assert ppl["b2t-eval-lm"] == ppl["fairseq-eval-lm"]
     assert math.isfinite(ppl["b2t-eval-lm"]) and ppl["b2t-eval-lm"] < 21  # the vocabulary: 16 words + specials
+    # b2t-grad-norms (and the demo's trained panel) on the trained decoder-only checkpoint
+    from b2t_tools.analysis import grad_norms
+
+    res = grad_norms.run_models(lm_data_bin, [("b2t", None, ckpt)], k=1, max_tokens=128)["b2t"]
+    assert res["ln_position"] == "b2t" and res["layers"] == {"decoder": 2} and "encoder" not in res
 
 
 def test_translation_with_batch_buckets_trains(toy_data_bin):

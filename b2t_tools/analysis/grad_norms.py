@@ -209,8 +209,9 @@ def run_models(data, specs, *, layers=None, model_args=(), k=4, max_tokens=2048,
             task, model, crit = build_fresh(data, arch, layers, model_args, seed, max_tokens)
         model = model.float()
         res = measure(model, crit, batches(task, split, k, max_tokens, seed))
-        res.update({"source": str(ckpt) if ckpt else "fresh init", "arch": arch or getattr(model.cfg, "arch", None),
-                    "ln_position": getattr(model.cfg, "ln_position", None) if hasattr(model, "cfg") else None,
+        cfg = getattr(model, "cfg", None)  # a translation model's config; fairseq's LMs keep none
+        res.update({"source": str(ckpt) if ckpt else "fresh init", "arch": arch or getattr(cfg, "arch", None),
+                    "ln_position": getattr(cfg, "ln_position", None) if cfg is not None else layer_types.of_model(model),
                     "layers": {side: len(getattr(model, side).layers) for side in ("encoder", "decoder")
                                if getattr(model, side, None) is not None},
                     "batches": k, "split": split})
