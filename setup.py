@@ -27,6 +27,7 @@ setup(
             "b2t-generate = b2t_tools.commands.cli:generate",
             "b2t-interactive = b2t_tools.commands.cli:interactive",
             "b2t-validate = b2t_tools.commands.cli:validate",
+            "b2t-eval-lm = b2t_tools.commands.cli:eval_lm",
             "b2t-hydra-train = b2t_tools.commands.cli:hydra_train",
             "b2t-torchrun-train = b2t_tools.commands.torchrun_train:main",
             "b2t-average-checkpoints = b2t_tools.commands.average_checkpoints:main",
@@ -38,6 +39,9 @@ setup(
             "b2t-wmt-train = b2t_tools.wmt.train:main",
             "b2t-wmt-evaluate = b2t_tools.wmt.evaluate:main",
             "b2t-results-table = b2t_tools.wmt.results_table:main",
+            "b2t-lm-prepare = b2t_tools.lm.prepare:main",
+            "b2t-lm-train = b2t_tools.lm.train:main",
+            "b2t-lm-evaluate = b2t_tools.lm.evaluate:main",
         ],
     },
 )

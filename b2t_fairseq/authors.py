@@ -1,4 +1,6 @@
-"""The authors' fairseq-0.9 fork (github.com/takase/b2t_connection): their checkpoints as transformer_b2t ones.
+"""The authors' fairseq-0.9 fork (github.com/takase/b2t_connection): their checkpoints as transformer_b2t ones
+(translation) and transformer_lm_b2t ones (their transformer_lm, whose layers are their decoder layers
+without cross-attention).
 
 Used by the checkpoint repair in patches/checkpoint_load.py (every fairseq load converts such a file on the fly) and by
 ``b2t-import-checkpoint`` (commands/import_checkpoint.py, which writes a converted copy); the module
@@ -23,6 +25,10 @@ FORK_ONLY_ARGS = {
     "stop_relu_dropout_update": 0, "represent_length_by_lrpe": False, "represent_length_by_ldpe": False,
     "ordinary_sinpos": False,
 }
+# the fork's transformer_lm options (fairseq/models/transformer_lm.py there) and their defaults; the fork
+# defines them but its layers never read them. A checkpoint that sets one is refused rather than guessed at
+FORK_LM_ARGS = {"residual_max_updates": (-1, None), "no_inner_layer_norm": (False, None),
+                "decay_inner_residual": (False, -1, None)}
 # fork options that change the computed function and have no transformer_b2t equivalent
 UNCONVERTIBLE = {
     "no_layer_norm": "--no-layer-norm (the scaled-residual variant without LayerNorm)",
@@ -35,6 +41,8 @@ SAMPLING_METHODS = ("none", "worddrop", "similarity", "uniform", "condprob", "wo
                     "worddrop_with_sim_enc_drop", "worddrop_with_uni", "worddrop_with_uni_enc_drop")
 # stock fairseq architectures of the translation transformer, whose sizes the saved args carry
 STOCK_TRANSFORMER_MODELS = ("transformer",)
+STOCK_LM_MODELS = ("transformer_lm",)  # fairseq's decoder-only model: converted to transformer_lm_b2t
+OUR_MODELS = ("transformer_b2t", "transformer_lm_b2t")
 FORK_DECODER_POSITIONS = "decoder.embed_positions_original."
 
 
@@ -50,10 +58,11 @@ def is_fork_checkpoint(state):
     args = state.get("args") if isinstance(state, dict) else None
     if not isinstance(args, argparse.Namespace):
         return False
-    if _arch_model(getattr(args, "arch", None)) == "transformer_b2t":
+    if _arch_model(getattr(args, "arch", None)) in OUR_MODELS:
         return False
     model = state.get("model") or {}
-    return (any(hasattr(args, k) for k in FORK_ONLY_ARGS) or bool(getattr(args, "residual_bottom_to_top", False))
+    return (any(hasattr(args, k) for k in list(FORK_ONLY_ARGS) + list(FORK_LM_ARGS))
+            or bool(getattr(args, "residual_bottom_to_top", False))
             or any(str(k).startswith(FORK_DECODER_POSITIONS) for k in model))
 
 
@@ -77,26 +86,38 @@ def convert_args(args, where="checkpoint", init=None):
     arch = getattr(args, "arch", None)
     model = _arch_model(arch)
     b2t = bool(getattr(args, "residual_bottom_to_top", False))
-    if model not in STOCK_TRANSFORMER_MODELS:
+    lm = model in STOCK_LM_MODELS
+    if model not in STOCK_TRANSFORMER_MODELS and not lm:
         what = "a B2T " if b2t else ""
         kind = f"model '{model}'" if model else "an architecture fairseq 0.12 does not know"
         raise B2TError(f"{where} is {what}a '{arch}' model of the authors' fork ({kind}); {PROG} converts "
-                       "the translation transformer (transformer_wmt_en_de and its relatives) only: decode it with "
-                       "the authors' fairseq-0.9 fork")
+                       "the translation transformer (transformer_wmt_en_de and its relatives) and the language "
+                       "model (transformer_lm and its relatives) only: use it with the authors' fairseq-0.9 fork")
+    ours = "transformer_lm_b2t" if lm else "transformer_b2t"
     for key, label in UNCONVERTIBLE.items():
         if getattr(args, key, None):
-            raise B2TError(f"{where} was trained with the authors' {label}, which transformer_b2t does not "
-                           f"implement, so {PROG} cannot convert it; decode it with the authors' fairseq-0.9 fork")
+            raise B2TError(f"{where} was trained with the authors' {label}, which {ours} does not "
+                           f"implement, so {PROG} cannot convert it; use it with the authors' fairseq-0.9 fork")
+    for key, defaults in FORK_LM_ARGS.items():
+        value = getattr(args, key, None)
+        if not any(value is d or (d is not None and value == d and type(value) is type(d)) for d in defaults):
+            raise B2TError(f"{where} was trained with the authors' --{key.replace('_', '-')} {value}, which {ours} "
+                           f"does not implement, so {PROG} cannot convert it; use it with the authors' fairseq-0.9 fork")
     ln = _layer_type(args, where)
     new = argparse.Namespace(**vars(args))
     method = getattr(args, "sampling_method", "none") or "none"
     if method not in SAMPLING_METHODS:
         raise B2TError(f"{where} has an unknown --sampling-method '{method}'; {PROG} knows {', '.join(SAMPLING_METHODS)}")
+    if lm and method != "none":
+        raise B2TError(f"{where} is a language model trained with the authors' --sampling-method {method}, which "
+                       f"transformer_lm_b2t does not implement, so {PROG} cannot convert it; use it with the authors' "
+                       "fairseq-0.9 fork")
     enc_p = float(getattr(args, "enc_replace_rate", 0.0) or 0.0)
     dec_p = float(getattr(args, "dec_replace_rate", 0.0) or 0.0)
     new.word_dropout_src, new.word_dropout_tgt = (enc_p, dec_p) if method == "worddrop" else (0.0, 0.0)
     deep = min(getattr(args, "encoder_layers", 6), getattr(args, "decoder_layers", 6)) >= 18
-    new.arch = layer_types.BY_KEY[ln].family + ("_18l" if deep else "")
+    # the LM's sizes are all in its saved args: the architecture name only labels the layer type
+    new.arch = layer_types.BY_KEY[ln].lm_family if lm else layer_types.BY_KEY[ln].family + ("_18l" if deep else "")
     new.ln_position = ln
     new.residual_bottom_to_top = ln == "b2t"
     new.encoder_normalize_before = new.decoder_normalize_before = ln == "pre"
@@ -113,7 +134,7 @@ def convert_args(args, where="checkpoint", init=None):
             note.append("(training-only perturbation, not converted: word dropout off)")
     note.append(f"init recorded as {init} code")
     new.b2t_imported_from = "takase/b2t_connection (fairseq 0.9): " + ", ".join(note)
-    for key in list(FORK_ONLY_ARGS) + ["layer_wise_attention"]:
+    for key in list(FORK_ONLY_ARGS) + list(FORK_LM_ARGS) + ["layer_wise_attention"]:
         if hasattr(new, key):
             delattr(new, key)
     return new

@@ -177,6 +177,20 @@ class DeepNormDecoderLayer(TransformerDecoderLayerBase):
         return self.deepnorm_alpha * residual + x
 
 
+def deepnorm_lm_constants(layers: int) -> Dict[str, float]:
+    """alpha and beta of DeepNorm for a decoder-only N-layer model (the DeepNet paper's decoder-only
+    column; microsoft/torchscale's decoder without an encoder): alpha = (2N)^(1/4), beta = (8N)^(-1/4)."""
+    return {"alpha": (2 * layers) ** 0.25, "beta": (8 * layers) ** -0.25}
+
+
+class DeepNormLMLayer(DeepNormDecoderLayer):
+    """A decoder-only layer (no cross-attention): two residuals, each up-weighted by alpha = (2N)^(1/4)."""
+
+    def __init__(self, cfg, no_encoder_attn=True):
+        super().__init__(cfg, no_encoder_attn)
+        self.deepnorm_alpha = deepnorm_lm_constants(cfg.decoder.layers)["alpha"]
+
+
 # the sub-modules whose weights DeepNorm initializes with gain beta (both attentions of a decoder layer)
 DEEPNORM_BETA_MODULES = ("fc1", "fc2", "v_proj", "out_proj")
 DEEPNORM_UNIT_GAIN_MODULES = ("q_proj", "k_proj")

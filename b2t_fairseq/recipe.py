@@ -62,3 +62,42 @@ def optimizer_argv(lr=None, warmup=None):
 # the CPU-sized models of the tests, the demo and `_tiny` architectures
 TINY = {"embed_dim": 64, "ffn_embed_dim": 128, "attention_heads": 4, "layers": 2, "dropout": 0.1}
 
+
+
+# --- decoder-only language models (transformer_lm_b2t.py, b2t_tools/lm) -------------------------
+# The paper reports no language-model runs, so the LM recipe is fairseq's own WikiText-103 recipe
+# (fairseq examples/language_model/README.md, "Train a language model"): transformer_lm
+# (6 x 512, ffn 2048, 8 heads), shared input/output embeddings, Adam, inverse_sqrt.
+
+LM_DEEP = 16  # the deep setting: the depth of fairseq's transformer_lm_wiki103 (Baevski & Auli 2019)
+LM_DEPTHS = (6, LM_DEEP)
+
+LM_OPTIMIZATION = [
+    ("--share-decoder-input-output-embed", None), ("--dropout", "0.1"),
+    ("--optimizer", "adam"), ("--adam-betas", "(0.9, 0.98)"), ("--weight-decay", "0.01"), ("--clip-norm", "0.0"),
+    ("--lr", "0.0005"), ("--lr-scheduler", "inverse_sqrt"), ("--warmup-updates", "4000"),
+    ("--warmup-init-lr", "1e-07"),
+]
+LM_TOKENS_PER_SAMPLE = 512
+LM_MAX_TOKENS = 2048
+LM_TOKENS_PER_UPDATE = LM_MAX_TOKENS * 2 * 16  # fairseq's README: 2 GPUs x --update-freq 16
+LM_MAX_UPDATE = 50000
+# evaluation, fairseq's README: each scored token sees 400 tokens of context within 512-token windows
+LM_EVAL = [("--batch-size", "2"), ("--tokens-per-sample", str(LM_TOKENS_PER_SAMPLE)), ("--context-window", "400")]
+# published perplexity for the 6-layer recipe: fairseq examples/language_model/README.md (test, fairseq-eval-lm
+# with LM_EVAL); no published number for 16 layers at this width, nor for any B2T language model
+LM_PUBLISHED = {6: {"layer_type": "not stated", "test_ppl": 30.46,
+                    "source": "fairseq examples/language_model/README.md"}}
+
+
+def lm_flags(layers):
+    """The WikiText-103 training flags for this depth (the layer type comes from --arch)."""
+    return list(LM_OPTIMIZATION) + [
+        ("--task", "language_modeling"), ("--tokens-per-sample", str(LM_TOKENS_PER_SAMPLE)),
+        ("--sample-break-mode", "none"), ("--max-tokens", str(LM_MAX_TOKENS)),
+        ("--max-update", str(LM_MAX_UPDATE)), ("--decoder-layers", str(layers)), ("--seed", "1")]
+
+
+# the CPU-sized language models of the tests and the demo (`transformer_lm_*_tiny`)
+LM_TINY = {"decoder_embed_dim": 64, "decoder_ffn_embed_dim": 128, "decoder_attention_heads": 4,
+           "decoder_layers": 2, "dropout": 0.1}

@@ -25,6 +25,14 @@ def toy_dicts(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def lm_dict_dir(tmp_path_factory):
+    """A folder with only dict.txt: enough for fairseq's language_modeling task to build a model in-process."""
+    d = tmp_path_factory.mktemp("lmdict")
+    (d / "dict.txt").write_text("".join(f"w{i} {100 - i}\n" for i in range(40)))
+    return d
+
+
+@pytest.fixture(scope="session")
 def tatoeba_zip():
     if not TATOEBA_ZIP.exists():
         pytest.skip(f"Tatoeba corpus not found at {TATOEBA_ZIP} (set B2T_TATOEBA_ZIP)")

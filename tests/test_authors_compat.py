@@ -283,7 +283,7 @@ def test_b2t_train_restore_into_stock_arch_is_one_line(fork_ckpt, tmp_path, toy_
     ({"no_layer_norm": True}, "--no-layer-norm"),
     ({"represent_length_by_lrpe": True}, "length-ratio"),
     ({"encoder_normalize_before": True, "decoder_normalize_before": True}, "B2T on Pre-LN"),
-    ({"arch": "transformer_lm"}, "'transformer_lm' model"),
+    ({"arch": "lightconv_lm"}, "'lightconv_lm' model"),  # language models: tests/test_lm_authors.py
 ])
 def test_unconvertible_checkpoints_are_one_line_errors(tmp_path, toy_data_bin, capsys, over, what):
     from fairseq import checkpoint_utils

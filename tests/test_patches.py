@@ -194,3 +194,18 @@ def test_nested_loads_share_the_task_and_see_each_checkpoint():
         assert context.current() is outer
     assert context.current() is None
     assert [o.where for o in outer.seen] == ["checkpoint a.pt"]
+
+
+def test_numpy_compat_relies_on_fairseqs_numpy_names():
+    import importlib
+    import inspect
+
+    from b2t_fairseq.patches import numpy_compat
+
+    for name, needed in numpy_compat.MODULES.items():
+        module = importlib.import_module(name)
+        source = inspect.getsource(module)
+        assert "import numpy as np" in source, name
+        for attr in needed:
+            assert f"np.{attr}" in source, (name, attr)  # fairseq still uses the removed name
+            assert getattr(module.np, attr) is not None  # and the plugin's np has it

@@ -20,6 +20,7 @@ from . import (
     data_fit,
     exact_resume,
     layer_type_guard,
+    numpy_compat,
     remainder_batches,
     torch_load,
 )
@@ -33,6 +34,7 @@ REPAIRS = [
     checkpoint_load.install,     # damaged checkpoints one line; the authors' fork checkpoints convert
     layer_type_guard.install,    # a B2T/DeepNorm/Admin checkpoint is not run as another layer type
     data_files.install,          # damaged .bin/.idx/dict files one line
+    numpy_compat.install,        # np.compat.long and friends, removed in numpy 2 (language modelling, buckets)
 ]
 
 BEHAVIOUR = [

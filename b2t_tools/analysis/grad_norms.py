@@ -55,18 +55,34 @@ def set_threads():
         torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
 
 
+def _is_lm_data(data):
+    """A language-model data-bin (fairseq-preprocess --only-source: dict.txt) rather than a translation one."""
+    return (Path(data) / "dict.txt").is_file() and not (Path(data) / "dict.en.txt").is_file()
+
+
 def _check_data(data):
-    if not (Path(data) / "dict.en.txt").is_file():
+    if not (Path(data) / "dict.en.txt").is_file() and not _is_lm_data(data):
         raise ToolError(f"{data} is not a fairseq data-bin folder (no dict.en.txt); pass the folder "
                        "fairseq-preprocess wrote (b2t-demo keeps it under its cache folder, in bin/)")
 
 
-def build_fresh(data, arch, layers=None, model_args=(), seed=1):
+def build_fresh(data, arch, layers=None, model_args=(), seed=1, max_tokens=2048):
     """(task, model, criterion) for --arch at fresh initialization, parsed as b2t-train would."""
     import torch
     from fairseq import options, tasks
 
 
+    if _is_lm_data(data):  # a decoder-only model (transformer_lm_*): fairseq's language modelling task
+        from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+        argv = [str(data), "--task", "language_modeling", "--arch", arch, "--cpu", "--seed", str(seed),
+                "--criterion", "cross_entropy", "--tokens-per-sample", str(min(512, max_tokens))]
+        argv += ["--decoder-layers", str(layers)] if layers else []  # blocks fit in a batch of max_tokens
+        args = options.parse_args_and_arch(options.get_training_parser(), argv + list(model_args))
+        cfg = convert_namespace_to_omegaconf(args)  # as fairseq-train: transformer_lm is a dataclass model
+        torch.manual_seed(seed)
+        task = tasks.setup_task(cfg.task)
+        return task, task.build_model(cfg.model), task.build_criterion(cfg.criterion)
     argv = [str(data), "--arch", arch, "--share-all-embeddings", "--cpu", "--seed", str(seed),
             "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
             "--source-lang", "en", "--target-lang", "de"]
@@ -154,7 +170,7 @@ def _ln_hooks(stack, side, store):
 def measure(model, criterion, batch_list):
     """Gradient norms of one model over the batches (see the module docstring)."""
     model.eval()  # dropout off; gradients still flow
-    stacks = {"encoder": model.encoder, "decoder": model.decoder}
+    stacks = {side: getattr(model, side) for side in ("encoder", "decoder") if getattr(model, side, None) is not None}
     groups = {side: _layer_groups(stack) for side, stack in stacks.items()}
     per_batch = {side: [] for side in stacks}
     points = {}
@@ -195,14 +211,15 @@ def run_models(data, specs, *, layers=None, model_args=(), k=4, max_tokens=2048,
     _check_data(data)
     import logging
 
-    logging.getLogger("fairseq").setLevel(logging.WARNING)  # keep the progress lines readable
+    for name in ("fairseq", "hydra"):  # keep the progress lines readable (hydra: the LM models' config)
+        logging.getLogger(name).setLevel(logging.WARNING)
     results = {}
     for name, arch, ckpt in specs:
         log(f"grad-norms: {name} ({ckpt or arch + ', fresh init'}) on {k} batches of {split}")
         if ckpt:
             task, model, crit = load_checkpoint(ckpt, data)
         else:
-            task, model, crit = build_fresh(data, arch, layers, model_args, seed)
+            task, model, crit = build_fresh(data, arch, layers, model_args, seed, max_tokens)
         model = model.float()
         # the label is the layer type of the model built, never the --arch word: --model-args may change it
         kind = layer_types.of_model(model)
@@ -214,10 +231,12 @@ def run_models(data, specs, *, layers=None, model_args=(), k=4, max_tokens=2048,
                             "and note that --model-args applies to every --arch (--ln-position there makes them "
                             "all one layer type)")
         res = measure(model, crit, batches(task, split, k, max_tokens, seed))
-        res.update({"source": str(ckpt) if ckpt else "fresh init", "arch": arch or getattr(model.cfg, "arch", None),
-                    "ln_position": getattr(model.cfg, "ln_position", None) if hasattr(model, "cfg") else None,
+        cfg = getattr(model, "cfg", None)  # a translation model's config; fairseq's LMs keep none
+        res.update({"source": str(ckpt) if ckpt else "fresh init", "arch": arch or getattr(cfg, "arch", None),
+                    "ln_position": getattr(cfg, "ln_position", None) if cfg is not None else kind,
                     "layer_type": kind, "label": layer_types.BY_KEY[kind].label if kind else "mixed layer types",
-                    "layers": {"encoder": len(model.encoder.layers), "decoder": len(model.decoder.layers)},
+                    "layers": {side: len(getattr(model, side).layers) for side in ("encoder", "decoder")
+                               if getattr(model, side, None) is not None},
                     "batches": k, "split": split})
         results[name] = res
     return results
@@ -243,7 +262,7 @@ def write_csv(results, path):
         w = csv.writer(f)
         w.writerow(["model", "stack", "layer", "quantity", "grad_norm"])
         for name, res in results.items():
-            for side in ("encoder", "decoder"):
+            for side in (s for s in ("encoder", "decoder") if s in res):  # a language model: decoder only
                 for i, v in enumerate(res[side]):
                     w.writerow([name, side, i, "layer", v])
                     for k, v2 in res[f"{side}_sublayers"][i].items():
@@ -255,9 +274,10 @@ def write_csv(results, path):
 def plot(results, path, title=None):
     """Three panels: encoder and decoder per-layer norms, and the LayerNorm points of the top decoder layer."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, side in zip(axes[:2], ("encoder", "decoder")):
-        for name, res in results.items():
+    sides = [s for s in ("encoder", "decoder") if any(s in r for r in results.values())]  # LMs: decoder only
+    fig, axes = plt.subplots(1, len(sides) + 1, figsize=(5 * (len(sides) + 1), 4.2))
+    for ax, side in zip(axes[:-1], sides):
+        for name, res in ((n, r) for n, r in results.items() if side in r):
             ax.plot(range(1, len(res[side]) + 1), res[side], marker="o", ms=3, label=label(name, res))
         ax.set_yscale("log")
         ax.set_xlabel(f"{side} layer (1 = lowest)")
@@ -265,8 +285,9 @@ def plot(results, path, title=None):
         ax.set_title(side)
         ax.grid(alpha=0.3)
         ax.legend()
-    ax = axes[2]
-    keys = [f"{s}.{w}" for s in LN_MODULES.values() for w in ("in", "out")]
+    ax = axes[-1]
+    keys = [f"{s}.{w}" for s in LN_MODULES.values() for w in ("in", "out")
+            if any(f"{s}.{w}" in r["decoder_ln_points"][-1] for r in results.values())]
     width = 0.8 / max(len(results), 1)
     for j, (name, res) in enumerate(results.items()):
         top = res["decoder_ln_points"][-1]
@@ -287,7 +308,7 @@ def plot(results, path, title=None):
 
 def default_title(results):
     sources = sorted({"fresh initialization" if r["source"] == "fresh init" else "trained" for r in results.values()})
-    depths = sorted({f"{r['layers']['encoder']}+{r['layers']['decoder']} layers" for r in results.values()})
+    depths = sorted({"+".join(map(str, r["layers"].values())) + " layers" for r in results.values()})
     return f"gradient norms, {' and '.join(sources)}, {', '.join(depths)}"
 
 
@@ -305,7 +326,8 @@ def parse_specs(args):
                     f"{Path(p).parent.name}/{Path(p).stem}"), a, p) for n, a, p in specs]
     if not specs or args.arch:
         for a in args.arch or DEFAULT_ARCHS:
-            arch = a if a.startswith("transformer") else f"transformer_{a}_{args.size}"
+            family = "transformer_lm_" if _is_lm_data(args.data) else "transformer_"  # decoder-only data: an LM
+            arch = a if a.startswith("transformer") else f"{family}{a}_{args.size}"
             name = a if not a.startswith("transformer") else a
             specs.append((name, arch, None))
     return specs
@@ -383,8 +405,8 @@ def run(argv):
     if args.png:
         plot(results, args.png, args.title or default_title(results))
     for name, res in results.items():
-        print(f"{name}: decoder lowest/top-3 grad-norm ratio {bottom_top_ratio(res['decoder']):.3g}, "
-              f"encoder {bottom_top_ratio(res['encoder']):.3g}")
+        enc = f", encoder {bottom_top_ratio(res['encoder']):.3g}" if "encoder" in res else ""  # none in an LM
+        print(f"{name}: decoder lowest/top-3 grad-norm ratio {bottom_top_ratio(res['decoder']):.3g}{enc}")
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """Console commands: fairseq's own, with the plugin loaded.
 
 ``b2t-train ARGS`` is ``fairseq-train --user-dir <this package> ARGS``, and so on for generate,
-interactive, validate and hydra-train. The plugin directory is passed as ``--user-dir`` (not just
+interactive, validate, eval-lm (fairseq-eval-lm) and hydra-train. The plugin directory is passed as ``--user-dir`` (not just
 imported) so that fairseq records it and spawned workers load it too. The command line is read once,
 by fairseq's own parser for that command (``parse_args``), after the authors' flags are translated
 (authors_argv.py); the checks of preflight.py run on what it read. Known failures (bad flags, missing
@@ -10,7 +10,7 @@ Importing the plugin repairs fairseq; these commands also enable its behaviour c
 the checkpoint-must-fit-its-data check: b2t_fairseq/patches/__init__.py).
 
 Without the console scripts: ``python -m b2t_tools.commands.cli {train,generate,interactive,validate,
-hydra-train} ARGS``.
+eval-lm,hydra-train} ARGS``.
 """
 
 import importlib.util
@@ -155,6 +155,12 @@ def validate(argv=None):
     return run_fairseq(cli_main, argv, prog="b2t-validate")
 
 
+def eval_lm(argv=None):
+    from fairseq_cli.eval_lm import cli_main
+
+    return run_fairseq(cli_main, argv, prog="b2t-eval-lm")
+
+
 def hydra_train(argv=None):
     from fairseq_cli.hydra_train import cli_main
 
@@ -162,7 +168,7 @@ def hydra_train(argv=None):
 
 
 COMMANDS = {"train": train, "generate": generate, "interactive": interactive, "validate": validate,
-            "hydra-train": hydra_train}
+            "eval-lm": eval_lm, "hydra-train": hydra_train}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

@@ -21,7 +21,9 @@ The conversion:
 The same conversion runs automatically whenever fairseq loads such a file (b2t-generate,
 b2t-wmt-evaluate, ``from_pretrained``, ``--restore-file``; installed with the plugin's other repairs).
 Options the plugin cannot represent (``--no-layer-norm``, one-embedding, length-encoding positions,
-layer-wise attention, a B2T language model) raise a one-line error instead.
+layer-wise attention; for their language models: --residual-max-updates, --no-inner-layer-norm,
+--decay-inner-residual) raise a one-line error instead. Their transformer_lm checkpoints import as
+transformer_lm_b2t ones (B2T, Post-LN or Pre-LN, as their args say).
 """
 
 import argparse
@@ -65,8 +67,9 @@ def run(argv):
     args = parse_args(argv)
     new = import_file(args.input, args.output, init=args.init)
     a = new["args"]
+    depth = f"{a.encoder_layers}+{a.decoder_layers}" if hasattr(a, "encoder_layers") else f"{a.decoder_layers} decoder-only"
     print(f"{args.input} -> {args.output}: arch {a.arch}, ln_position {a.ln_position}, "
-          f"{a.encoder_layers}+{a.decoder_layers} layers, word dropout {a.word_dropout_src}/{a.word_dropout_tgt}, "
+          f"{depth} layers, word dropout {a.word_dropout_src}/{a.word_dropout_tgt}, "
           f"b2t_rescale_init {a.b2t_rescale_init}")
     print(f"  {a.b2t_imported_from}")
 

@@ -285,7 +285,7 @@ def check_paths(args, prog):
             raise ToolError(f"--restore-file {restore} does not exist; fix the path (it is used as given, not "
                            "relative to --save-dir), or drop the flag to resume from SAVE_DIR/checkpoint_last.pt")
     path = getattr(args, "path", None)
-    if path and prog.endswith(("generate", "validate", "interactive")):
+    if path and prog.endswith(("generate", "validate", "interactive", "eval-lm")):
         for p in path.split(os.pathsep):
             if os.path.isdir(p):
                 raise ToolError(f"--path {p} is a folder; pass a checkpoint file in it, such as "

@@ -34,7 +34,7 @@ from b2t_fairseq import layer_types
 from ..commands import run_command
 from ..errors import ToolError
 from ..util import log
-from . import children, data
+from . import children, data, lm
 from .report import do_grad_norms, table_md, write_report
 from .runs import do_run
 
@@ -54,6 +54,8 @@ PRESETS = {
 
 def get_parser():
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=("mt", "lm"), default="mt",
+                   help="mt: translation (default); lm: decoder-only language models on the English side (demo/lm.py)")
     p.add_argument("--corpus", metavar="ZIP", help="Tatoeba deu-eng.zip (default: $B2T_TATOEBA_ZIP, else download)")
     p.add_argument("--out", default="demo-out", help="report folder (default: demo-out)")
     p.add_argument("--cache", metavar="DIR", help="prepared data cache (default: OUT/cache)")
@@ -201,7 +203,7 @@ def _run(args):
     if cfg.max_tokens < longest:  # fairseq would stop on an assertion inside b2t-train
         raise ToolError(f"--max-tokens {cfg.max_tokens} is below the longest sentence of the corpus ({longest} "
                        f"tokens); pass --max-tokens {longest} or more")
-    unigram = meta["unigram_valid_xent_bits"]
+    unigram = lm.prepare(data_root) if cfg.task == "lm" else meta["unigram_valid_xent_bits"]
     jobs = [(a, d) for d in sorted(cfg.depths, reverse=True) for a in cfg.archs]  # longest runs first
     log(f"{len(jobs)} runs, {min(cfg.jobs, len(jobs))} at a time with {cfg.threads} thread(s) each; "
         f"report in {out}")
@@ -218,8 +220,11 @@ def _run(args):
     if len({r["key"] for r in records}) != len(records):  # pragma: no cover - one key per (arch, depth)
         raise ToolError(f"two runs share a configuration key in {out}; delete {out / 'runs'} and run again")
     gn_files = do_grad_norms(out, data_root, cfg, records) if cfg.grad_norms else []
-    write_report(out, records, cfg, meta, time.time() - t0, gn_files)
-    print(table_md(records))
+    if cfg.task == "lm":
+        lm.write_report(out, records, cfg, meta, time.time() - t0, gn_files, unigram)
+    else:
+        write_report(out, records, cfg, meta, time.time() - t0, gn_files)
+    print((lm.table_md if cfg.task == "lm" else table_md)(records))
     log(f"report: {out / 'index.md'} ({(time.time() - t0) / 60:.1f} min)")
 
 

@@ -222,19 +222,19 @@ def longest_sentence(sp):
     return most
 
 
-def unigram_xent_bits(sp):
-    """Cross-entropy (bits/token, eos counted) of valid.de under the add-one unigram model of train.de.
+def unigram_xent_bits(sp, lang="de"):
+    """Cross-entropy (bits/token, eos counted) of valid.LANG under the add-one unigram model of train.LANG.
 
     The level a model reaches by learning word frequencies only: a run whose valid nll_loss is not
     below it has learned nothing from the source (the demo calls that diverged).
     """
     counts = collections.Counter()
-    with open(sp / "train.de", encoding="utf-8") as f:
+    with open(sp / f"train.{lang}", encoding="utf-8") as f:
         for line in f:
             counts.update(line.split() + ["</s>"])
     total, vocab = sum(counts.values()), len(counts) + 1
     bits, n = 0.0, 0
-    with open(sp / "valid.de", encoding="utf-8") as f:
+    with open(sp / f"valid.{lang}", encoding="utf-8") as f:
         for line in f:
             for tok in line.split() + ["</s>"]:
                 bits -= math.log2((counts[tok] + 1) / (total + vocab))

@@ -33,7 +33,7 @@ def table_md(records):
     return "\n".join(rows) + "\n"
 
 
-def plot_curves(records, path):
+def plot_curves(records, path, ylabel="label-smoothed loss (bits/token)", depth_label="{}+{} layers"):
     plt = pyplot()
     depths = sorted({r["layers"] for r in records})
     fig, axes = plt.subplots(1, len(depths), figsize=(6 * len(depths), 4.2), squeeze=False)
@@ -46,9 +46,9 @@ def plot_curves(records, path):
             ax.plot([p["num_updates"] for p in c["valid"]], [p.get("valid_loss") for p in c["valid"]], "o-",
                     color=colors.get(r["arch"]), label=f"{r['label']} valid")
         ax.axhline(records[0]["unigram_bits"], color="gray", ls=":", label="unigram level (valid nll)")
-        ax.set_title(f"{d}+{d} layers")
+        ax.set_title(depth_label.format(d, d))
         ax.set_xlabel("updates")
-        ax.set_ylabel("label-smoothed loss (bits/token)")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -98,12 +98,19 @@ def do_grad_norms(out, data_root, cfg, records):
     model_args = ["--encoder-embed-dim", str(cfg.dim), "--decoder-embed-dim", str(cfg.dim),
                   "--encoder-ffn-embed-dim", str(4 * cfg.dim), "--decoder-ffn-embed-dim", str(4 * cfg.dim),
                   "--encoder-attention-heads", str(cfg.heads), "--decoder-attention-heads", str(cfg.heads)]
+    lm = getattr(cfg, "task", "mt") == "lm"
+    family, bin_dir, stacks = ("transformer_", data_root / "bin", f"{deep}+{deep}")
+    if lm:  # decoder-only models (demo/lm.py)
+        from .lm import LM_BIN, model_argv
+
+        family, bin_dir, stacks = "transformer_lm_", data_root / LM_BIN, f"{deep}"
+        model_args = model_argv("b2t", deep, cfg)[4:]  # the sizes, without --arch and --decoder-layers
     files = []
-    for kind, title in (("init", f"Gradient norms at initialization, {deep}+{deep} layers"),
-                        ("trained", f"Gradient norms after training, {deep}+{deep} layers")):
+    for kind, title in (("init", f"Gradient norms at initialization, {stacks} layers"),
+                        ("trained", f"Gradient norms after training, {stacks} layers")):
         js = out / f"grad_norms_{kind}.json"
         if kind == "init":
-            specs = [(a, f"transformer_{a}_tiny", None) for a in cfg.archs]
+            specs = [(a, f"{family}{a}_tiny", None) for a in cfg.archs]
         else:
             specs = [(r["arch"], None, out / "runs" / r["run_dir"] / "checkpoint_last.pt")
                      for r in records if r["layers"] == deep]
@@ -116,7 +123,7 @@ def do_grad_norms(out, data_root, cfg, records):
             res = json.loads(cached.read_text())
         else:
             log(f"gradient norms ({kind}, {deep} layers)")
-            res = grad_norms.run_models(data_root / "bin", specs, layers=deep, model_args=model_args,
+            res = grad_norms.run_models(bin_dir, specs, layers=deep, model_args=model_args,
                                         k=cfg.gn_batches, max_tokens=cfg.max_tokens, seed=cfg.seed,
                                         log=lambda m: log("  " + m))
             write_json(cached, res)

@@ -39,18 +39,27 @@ LABELS = {t.short: t.label for t in layer_types.LAYER_TYPES}
 
 def train_command(data_bin, run_dir, arch, layers, cfg):
     """The b2t-train command line of one run."""
-    cmd = [sys.executable, "-m", "b2t_tools.commands.cli", "train", str(data_bin),
-           "--arch", f"transformer_{arch}_tiny", "--encoder-layers", str(layers), "--decoder-layers", str(layers),
-           "--encoder-embed-dim", str(cfg.dim), "--decoder-embed-dim", str(cfg.dim),
-           "--encoder-ffn-embed-dim", str(4 * cfg.dim), "--decoder-ffn-embed-dim", str(4 * cfg.dim),
-           "--encoder-attention-heads", str(cfg.heads), "--decoder-attention-heads", str(cfg.heads),
-           "--dropout", str(cfg.dropout), *recipe.optimizer_argv(lr=cfg.lr, warmup=cfg.warmup),
+    if _lm(cfg):
+        from .lm import train_argv
+
+        model = train_argv(arch, layers, cfg)
+    else:
+        model = ["--arch", f"transformer_{arch}_tiny", "--encoder-layers", str(layers), "--decoder-layers", str(layers),
+                 "--encoder-embed-dim", str(cfg.dim), "--decoder-embed-dim", str(cfg.dim),
+                 "--encoder-ffn-embed-dim", str(4 * cfg.dim), "--decoder-ffn-embed-dim", str(4 * cfg.dim),
+                 "--encoder-attention-heads", str(cfg.heads), "--decoder-attention-heads", str(cfg.heads),
+                 "--dropout", str(cfg.dropout), *recipe.optimizer_argv(lr=cfg.lr, warmup=cfg.warmup)]
+    cmd = [sys.executable, "-m", "b2t_tools.commands.cli", "train", str(data_bin), *model,
            "--max-tokens", str(cfg.max_tokens), "--max-update", str(cfg.max_update), "--seed", str(cfg.seed),
            "--save-dir", str(run_dir), "--no-epoch-checkpoints", "--save-interval-updates", str(cfg.valid_every),
            "--keep-interval-updates", "1", "--validate-interval-updates", str(cfg.valid_every),
            "--log-format", "json", "--log-interval", "5", "--num-workers", "0", "--no-progress-bar"]
     cmd += ["--fp16"] if cfg.fp16 else ["--cpu"]
     return cmd
+
+
+def _lm(cfg):
+    return getattr(cfg, "task", "mt") == "lm"  # b2t-demo --task lm (demo/lm.py)
 
 
 def parse_log(lines):
@@ -207,8 +216,8 @@ def do_run(arch, layers, data_root, out, cfg, unigram_bits):
     else:
         resumed = f" (resuming at update {state['updates']})" if state else ""
         log(f"{name}: training{resumed}, {cfg.max_update} updates")
-        rc, secs = run_training(train_command(data_root / "bin", run_dir, arch, layers, cfg), run_dir, name, cfg,
-                                env)
+        bin_dir = data_root / ("lm-bin" if _lm(cfg) else "bin")
+        rc, secs = run_training(train_command(bin_dir, run_dir, arch, layers, cfg), run_dir, name, cfg, env)
         state = checkpoint_state(ckpt) if ckpt.is_file() else None
     prev = _read_json(run_dir / "seconds.json", 0.0)
     secs += prev
@@ -234,7 +243,10 @@ def do_run(arch, layers, data_root, out, cfg, unigram_bits):
     if state and state["val_loss"] is not None:
         rec["valid_loss"] = state["val_loss"]  # fairseq validates before it saves: the loss at `updates`
     rec["params"] = state["params"] if state else None
-    if rec["diverged"] and (crashed or state is None):
+    if _lm(cfg):  # a language model: perplexity, nothing to translate
+        rec["bleu"] = None
+        rec["ppl"] = 2 ** rec["valid_loss"] if rec["valid_loss"] is not None and rec["valid_loss"] < 64 else None
+    elif rec["diverged"] and (crashed or state is None):
         rec["bleu"] = 0.0
     else:
         log(f"{name}: translating {cfg.n_test} test sentences (beam 4)")
@@ -246,7 +258,8 @@ def do_run(arch, layers, data_root, out, cfg, unigram_bits):
     for extra in list(run_dir.glob("checkpoint_*_*.pt")) + [run_dir / "checkpoint_best.pt"]:
         extra.unlink(missing_ok=True)  # checkpoint_last.pt is all the report and a re-run need
     write_json(done, rec)
-    log(f"{name}: done in {secs:.0f}s, valid loss {rec['valid_loss']}, BLEU {rec['bleu']:.2f}"
+    score = f"perplexity {rec['ppl']}" if _lm(cfg) else f"BLEU {rec['bleu']:.2f}"
+    log(f"{name}: done in {secs:.0f}s, valid loss {rec['valid_loss']}, {score}"
         f"{', DIVERGED' if rec['diverged'] else ''}")
     return rec
 

@@ -1,0 +1,1 @@
+"""The WikiText-103 language-model recipe: prepare (text only: no torch at import), train, evaluate."""

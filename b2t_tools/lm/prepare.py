@@ -1,0 +1,151 @@
+"""``b2t-lm-prepare``: WikiText-103 for fairseq language modelling, as fairseq's examples/language_model does it.
+
+Stages, each resumable and skipped when done (markers in WORK/.stages keyed on what built them):
+  download  the official archive wikitext-103-v1.zip (an interrupted download resumes with an HTTP
+            Range request), checked against its md5 and read through as a zip
+  extract   wikitext-103/wiki.{train,valid,test}.tokens (already tokenized: the archive's own text)
+  binarize  fairseq-preprocess --only-source --trainpref/--validpref/--testpref those files
+            (fairseq examples/language_model/README.md), into DEST
+
+Then train with ``b2t-lm-train`` and evaluate with ``b2t-lm-evaluate``. This module imports no torch.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from ..commands import run_command
+from ..download import fetch
+from ..errors import ToolError
+from ..stages import Stages
+from ..util import atomic_open, file_digest
+from ..util import log as util_log
+
+PROG = "b2t-lm-prepare"
+URL = "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip"  # fairseq's prepare-wikitext-103.sh
+ARCHIVE = "wikitext-103-v1.zip"
+MD5 = "9ddaacaf6af0710eda8c456decff7832"  # the archive's md5, as torchtext's WikiText103 dataset checks it
+SPLITS = ("train", "valid", "test")
+MEMBERS = {s: f"wikitext-103/wiki.{s}.tokens" for s in SPLITS}
+RECIPE = "wikitext-103/1"
+STAGES = ("download", "extract", "binarize")
+
+
+def log(msg):
+    util_log(f"[lm-prepare] {msg}")
+
+
+def _sizes(paths):
+    return {str(p): Path(p).stat().st_size for p in paths}
+
+
+def verify(path, md5):
+    got = file_digest(path, "md5")
+    if md5 and got != md5:
+        raise ToolError(f"checksum mismatch for {path.name}: md5 {got}, expected {md5}; the download is corrupt "
+                       "or not the official archive: delete it and re-run (or pass --md5 for another copy)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+            names = set(z.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ToolError(f"{path.name} is not a complete zip archive ({e}); delete it and re-run to fetch it "
+                       "again") from None
+    if bad is not None:
+        raise ToolError(f"{path.name}: member {bad} is corrupt; delete the archive and re-run to fetch it again")
+    missing = [m for m in MEMBERS.values() if m not in names]
+    if missing:
+        raise ToolError(f"{path.name} lacks {', '.join(missing)}; it is not the WikiText-103 archive: pass the "
+                       f"official {ARCHIVE} (--url)")
+    return got
+
+
+def download(work, url, md5):
+    ddir = Path(work) / "downloads"
+    ddir.mkdir(parents=True, exist_ok=True)
+    dest = ddir / ARCHIVE
+    if dest.exists():
+        return dest, verify(dest, md5)
+    partial = ddir / (ARCHIVE + ".partial")
+    log(f"download: {url}")
+    fetch(url, partial, alternative="--url", log=log)  # a short read keeps the partial file: the next run resumes
+    try:
+        got = verify(partial, md5)
+    except ToolError:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, dest)
+    return dest, got
+
+
+def extract(archive, text_dir):
+    text_dir.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive) as z:
+        for split, member in MEMBERS.items():
+            with z.open(member) as src, atomic_open(text_dir / f"wiki.{split}.tokens", "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+
+
+def binarize(text_dir, dest, workers):
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"), "--only-source",
+           *[x for s in SPLITS for x in (f"--{s}pref", str(text_dir / f"wiki.{s}.tokens"))],
+           "--destdir", str(tmp), "--workers", str(workers)]
+    log("binarize: " + " ".join(cmd))
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ToolError(f"fairseq-preprocess failed ({tail}); fix it and re-run (finished stages are kept)")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--work", default="work/wikitext-103", help="the download and the extracted text")
+    p.add_argument("--dest", default="data-bin/wikitext-103", help="binarized output (b2t-lm-train's DATA)")
+    p.add_argument("--url", default=URL, help="where to fetch the archive (a mirror, or file:///...)")
+    p.add_argument("--md5", default=MD5, help="the archive's expected md5 (default: the official archive's)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--force", action="store_true", help="run every stage again")
+    return p.parse_args(argv)
+
+
+def prepare(args):
+    if args.workers < 1:
+        raise ToolError(f"--workers {args.workers}: must be at least 1")
+    work, dest = Path(args.work), Path(args.dest)
+    text_dir = work / "wikitext-103"
+    texts = [text_dir / f"wiki.{s}.tokens" for s in SPLITS]
+    stages = Stages(work, STAGES, RECIPE, log=log)
+    archive = work / "downloads" / ARCHIVE
+    found = {}
+
+    def get():
+        found["archive"], found["md5"] = download(work, args.url, args.md5)
+
+    prev = stages.run("download", [archive], get, force=args.force, key={"md5": args.md5})
+    if "archive" not in found:
+        found["archive"] = archive
+    prev = stages.run("extract", texts, lambda: extract(found["archive"], text_dir), force=args.force,
+                      key={"after": prev, "archive": _sizes([archive]) if archive.exists() else None})
+    stages.run("binarize", [dest / "dict.txt", dest / "train.bin", dest / "valid.bin", dest / "test.bin"],
+               lambda: binarize(text_dir, dest, args.workers), force=args.force,
+               key={"after": prev, "inputs": _sizes(texts), "dest": str(dest.resolve())})
+    log(f"ready: {dest} (train with b2t-lm-train {dest} ...)")
+
+
+def main(argv=None):
+    return run_command(PROG, lambda: prepare(parse_args(sys.argv[1:] if argv is None else argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

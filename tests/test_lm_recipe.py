@@ -1,0 +1,138 @@
+"""The WikiText-103 recipe: b2t-lm-prepare on small local archives built here (the real download cannot
+run in CI), b2t-lm-train's commands, b2t-lm-evaluate's perplexity table."""
+
+import hashlib
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from helpers import REPO, assert_one_line_error, run
+
+from b2t_fairseq import recipe
+from b2t_tools.lm import prepare as lm_prepare
+from b2t_tools.lm import train as lm_train
+
+_WORDS = "the a cat dog house tree red blue big small runs sees eats and with on".split()
+
+
+def make_archive(path, seed=0, drop=None):
+    """A zip laid out as wikitext-103-v1.zip: wikitext-103/wiki.{train,valid,test}.tokens."""
+    import random
+
+    rng = random.Random(seed)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for split, n in (("train", 300), ("valid", 30), ("test", 30)):
+            if split == drop:
+                continue
+            lines = [" = Title = \n"] + [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 15))) + " \n"
+                                         for _ in range(n)]
+            z.writestr(f"wikitext-103/wiki.{split}.tokens", "".join(lines))
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def prep(tmp_path, archive, md5, *extra):
+    return run([sys.executable, "-m", "b2t_tools.lm.prepare", "--work", tmp_path / "work", "--dest",
+                tmp_path / "bin", "--url", archive.as_uri(), "--md5", md5, "--workers", "1", *extra],
+               check=False, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_prepare_downloads_checks_extracts_and_binarizes_and_resumes(tmp_path):
+    archive = tmp_path / "wikitext-103-v1.zip"
+    md5 = make_archive(archive)
+    p = prep(tmp_path, archive, md5)
+    assert p.returncode == 0, p.stderr
+    for name in ("dict.txt", "train.bin", "valid.bin", "test.bin", "test.idx"):
+        assert (tmp_path / "bin" / name).is_file(), name
+    assert "the" in (tmp_path / "bin" / "dict.txt").read_text()
+    # done: every stage skipped
+    p = prep(tmp_path, archive, md5)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and out.count("complete, skipped") == 3, out
+    # nothing stale: an extracted text changed by hand is extracted again, and binarized again
+    valid = tmp_path / "work" / "wikitext-103" / "wiki.valid.tokens"
+    original = valid.read_text()
+    valid.write_text(" a cat \n")
+    p = prep(tmp_path, archive, md5)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "extract: running" in out and "binarize: running" in out, out
+    assert valid.read_text() == original
+
+
+@pytest.mark.slow
+def test_prepare_refuses_a_wrong_checksum_and_a_wrong_archive_in_one_line(tmp_path):
+    archive = tmp_path / "wikitext-103-v1.zip"
+    make_archive(archive)
+    p = prep(tmp_path, archive, "0" * 32)
+    assert p.returncode == 2
+    assert_one_line_error(p.stderr, "b2t-lm-prepare", "checksum mismatch")
+    assert not (tmp_path / "work" / "downloads" / "wikitext-103-v1.zip").exists()  # not kept as if good
+    other = tmp_path / "other" / "wikitext-103-v1.zip"
+    other.parent.mkdir()
+    md5 = make_archive(other, drop="test")
+    p = prep(tmp_path, other, md5)
+    assert p.returncode == 2
+    assert_one_line_error(p.stderr, "b2t-lm-prepare", "wiki.test.tokens")
+
+
+def test_prepare_module_imports_no_torch():
+    code = "import sys, b2t_tools.lm.prepare; print('torch' in sys.modules, 'fairseq' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stdout
+    assert out.split() == ["False", "False"]
+    assert lm_prepare.MD5 == "9ddaacaf6af0710eda8c456decff7832"
+
+
+@pytest.mark.parametrize("layers", recipe.LM_DEPTHS)
+def test_train_command_is_the_recipe(tmp_path, layers):
+    cmd = lm_train.command("data-bin/wikitext-103", "transformer_lm_b2t", layers, "ck", gpus=2)
+    flags = dict(zip(cmd, cmd[1:]))
+    assert flags["--arch"] == "transformer_lm_b2t" and flags["--decoder-layers"] == str(layers)
+    assert flags["--task"] == "language_modeling" and flags["--tokens-per-sample"] == "512"
+    assert flags["--lr"] == "0.0005" and flags["--warmup-updates"] == "4000" and flags["--sample-break-mode"] == "none"
+    # 2 GPUs x 2048 tokens x 16: the tokens per update of fairseq's README, on any setup
+    assert int(flags["--update-freq"]) * 2 * int(flags["--max-tokens"]) == recipe.LM_TOKENS_PER_UPDATE == 65536
+    one = lm_train.command("d", "transformer_lm_pre_ln", layers, "c", gpus=1)
+    assert one[one.index("--update-freq") + 1] == "32"
+
+
+@pytest.mark.slow
+def test_train_refuses_bad_setups_in_one_line(tmp_path):
+    (tmp_path / "dict.txt").write_text("a 1\n")
+    for argv, needle in ((["--arch", "transformer_lm_b2t", "--max-tokens", "3000"], "does not divide"),
+                         (["--arch", "transformer_lm_b2t", "--layers", "0"], "at least 1")):
+        p = run([sys.executable, "-m", "b2t_tools.lm.train", tmp_path, *argv, "--dry-run"], check=False, cwd=REPO)
+        assert p.returncode == 2
+        assert_one_line_error(p.stderr, "b2t-lm-train", needle)
+    p = run([sys.executable, "-m", "b2t_tools.lm.train", tmp_path / "nothing", "--arch", "transformer_lm_b2t"],
+            check=False, cwd=REPO)
+    assert_one_line_error(p.stderr, "b2t-lm-train", "b2t-lm-prepare")
+
+
+def test_evaluate_writes_the_table_beside_the_published_number(tmp_path):
+    from b2t_tools.lm.evaluate import table
+
+    text = table([{"label": "B2T", "layers": 16, "subset": "test", "ppl": 31.5, "checkpoint": "c.pt"}])
+    assert "| B2T | 16 | test | 31.50 | measured (c.pt) |" in text
+    assert "30.46 | published: fairseq examples/language_model/README.md" in text
+    assert "No published perplexity at 16 layers" in text
+
+
+@pytest.mark.slow
+def test_recipe_train_then_evaluate_on_a_tiny_corpus(tmp_path):
+    """prepare -> b2t-lm-train (CPU, a few updates via extra flags) -> b2t-lm-evaluate."""
+    archive = tmp_path / "wikitext-103-v1.zip"
+    assert prep(tmp_path, archive, make_archive(archive)).returncode == 0
+    save = tmp_path / "ck"
+    run([sys.executable, "-m", "b2t_tools.lm.train", tmp_path / "bin", "--arch", "transformer_lm_b2t", "--layers", "2",
+         "--cpu", "--max-tokens", "256", "--save-dir", save, "--", "--max-update", "4", "--tokens-per-sample", "64",
+         "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
+         "--decoder-input-dim", "32", "--decoder-output-dim", "32", "--no-epoch-checkpoints", "--num-workers", "0"],
+        cwd=REPO)
+    out = tmp_path / "ppl.json"
+    p = run([sys.executable, "-m", "b2t_tools.lm.evaluate", tmp_path / "bin", save / "checkpoint_last.pt", "--cpu",
+             "--tokens-per-sample", "64", "--context-window", "32", "--out", out], cwd=REPO)
+    rows = list(json.loads(out.read_text()).values())
+    assert len(rows) == 1 and rows[0]["label"] == "B2T" and rows[0]["layers"] == 2 and rows[0]["ppl"] > 1
+    assert "| B2T | 2 | test |" in p.stdout
