@@ -119,10 +119,11 @@ _register_model(MODEL, TransformerLMB2TModel, TransformerLMB2TConfig)
 def _keep_layer_type(args, ln_position, sizes):
     """fairseq's LM architecture function, with the layer type it would overwrite (Pre-LN) kept."""
     user_pre = getattr(args, "decoder_normalize_before", None)
-    args.ln_position = getattr(args, "ln_position", None) or ln_position
     sizes(args)
     args.decoder_normalize_before = bool(user_pre)
-    resolve_layer_type(args)  # at parse time: a bad combination fails before any work starts
+    # at parse time, so a bad combination fails before any work starts; ln_position is the architecture's
+    # default, which --residual-bottom-to-top may override and an explicit --ln-position may not
+    resolve_layer_type(args, ln_position)
 
 
 def _sized(**defaults):
