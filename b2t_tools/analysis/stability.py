@@ -204,36 +204,64 @@ def finished(cell, cfg):
     return rec if rec.get("key") == cell["key"] and "returncode" in rec else None
 
 
-def _die_with_parent(parent_pid):
-    """A killed sweep takes its cells down with it (the demo's children do the same)."""
-    from ..demo import children
-
-    children._die_with(parent_pid)()
-
-
-def _train_in_child(job):
-    """One cell in a forked worker (fairseq is imported once, in the parent): b2t-train in-process,
-    its output into the cell's train.log; returns (key, exit status, (wall, CPU seconds))."""
-    import torch
-
-    from ..commands import cli
-
-    cell, argv, log_path, threads = job
-    torch.set_num_threads(threads)
-    t0, c0 = time.time(), time.process_time()
-    with open(log_path, "w") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
+def _train_in_child(cell, argv, log_path, threads):
+    """One cell in a forked child (fairseq is imported once, in the parent): b2t-train in-process, its
+    output into the cell's train.log, (wall, CPU) seconds into times.json; never returns."""
+    rc = 1
     try:
-        rc = cli.train(argv)
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else 1
-    except BaseException as e:  # noqa: BLE001 - recorded as a failed cell
-        print(f"{PROG}: error: {type(e).__name__}: {e}", flush=True)
-        rc = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    return cell["key"], rc or 0, (time.time() - t0, time.process_time() - c0)
+        import torch
+
+        from ..commands import cli
+        from ..demo import children
+
+        children._die_with(os.getppid())()  # a killed sweep takes its cells down with it
+        torch.set_num_threads(threads)
+        t0, c0 = time.time(), time.process_time()
+        with open(log_path, "w") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+        try:
+            rc = cli.train(argv)
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+        except BaseException as e:  # noqa: BLE001 - recorded as a failed cell
+            print(f"{PROG}: error: {type(e).__name__}: {e}", flush=True)
+            rc = 1
+        write_json(Path(log_path).with_name("times.json"), [time.time() - t0, time.process_time() - c0])
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(rc or 0)  # no atexit handlers of the parent's in the child
+
+
+def run_cells(jobs, n_parallel, on_done):
+    """Fork one child per cell from this (single-threaded) process, n_parallel at a time."""
+    running = {}
+    try:
+        for job in jobs:
+            while len(running) >= n_parallel:
+                pid, st = os.wait()
+                if pid in running:
+                    on_done(running.pop(pid), os.waitstatus_to_exitcode(st))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _train_in_child(*job)
+            running[pid] = job
+        while running:
+            pid, st = os.wait()
+            if pid in running:
+                on_done(running.pop(pid), os.waitstatus_to_exitcode(st))
+    except BaseException:
+        for pid in running:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+        raise
 
 
 def record(cell, rc, seconds, cfg, unigram):
@@ -351,8 +379,6 @@ def draw_map(records, cfg, unigram, path, title=None):
 # --- the sweep -------------------------------------------------------------------------------------
 
 def sweep(cfg):
-    import multiprocessing
-
     import fairseq_cli.train  # noqa: F401  (imported once here; every forked cell starts with it)
 
     t0 = time.time()
@@ -371,18 +397,17 @@ def sweep(cfg):
         jobs.append((c, train_command(c, data_bin, cfg.out / "cells" / c["name"]),
                      cfg.out / "cells" / c["name"] / "train.log", threads))
     by_key = {c["key"]: c for c in grid}
-    if jobs:
-        # one fresh fork per cell: no fairseq state carries over from one cell to the next
-        pool = multiprocessing.get_context("fork").Pool(min(cfg.jobs, len(jobs)), maxtasksperchild=1,
-                                                        initializer=_die_with_parent, initargs=(os.getpid(),))
+
+    def finish(job, rc):
+        cell = job[0]
         try:
-            for key, rc, seconds in pool.imap_unordered(_train_in_child, jobs):
-                done[key] = record(by_key[key], rc, seconds, cfg, unigram)
-        except BaseException:
-            pool.terminate()
-            raise
-        pool.close()
-        pool.join()
+            seconds = json.loads((Path(job[2]).with_name("times.json")).read_text())
+        except (OSError, ValueError):
+            seconds = [math.nan, math.nan]
+        done[cell["key"]] = record(by_key[cell["key"]], rc, seconds, cfg, unigram)
+
+    # one fresh fork per cell: no fairseq state carries over from one cell to the next
+    run_cells(jobs, cfg.jobs, finish)
     records = [dict(done[c["key"]], status=status(done[c["key"]], unigram)) for c in grid]
     seconds = time.time() - t0
     summary = dict(grid=dict(layer_types=cfg.types, depths=[f"{e}-{d}" for e, d in cfg.depths], lrs=cfg.lrs,

@@ -220,8 +220,6 @@ def do_layer_heatmap(out, records, cfg):
 
 def do_stability_map(out, data_root, cfg):
     """A small b2t-stability sweep on the demo's data: depths x (lr, 2 lr), one panel per architecture."""
-    import argparse
-
     from ..analysis import stability
 
     lrs = f"{cfg.lr:g},{2 * cfg.lr:g}"
@@ -234,8 +232,7 @@ def do_stability_map(out, data_root, cfg):
     scfg = stability.resolve(args)
     summary = stability.sweep(scfg)
     title = "Stability map: final valid loss by depth and learning rate"
-    stability.draw_map(summary["cells"], argparse.Namespace(**vars(scfg)), summary["unigram_bits"],
-                       out / "stability_map.png")
+    stability.draw_map(summary["cells"], scfg, summary["unigram_bits"], out / "stability_map.png")
     note = (f"Each cell is a separate {scfg.max_update}-update run (b2t-stability); crossed cells diverged or learned "
             "no more than word frequencies. A CPU budget this short is not the paper's: a cell that has not "
             "diverged here may still diverge later, and the loss differences say little about final quality.")
