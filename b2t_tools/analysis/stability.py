@@ -279,9 +279,9 @@ def read_log(lines):
     train, valid, error, updates = None, None, None, 0
     for kind, rec in parse_json_log(lines):
         if kind == "train_inner":
-            train, updates = rec, int(float(rec["num_updates"]))
+            train, updates = rec, max(updates, int(float(rec["num_updates"])))
         elif kind == "valid":
-            valid = rec
+            valid, updates = rec, max(updates, int(float(rec.get("valid_num_updates", 0))))
     for line in lines:
         if ": error: " in line:
             error = line.split(": error: ", 1)[1].strip()[:400]
