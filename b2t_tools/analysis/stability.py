@@ -413,7 +413,9 @@ def sweep(cfg):
     summary = dict(grid=dict(layer_types=cfg.types, depths=[f"{e}-{d}" for e, d in cfg.depths], lrs=cfg.lrs,
                              dim=cfg.dim, heads=cfg.heads, max_update=cfg.max_update, warmup=cfg.warmup,
                              max_tokens=cfg.max_tokens, seed=cfg.seed, precision=cfg.precision, jobs=cfg.jobs),
-                   unigram_bits=unigram, data=digest, wall_seconds=round(seconds, 1), machine=machine(),
+                   unigram_bits=unigram, data=digest, wall_seconds=round(seconds, 1),
+                   cells_cpu_seconds=round(sum(r.get("cpu_seconds") or 0 for r in records), 1),
+                   cells_wall_seconds=round(sum(r.get("seconds") or 0 for r in records), 1), machine=machine(),
                    cells=[{k: v for k, v in r.items() if k != "name"} for r in records])
     write_json(cfg.out / "stability.json", summary)
     draw_map(records, cfg, unigram, cfg.out / "stability.png")
