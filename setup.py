@@ -34,6 +34,7 @@ setup(
             "b2t-demo = b2t_tools.demo.cli:main",
             "b2t-grad-norms = b2t_tools.analysis.grad_norms:main",
             "b2t-bench = b2t_tools.analysis.bench:main",
+            "b2t-stability = b2t_tools.analysis.stability:main",
             "b2t-import-checkpoint = b2t_tools.commands.import_checkpoint:main",
             "b2t-wmt-prepare = b2t_tools.wmt.prepare:main",
             "b2t-wmt-train = b2t_tools.wmt.train:main",

@@ -189,6 +189,15 @@ class TransformerB2TModel(TransformerModel):
         parser.add_argument("--b2t-bf16", action="store_true",
                             help="bf16 autocast around the forward, fp32 weights and optimizer "
                                  "(fairseq's --bf16 implies --tpu)")
+        parser.add_argument("--log-layer-norms", action="store_true",
+                            help="every --log-interval updates, log each layer's gradient norm, input gradient "
+                                 "norm and largest activation, and stop a diverging run naming the layer "
+                                 "(patches/layer_monitor.py)")
+        parser.add_argument("--on-divergence", choices=("stop", "warn"),
+                            help="with --log-layer-norms: stop (default) or warn when training diverges")
+        parser.add_argument("--divergence-patience", type=int, metavar="N",
+                            help="with --log-layer-norms: updates after warm-up the training loss may stay above "
+                                 "the unigram level before the run counts as diverged (default 100; 0: never)")
 
     @classmethod
     def build_model(cls, args, task):
@@ -210,6 +219,10 @@ class TransformerB2TModel(TransformerModel):
         if getattr(args, "b2t_fast", False):
             fast.use_fast_attention(model)
         model.b2t_bf16 = bool(getattr(args, "b2t_bf16", False))
+        if getattr(args, "log_layer_norms", False):
+            from .patches import layer_monitor
+
+            layer_monitor.attach(model, args)
         return model
 
     def forward(self, *args, **kwargs):

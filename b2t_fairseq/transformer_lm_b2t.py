@@ -35,7 +35,7 @@ from .layers import ADMIN_OUTPUT_CHANGE_SCALES, DEEPNORM_REFERENCES, deepnorm_in
 from .transformer_b2t import ADMIN_OMEGA_MODES, _wrap, resolve_layer_type
 
 MODEL = "transformer_lm_b2t"
-CHOICES = ("ln_position", "deepnorm_reference", "admin_omega", "admin_output_change_scale")
+CHOICES = ("ln_position", "deepnorm_reference", "admin_omega", "admin_output_change_scale", "on_divergence")
 
 
 @dataclass
@@ -53,6 +53,14 @@ class TransformerLMB2TConfig(TransformerLanguageModelConfig):
     admin_output_change_scale: Optional[ChoiceEnum(ADMIN_OUTPUT_CHANGE_SCALES)] = field(
         default=None, metadata={"help": "Admin's omega without profiling: O(logn) (default), O(1), O(n)"})
     b2t_imported_from: Optional[str] = field(default=None, metadata={"help": "set by b2t-import-checkpoint"})
+    # the training monitor, as for translation (patches/layer_monitor.py)
+    log_layer_norms: bool = field(default=False, metadata={
+        "help": "every --log-interval updates, log each layer's gradient norm, input gradient norm and largest "
+                "activation, and stop a diverging run naming the layer"})
+    on_divergence: Optional[ChoiceEnum(["stop", "warn"])] = field(
+        default=None, metadata={"help": "with --log-layer-norms: stop (default) or warn when training diverges"})
+    divergence_patience: Optional[int] = field(default=None, metadata={
+        "help": "with --log-layer-norms: updates after warm-up the loss may stay above the unigram level (default 100)"})
 
 
 def _lm_layer_class(cfg):
@@ -100,6 +108,10 @@ class TransformerLMB2TModel(TransformerLanguageModel):
             rescale_init_(layers, len(layers))
         if ln == "deepnorm":
             deepnorm_init_(layers, deepnorm_lm_constants(len(layers))["beta"], args.deepnorm_reference)
+        if getattr(args, "log_layer_norms", False):
+            from .patches import layer_monitor
+
+            layer_monitor.attach(model, args)
         return model
 
 

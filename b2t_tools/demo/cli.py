@@ -35,7 +35,7 @@ from ..commands import run_command
 from ..errors import ToolError
 from ..util import log
 from . import children, data, lm
-from .report import do_grad_norms, table_md, write_report
+from .report import do_grad_norms, do_layer_heatmap, do_stability_map, table_md, write_report
 from .runs import do_run
 
 ARCHS = layer_types.PAPER_SHORTS
@@ -77,6 +77,8 @@ def get_parser():
                                             "(default: 2 on CPU, 1 with --fp16)")
     p.add_argument("--fp16", action="store_true", help="train and translate on CUDA with --fp16")
     p.add_argument("--no-grad-norms", dest="grad_norms", action="store_false")
+    p.add_argument("--stability-map", action="store_true",
+                   help="also run a small b2t-stability sweep (depths x lr, 2 lr) and add its map to the report")
     p.add_argument("--verbose", action="store_true", help="also show fairseq's own log lines and warnings")
     return p
 
@@ -141,6 +143,9 @@ def resolve_config(args):
     if bad:
         raise ToolError(f"unknown --archs {','.join(bad)}; choose from {','.join(layer_types.SHORTS)}")
     args.archs = tuple(dict.fromkeys(archs))
+    if args.task == "lm" and getattr(args, "stability_map", False):
+        raise ToolError("--stability-map sweeps encoder-decoder depths and has no language-model mode; drop it "
+                        "with --task lm (b2t-stability runs the sweep on translation data)")
     if args.fp16:
         import torch
 
@@ -220,9 +225,11 @@ def _run(args):
     if len({r["key"] for r in records}) != len(records):  # pragma: no cover - one key per (arch, depth)
         raise ToolError(f"two runs share a configuration key in {out}; delete {out / 'runs'} and run again")
     gn_files = do_grad_norms(out, data_root, cfg, records) if cfg.grad_norms else []
+    gn_files += do_layer_heatmap(out, records, cfg)
     if cfg.task == "lm":
         lm.write_report(out, records, cfg, meta, time.time() - t0, gn_files, unigram)
     else:
+        gn_files += do_stability_map(out, data_root, cfg) if cfg.stability_map else []
         write_report(out, records, cfg, meta, time.time() - t0, gn_files)
     print((lm.table_md if cfg.task == "lm" else table_md)(records))
     log(f"report: {out / 'index.md'} ({(time.time() - t0) / 60:.1f} min)")

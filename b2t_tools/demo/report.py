@@ -76,8 +76,9 @@ def write_report(out, records, cfg, meta, total_s, gn_files):
             f"({meta['unigram_valid_xent_bits']:.2f} bits/token).", "",
             f"Machine: {describe_machine(payload['machine'])}; total wall time {total_s / 60:.1f} min.", "",
             "## Loss curves", "", "![loss curves](loss_curves.png)", ""]
-    for title, png in gn_files:
-        page += [f"## {title}", "", f"![{title}]({png})", ""]
+    for title, png, *note in gn_files:
+        page += [f"## {title}", "", *note, "" if note else None, f"![{title}]({png})", ""]
+        page = [line for line in page if line is not None]
     atomic_write(out / "index.md", "\n".join(page))
 
 
@@ -136,8 +137,110 @@ def do_grad_norms(out, data_root, cfg, records):
 
 def remove_stale(out, gn_files):
     """Report files an earlier run with other options left and this report does not make."""
-    made = {png.rsplit(".", 1)[0] for _, png in gn_files}
-    for kind in ("init", "trained"):
-        if f"grad_norms_{kind}" not in made:
+    made = {f[1].rsplit(".", 1)[0] for f in gn_files}
+    for stem in ("grad_norms_init", "grad_norms_trained", "layer_norms", "stability_map"):
+        if stem not in made:
             for ext in ("json", "csv", "png"):
-                (out / f"grad_norms_{kind}.{ext}").unlink(missing_ok=True)
+                (out / f"{stem}.{ext}").unlink(missing_ok=True)
+
+
+# --- per-layer norms while training (--log-layer-norms) and a small stability map --------------------
+
+def layer_norm_series(log_lines):
+    """{update: {"enc00_gnorm": ..., ...}} from a run's json log (the train_inner records)."""
+    from ..util import parse_json_log
+
+    out = {}
+    for kind, rec in parse_json_log(log_lines):
+        if kind == "train_inner":
+            vals = {k: float(v) for k, v in rec.items() if k.endswith(("_gnorm", "_ingrad", "_amax")) and k[:3] in
+                    ("enc", "dec")}
+            if vals:
+                out[int(float(rec["num_updates"]))] = vals
+    return out
+
+
+def plot_layer_heatmap(series_by_label, path, title, quantity="gnorm"):
+    """Layer (rows, encoder bottom to decoder top) x update (columns), colour = log10 of the norm."""
+    import math
+
+    import numpy as np
+    from matplotlib.colors import Normalize
+
+    plt = pyplot()
+    labels = list(series_by_label)
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels) + 1.6, 5.2), squeeze=False, sharey=True)
+    grids, lo, hi = {}, math.inf, -math.inf
+    for label, series in series_by_label.items():
+        updates = sorted(series)
+        keys = sorted({k for v in series.values() for k in v if k.endswith("_" + quantity)},
+                      key=lambda k: (k[:3] != "enc", int(k[3:5])))
+        g = np.array([[series[u].get(k, np.nan) for u in updates] for k in keys], dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            g = np.log10(np.where(g > 0, g, np.nan))
+        grids[label] = (updates, keys, g)
+        if np.isfinite(g).any():
+            lo, hi = min(lo, np.nanmin(g)), max(hi, np.nanmax(g))
+    norm = Normalize(lo if math.isfinite(lo) else -1, hi if math.isfinite(hi) else 1)
+    colours = {t.label: t.colour for t in layer_types.LAYER_TYPES}
+    for ax, label in zip(axes[0], labels):
+        updates, keys, g = grids[label]
+        if not updates:
+            ax.set_title(f"{label}: no norms logged")
+            continue
+        im = ax.imshow(g, aspect="auto", origin="lower", cmap="viridis", norm=norm, interpolation="nearest",
+                       extent=(updates[0] - 2.5, updates[-1] + 2.5, -0.5, len(keys) - 0.5))
+        n_enc = sum(k.startswith("enc") for k in keys)
+        ax.axhline(n_enc - 0.5, color="white", lw=1.5)
+        ticks = [i for i, k in enumerate(keys) if int(k[3:5]) in (0,) or i in (n_enc - 1, len(keys) - 1)]
+        ax.set_yticks(ticks, [f"{'encoder' if keys[i][:3] == 'enc' else 'decoder'} {int(keys[i][3:5]) + 1}"
+                              for i in ticks])
+        ax.set_xlabel("update")
+        ax.set_title(label, color=colours.get(label), fontweight="bold")
+    axes[0][0].set_ylabel("layer (bottom to top; white line: encoder | decoder)")
+    cb = fig.colorbar(im, ax=axes[0].tolist(), fraction=0.04, pad=0.02)
+    cb.set_label({"gnorm": "parameter gradient norm (log10)", "ingrad": "input gradient norm (log10)",
+                  "amax": "largest activation (log10)"}[quantity])
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def do_layer_heatmap(out, records, cfg):
+    """The deepest runs' per-layer gradient norms over training, from their logs; [(title, png, note)]."""
+    deep = max(r["layers"] for r in records)
+    series = {}
+    for r in (r for r in records if r["layers"] == deep):
+        log_path = out / "runs" / r["run_dir"] / "train.log"
+        if log_path.is_file():
+            series[r["label"]] = layer_norm_series(log_path.read_text(errors="replace").splitlines())
+    if not any(series.values()):
+        return []
+    title = f"Gradient norm of each layer's parameters while training, {deep}+{deep} layers"
+    plot_layer_heatmap(series, out / "layer_norms.png", title)
+    note = (f"Logged by b2t-train --log-layer-norms every 5 updates: a dark band low in the stack means the lower "
+            f"layers receive little gradient (they barely learn). It shows the first {cfg.max_update} updates of a "
+            "width-64 CPU run, not how a paper-sized model behaves over its full training.")
+    return [(title, "layer_norms.png", note)]
+
+
+def do_stability_map(out, data_root, cfg):
+    """A small b2t-stability sweep on the demo's data: depths x (lr, 2 lr), one panel per architecture."""
+    from ..analysis import stability
+
+    lrs = f"{cfg.lr:g},{2 * cfg.lr:g}"
+    depths = ",".join(f"{d}-{d}" for d in cfg.depths)
+    args = stability.get_parser().parse_args([
+        "--out", str(out / "stability"), "--data-bin", str(data_root / "bin"), "--layer-types", ",".join(cfg.archs),
+        "--depths", depths, "--lrs", lrs, "--dim", str(cfg.dim), "--max-update", str(max(10, cfg.max_update // 3)),
+        "--warmup", str(min(cfg.warmup, max(1, cfg.max_update // 6))), "--max-tokens", str(cfg.max_tokens),
+        "--seed", str(cfg.seed), "--jobs", str(cfg.jobs)])
+    scfg = stability.resolve(args)
+    summary = stability.sweep(scfg)
+    title = "Stability map: final valid loss by depth and learning rate"
+    stability.draw_map(summary["cells"], scfg, summary["unigram_bits"], out / "stability_map.png")
+    note = (f"Each cell is a separate {scfg.max_update}-update run (b2t-stability); crossed cells diverged or learned "
+            "no more than word frequencies. A CPU budget this short is not the paper's: a cell that has not "
+            "diverged here may still diverge later, and the loss differences say little about final quality.")
+    return [(title, "stability_map.png", note)]

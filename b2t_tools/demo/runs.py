@@ -53,7 +53,9 @@ def train_command(data_bin, run_dir, arch, layers, cfg):
            "--max-tokens", str(cfg.max_tokens), "--max-update", str(cfg.max_update), "--seed", str(cfg.seed),
            "--save-dir", str(run_dir), "--no-epoch-checkpoints", "--save-interval-updates", str(cfg.valid_every),
            "--keep-interval-updates", "1", "--validate-interval-updates", str(cfg.valid_every),
-           "--log-format", "json", "--log-interval", "5", "--num-workers", "0", "--no-progress-bar"]
+           "--log-format", "json", "--log-interval", "5", "--num-workers", "0", "--no-progress-bar",
+           # per-layer norms in the log for the report's heat map; a non-finite loss named in one line
+           "--log-layer-norms", "--on-divergence", "warn", "--divergence-patience", "0"]
     cmd += ["--fp16"] if cfg.fp16 else ["--cpu"]
     return cmd
 

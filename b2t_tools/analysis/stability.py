@@ -1,0 +1,435 @@
+"""b2t-stability: which layer types train at which depth and learning rate: a map of short runs.
+
+For every layer type x encoder-decoder depth (unequal ones too: ``12-3`` is 12 encoder and 3
+decoder layers) x peak learning rate, one short b2t-train run on the Tatoeba En-De corpus (or any
+fairseq data-bin), then a map: one panel per layer type, depth down, learning rate across, each
+cell coloured by its final valid loss and crossed where the run diverged (a non-finite loss, or a
+final valid loss not below the unigram level: the model learned no more than word frequencies).
+
+Each cell is keyed on every option that shapes it (layer type, depths, learning rate, sizes,
+schedule, batch, seed, precision, the data's digest); a finished cell's ``cell.json`` is reused
+by a later sweep with the same key, so a stopped sweep resumes where it stopped and a sweep with
+other options never reuses it. Cells run ``--jobs`` at a time, longest first.
+
+The default grid (width 64, 100 updates) is sized for a 2-core CPU; ``--large`` is the paper-like
+grid for a GPU (``--fp16``/``--bf16``).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from b2t_fairseq import layer_types
+
+from ..commands import run_command
+from ..errors import ToolError
+from ..util import file_digest, json_digest, log, machine, parse_json_log, pyplot, write_json
+
+PROG = "b2t-stability"
+GRIDS = {
+    "default": dict(types="post_ln,pre_ln,b2t", depths="6-6,18-18,12-3,18-1", lrs="0.002,0.004",
+                    dim=64, max_update=100, warmup=30, max_tokens=1024),
+    "large": dict(types=",".join(layer_types.SHORTS), depths="6-6,12-12,18-18,36-36,12-3,18-1,40-6",
+                  lrs="0.0005,0.001,0.002,0.003,0.005", dim=512, max_update=4000, warmup=1000, max_tokens=8192),
+}
+# the Tatoeba data the sweep prepares (b2t_tools/demo/data.py): small vocabulary, a slice of train
+DATA = dict(vocab_size=2000, n_valid=300, n_test=100, max_train=40000, seed=1)
+
+
+# --- options ---------------------------------------------------------------------------------------
+
+def get_parser():
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="stability-out", help="folder for cells, map and JSON (default stability-out)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--corpus", metavar="ZIP", help="Tatoeba deu-eng.zip (default: $B2T_TATOEBA_ZIP, else download)")
+    src.add_argument("--data-bin", metavar="DIR", help="any fairseq-preprocess output (one language pair) instead")
+    p.add_argument("--large", action="store_true", help="the large grid (all layer types, 7 depths, 5 rates, "
+                   "width 512, 4000 updates): for a GPU")
+    p.add_argument("--layer-types", help=f"comma list of {', '.join(layer_types.SHORTS)}, or all "
+                   "(default post_ln,pre_ln,b2t)")
+    p.add_argument("--depths", help="comma list of ENC-DEC layer counts (default 6-6,18-18,12-3,18-1)")
+    p.add_argument("--lrs", help="comma list of peak learning rates (default 0.002,0.004)")
+    p.add_argument("--dim", type=int, help="model width (FFN 4x, width/16 heads, at least 4; default 64)")
+    p.add_argument("--max-update", type=int, help="updates per cell (default 100)")
+    p.add_argument("--warmup", type=int, help="warm-up updates (default 30)")
+    p.add_argument("--max-tokens", type=int, help="tokens per batch (default 1024)")
+    p.add_argument("--seed", type=int, default=1)
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_true", help="train on the GPU in fp16")
+    prec.add_argument("--bf16", action="store_true", help="train on the GPU with bf16 autocast (--b2t-bf16)")
+    p.add_argument("--jobs", type=int, help="cells at a time (default: the CPU cores; 1 on a GPU)")
+    return p
+
+
+def _list(text, flag, conv):
+    try:
+        items = [conv(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        items = []
+    if not items:
+        raise ToolError(f"{flag} {text!r} is not a comma list of values; e.g. {flag} {GRIDS['default'][flag[2:]]}")
+    return items
+
+
+def _depth(text):
+    enc, dec = text.split("-")
+    enc, dec = int(enc), int(dec)
+    if not (1 <= enc <= 200 and 1 <= dec <= 200):
+        raise ValueError(text)
+    return enc, dec
+
+
+def resolve(args):
+    g = dict(GRIDS["large" if args.large else "default"])
+    types = args.layer_types or g["types"]
+    types = ",".join(layer_types.SHORTS) if types == "all" else types
+    cfg = argparse.Namespace(
+        out=Path(args.out), corpus=args.corpus, data_bin=args.data_bin, seed=args.seed,
+        types=_list(types, "--layer-types", str),
+        depths=_list(args.depths or g["depths"], "--depths", _depth),
+        lrs=_list(args.lrs or g["lrs"], "--lrs", float),
+        dim=args.dim or g["dim"], max_update=args.max_update or g["max_update"],
+        warmup=args.warmup if args.warmup is not None else g["warmup"],
+        max_tokens=args.max_tokens or g["max_tokens"],
+        precision="fp16" if args.fp16 else "bf16" if args.bf16 else "cpu",
+    )
+    bad = [t for t in cfg.types if t not in layer_types.BY_SHORT]
+    if bad:
+        raise ToolError(f"--layer-types {bad[0]} is not a layer type; choose from {', '.join(layer_types.SHORTS)}, all")
+    if any(not (math.isfinite(lr) and lr > 0) for lr in cfg.lrs):
+        raise ToolError(f"--lrs {args.lrs} must be positive numbers; e.g. --lrs 0.001,0.002")
+    for flag, v in (("--dim", cfg.dim), ("--max-update", cfg.max_update), ("--max-tokens", cfg.max_tokens)):
+        if v < 1:
+            raise ToolError(f"{flag} {v} must be at least 1")
+    if cfg.dim < 8:
+        raise ToolError(f"--dim {cfg.dim} is too narrow; use at least 8")
+    cfg.heads = max(2, cfg.dim // 16)
+    if cfg.dim % cfg.heads:
+        raise ToolError(f"--dim {cfg.dim} is not divisible into {cfg.heads} attention heads; use a multiple of 16")
+    cfg.jobs = args.jobs or (1 if cfg.precision != "cpu" else max(1, os.cpu_count() or 1))
+    return cfg
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+def find_data(cfg):
+    """The data-bin to train on, its digest (part of every cell's key) and its unigram level."""
+    if cfg.data_bin:
+        data_bin = Path(cfg.data_bin)
+        if not (data_bin / "dict.txt").exists() and not list(data_bin.glob("dict.*.txt")):
+            raise ToolError(f"--data-bin {data_bin} holds no fairseq dictionary (dict.*.txt); pass the folder "
+                           "fairseq-preprocess wrote (its --destdir)")
+    else:
+        from ..demo import data
+
+        zip_path = data.find_corpus(cfg.corpus, cfg.out / "cache", log=log)
+        data_bin = data.prepare(zip_path, cfg.out / "cache", log=log, **DATA) / "bin"
+    digest = json_digest(sorted((f.name, file_digest(f)) for f in data_bin.iterdir() if f.is_file()))
+    return data_bin, digest, unigram_level(data_bin)
+
+
+def unigram_level(data_bin):
+    """Cross-entropy (bits/token, eos included) of the valid targets under the add-one unigram model of the
+    train targets over the target dictionary: what a model that learned word frequencies only reaches."""
+    import numpy as np
+    from fairseq.data import data_utils
+
+    pairs = sorted(p.name.split(".")[1] for p in Path(data_bin).glob("train.*.bin"))
+    if not pairs:
+        raise ToolError(f"--data-bin {data_bin} has no train split (train.SRC-TGT.TGT.bin); binarize a train split")
+    pair = pairs[0]
+    tgt = pair.split("-")[1]
+
+    def tokens(split):
+        ds = data_utils.load_indexed_dataset(str(Path(data_bin) / f"{split}.{pair}.{tgt}"), None)
+        if ds is None:
+            raise ToolError(f"--data-bin {data_bin} has no {split} split for {pair}; binarize one")
+        return np.concatenate([ds[i].numpy() for i in range(len(ds))])
+
+    from fairseq.data import Dictionary
+
+    n = len(Dictionary.load(str(Path(data_bin) / f"dict.{tgt}.txt")))  # the model's output vocabulary
+    train, valid = tokens("train"), tokens("valid")
+    counts = np.bincount(train, minlength=n)[:n] + 1.0
+    return float(-np.log2(counts[valid] / counts.sum()).mean())
+
+
+# --- cells -----------------------------------------------------------------------------------------
+
+def cells(cfg, digest):
+    out = []
+    for t in cfg.types:
+        for enc, dec in cfg.depths:
+            for lr in cfg.lrs:
+                shape = dict(layer_type=t, encoder_layers=enc, decoder_layers=dec, lr=lr, dim=cfg.dim,
+                             heads=cfg.heads, max_update=cfg.max_update, warmup=cfg.warmup,
+                             max_tokens=cfg.max_tokens, seed=cfg.seed, precision=cfg.precision, data=digest)
+                key = json_digest(shape)
+                out.append(dict(shape, key=key, name=f"{t}-{enc}-{dec}-lr{lr:g}-{key[:8]}"))
+    return out
+
+
+def train_command(cell, data_bin, cell_dir):
+    d = cell["dim"]
+    cmd = [str(data_bin),
+           "--arch", f"transformer_{cell['layer_type']}_tiny", "--share-all-embeddings",
+           "--encoder-layers", cell["encoder_layers"], "--decoder-layers", cell["decoder_layers"],
+           "--encoder-embed-dim", d, "--decoder-embed-dim", d, "--encoder-ffn-embed-dim", 4 * d,
+           "--decoder-ffn-embed-dim", 4 * d, "--encoder-attention-heads", cell["heads"],
+           "--decoder-attention-heads", cell["heads"], "--dropout", "0.1",
+           "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", cell["lr"],
+           "--lr-scheduler", "inverse_sqrt", "--warmup-updates", cell["warmup"], "--warmup-init-lr", "1e-07",
+           "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+           "--max-tokens", cell["max_tokens"], "--max-update", cell["max_update"], "--seed", cell["seed"],
+           "--save-dir", cell_dir / "checkpoints", "--no-save", "--num-workers", "0", "--no-progress-bar",
+           "--log-format", "json", "--log-interval", "10", "--skip-invalid-size-inputs-valid-test",
+           # norms in the log, and a non-finite loss named in one line (patches/layer_monitor.py); the
+           # unigram rule is off: the map judges the final valid loss itself
+           "--log-layer-norms", "--divergence-patience", "0"]
+    cmd += {"cpu": ["--cpu"], "fp16": ["--fp16"], "bf16": ["--b2t-bf16"]}[cell["precision"]]
+    return [str(c) for c in cmd]
+
+
+def finished(cell, cfg):
+    """The record of a finished cell with this key, or None."""
+    try:
+        rec = json.loads((cfg.out / "cells" / cell["name"] / "cell.json").read_text())
+    except (OSError, ValueError):
+        return None  # not run, stopped, or damaged: run it (again)
+    return rec if rec.get("key") == cell["key"] and "returncode" in rec else None
+
+
+def _train_in_child(cell, argv, log_path, threads):
+    """One cell in a forked child (fairseq is imported once, in the parent): b2t-train in-process, its
+    output into the cell's train.log, (wall, CPU) seconds into times.json; never returns."""
+    rc = 1
+    try:
+        import torch
+
+        from ..commands import cli
+        from ..demo import children
+
+        children._die_with(os.getppid())()  # a killed sweep takes its cells down with it
+        torch.set_num_threads(threads)
+        t0, c0 = time.time(), time.process_time()
+        with open(log_path, "w") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+        try:
+            rc = cli.train(argv)
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+        except BaseException as e:  # noqa: BLE001 - recorded as a failed cell
+            print(f"{PROG}: error: {type(e).__name__}: {e}", flush=True)
+            rc = 1
+        write_json(Path(log_path).with_name("times.json"), [time.time() - t0, time.process_time() - c0])
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(rc or 0)  # no atexit handlers of the parent's in the child
+
+
+def run_cells(jobs, n_parallel, on_done):
+    """Fork one child per cell from this (single-threaded) process, n_parallel at a time."""
+    running = {}
+    try:
+        for job in jobs:
+            while len(running) >= n_parallel:
+                pid, st = os.wait()
+                if pid in running:
+                    on_done(running.pop(pid), os.waitstatus_to_exitcode(st))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _train_in_child(*job)
+            running[pid] = job
+        while running:
+            pid, st = os.wait()
+            if pid in running:
+                on_done(running.pop(pid), os.waitstatus_to_exitcode(st))
+    except BaseException:
+        for pid in running:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+        raise
+
+
+def record(cell, rc, seconds, cfg, unigram):
+    cell_dir = cfg.out / "cells" / cell["name"]
+    lines = (cell_dir / "train.log").read_text(errors="replace").splitlines()
+    rec = dict(cell, seconds=round(seconds[0], 1), cpu_seconds=round(seconds[1], 1), returncode=rc, **read_log(lines))
+    rec["status"] = status(rec, unigram)
+    write_json(cell_dir / "cell.json", rec)
+    log(f"  {cell['name']}: {rec['status']}, valid loss {rec['valid_nll_loss']} ({rec['seconds']:.0f} s)")
+    return rec
+
+
+def read_log(lines):
+    """Final train and valid losses, the last update, and the one-line error of a failed run."""
+    train, valid, error, updates = None, None, None, 0
+    for kind, rec in parse_json_log(lines):
+        if kind == "train_inner":
+            train, updates = rec, max(updates, int(float(rec["num_updates"])))
+        elif kind == "valid":
+            valid, updates = rec, max(updates, int(float(rec.get("valid_num_updates", 0))))
+    for line in lines:
+        if ": error: " in line:
+            error = line.split(": error: ", 1)[1].strip()[:400]
+
+    def num(rec, key):
+        try:
+            v = float(rec[key])
+        except (TypeError, KeyError, ValueError):
+            return None
+        return v if math.isfinite(v) else None
+
+    return dict(updates=updates, train_nll_loss=num(train, "nll_loss"), valid_nll_loss=num(valid, "valid_nll_loss"),
+                valid_loss=num(valid, "valid_loss"), error=error)
+
+
+def status(rec, unigram):
+    if rec["error"] and "training diverged" in rec["error"]:
+        return "diverged"
+    if rec["returncode"] != 0:
+        return "failed"
+    if rec["valid_nll_loss"] is None or rec["valid_nll_loss"] >= unigram:
+        return "diverged"
+    return "ok"
+
+
+# --- the map ---------------------------------------------------------------------------------------
+
+def draw_map(records, cfg, unigram, path, title=None):
+    """One panel per layer type: depth down, learning rate across, colour = final valid loss."""
+    import numpy as np
+    from matplotlib.colors import Normalize
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    plt = pyplot()
+    types = [t for t in layer_types.SHORTS if any(r["layer_type"] == t for r in records)]
+    depths = list(dict.fromkeys((r["encoder_layers"], r["decoder_layers"]) for r in records))
+    lrs = sorted({r["lr"] for r in records})
+    losses = [r["valid_nll_loss"] for r in records if r["valid_nll_loss"] is not None]
+    lo = min(losses + [unigram]) - 0.1
+    hi = max(losses + [unigram]) + 0.1
+    norm, cmap = Normalize(lo, hi), plt.get_cmap("viridis")  # perceptually uniform, colour-blind safe
+    panel_w, panel_h = 0.75 * len(lrs) + 0.3, 0.45 * len(depths) + 0.3
+    left, right, top, bottom, gap = 1.2, 1.4, 0.8, 1.5, 0.25  # inches
+    width = left + right + len(types) * panel_w + (len(types) - 1) * gap
+    height = top + bottom + panel_h
+    fig, axes = plt.subplots(1, len(types), figsize=(width, height), squeeze=False, sharey=True)
+    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height, bottom=bottom / height,
+                        wspace=gap / panel_w)
+    by = {(r["layer_type"], r["encoder_layers"], r["decoder_layers"], r["lr"]): r for r in records}
+    for ax, t in zip(axes[0], types):
+        grid = np.full((len(depths), len(lrs)), np.nan)
+        for i, (e, d) in enumerate(depths):
+            for j, lr in enumerate(lrs):
+                r = by.get((t, e, d, lr))
+                if r is None:
+                    continue
+                v = r["valid_nll_loss"]
+                if v is not None:
+                    grid[i, j] = v
+                bad = r["status"] != "ok"
+                ax.text(j, i, ("x " if bad else "") + (f"{v:.2f}" if v is not None else "n/a"), ha="center",
+                        va="center", fontsize=8, color="white" if v is None or norm(v) < 0.6 else "black",
+                        fontweight="bold" if bad else "normal")
+                if bad:
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//",
+                                               edgecolor="#D55E00" if r["status"] == "diverged" else "grey", lw=0))
+        ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
+        ax.set_facecolor("#bbbbbb")
+        ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
+        ax.set_yticks(range(len(depths)), [f"{e}-{d}" for e, d in depths])
+        ax.set_xlabel("peak learning rate (Adam)")
+        lt = layer_types.BY_SHORT[t]
+        ax.set_title(lt.label, color=lt.colour, fontweight="bold")
+    axes[0][0].set_ylabel("layers (encoder-decoder)")
+    sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+    cax = fig.add_axes([1 - (right - 0.25) / width, bottom / height, 0.18 / width, panel_h / height])
+    cb = fig.colorbar(sm, cax=cax)
+    cb.set_label("final valid loss (nll, bits/token)")
+    cb.ax.axhline(unigram, color="#D55E00", lw=2.5)
+    handles = [Patch(facecolor="none", edgecolor="#D55E00", hatch="//",
+                     label="x  diverged: non-finite loss, or final valid loss not below the unigram level"),
+               Line2D([], [], color="#D55E00", lw=2.5,
+                      label=f"unigram level on the colour bar: {unigram:.2f} bits/token (word frequencies only)"),
+               Patch(facecolor="#bbbbbb", label="no valid loss (the run stopped)")]
+    fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(left / width, 0.02), ncol=1, fontsize=8,
+               frameon=False)
+    fig.suptitle(title or (f"Stability map: width {cfg.dim}, {cfg.max_update} updates of {cfg.max_tokens} tokens, "
+                           f"{cfg.warmup} warm-up ({cfg.precision})"), fontsize=10)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --- the sweep -------------------------------------------------------------------------------------
+
+def sweep(cfg):
+    import fairseq_cli.train  # noqa: F401  (imported once here; every forked cell starts with it)
+
+    t0 = time.time()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    data_bin, digest, unigram = find_data(cfg)
+    grid = cells(cfg, digest)
+    done = {c["key"]: finished(c, cfg) for c in grid}
+    todo = sorted((c for c in grid if done[c["key"]] is None),
+                  key=lambda c: -(c["encoder_layers"] + c["decoder_layers"]))  # longest first
+    log(f"{PROG}: {len(grid)} cells ({len(grid) - len(todo)} done before), {min(cfg.jobs, max(1, len(todo)))} at a "
+        f"time; unigram level {unigram:.3f} bits/token")
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    jobs = []
+    for c in todo:
+        (cfg.out / "cells" / c["name"]).mkdir(parents=True, exist_ok=True)
+        jobs.append((c, train_command(c, data_bin, cfg.out / "cells" / c["name"]),
+                     cfg.out / "cells" / c["name"] / "train.log", threads))
+    by_key = {c["key"]: c for c in grid}
+
+    def finish(job, rc):
+        cell = job[0]
+        try:
+            seconds = json.loads((Path(job[2]).with_name("times.json")).read_text())
+        except (OSError, ValueError):
+            seconds = [math.nan, math.nan]
+        done[cell["key"]] = record(by_key[cell["key"]], rc, seconds, cfg, unigram)
+
+    # one fresh fork per cell: no fairseq state carries over from one cell to the next
+    run_cells(jobs, cfg.jobs, finish)
+    records = [dict(done[c["key"]], status=status(done[c["key"]], unigram)) for c in grid]
+    seconds = time.time() - t0
+    summary = dict(grid=dict(layer_types=cfg.types, depths=[f"{e}-{d}" for e, d in cfg.depths], lrs=cfg.lrs,
+                             dim=cfg.dim, heads=cfg.heads, max_update=cfg.max_update, warmup=cfg.warmup,
+                             max_tokens=cfg.max_tokens, seed=cfg.seed, precision=cfg.precision, jobs=cfg.jobs),
+                   unigram_bits=unigram, data=digest, wall_seconds=round(seconds, 1),
+                   cells_cpu_seconds=round(sum(r.get("cpu_seconds") or 0 for r in records), 1),
+                   cells_wall_seconds=round(sum(r.get("seconds") or 0 for r in records), 1), machine=machine(),
+                   cells=[{k: v for k, v in r.items() if k != "name"} for r in records])
+    write_json(cfg.out / "stability.json", summary)
+    draw_map(records, cfg, unigram, cfg.out / "stability.png")
+    for t in cfg.types:
+        row = [r for r in records if r["layer_type"] == t]
+        log(f"  {layer_types.BY_SHORT[t].label}: {sum(r['status'] == 'diverged' for r in row)}/{len(row)} diverged")
+    log(f"map: {cfg.out / 'stability.png'}, cells: {cfg.out / 'stability.json'} ({seconds / 60:.1f} min)")
+    return summary
+
+
+def main(argv=None):
+    return run_command(PROG, lambda a: sweep(resolve(get_parser().parse_args(a))),
+                       sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""b2t-stability (b2t_tools/analysis/stability.py): cells keyed on every option, the unigram level,
+a small sweep that draws its map and JSON and resumes without redoing finished cells."""
+
+import collections
+import json
+import math
+
+import pytest
+from helpers import assert_one_line_error, run
+
+from b2t_tools.analysis import stability
+
+
+def _cfg(*argv):
+    return stability.resolve(stability.get_parser().parse_args(list(argv)))
+
+
+def test_cells_are_keyed_on_every_option():
+    base = _cfg("--layer-types", "post_ln,b2t", "--depths", "6-6,12-3", "--lrs", "0.001,0.002")
+    grid = stability.cells(base, "data1")
+    assert len(grid) == 2 * 2 * 2 and len({c["key"] for c in grid}) == 8
+    assert {(c["encoder_layers"], c["decoder_layers"]) for c in grid} == {(6, 6), (12, 3)}
+    same = {c["key"] for c in stability.cells(base, "data1")}
+    assert same == {c["key"] for c in grid}
+    for flag, value in (("--dim", "32"), ("--max-update", "50"), ("--warmup", "5"), ("--max-tokens", "512"),
+                        ("--seed", "2")):
+        other = stability.cells(_cfg("--layer-types", "post_ln,b2t", "--depths", "6-6,12-3", "--lrs", "0.001,0.002",
+                                     flag, value), "data1")
+        assert not same & {c["key"] for c in other}, flag
+    assert not same & {c["key"] for c in stability.cells(base, "data2")}  # other data
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--depths", "6x6"], "--depths"),
+    (["--layer-types", "post,b2t"], "--layer-types post"),
+    (["--lrs", "0.001,-1"], "--lrs"),
+])
+def test_bad_options_are_one_line(argv, fragment, tmp_path):
+    p = run(["b2t-stability", "--out", tmp_path / "o", "--data-bin", tmp_path, *argv], check=False)
+    assert p.returncode == 2
+    assert_one_line_error(p.stderr, "b2t-stability", fragment)
+
+
+def test_unigram_level_from_the_text(toy_data_bin, tmp_path):
+    # the toy corpus again as text (same seed): counts of train.de words + eos, add-one over the dictionary
+    from helpers import write_toy_corpus
+
+    raw = write_toy_corpus(tmp_path / "raw")
+    counts = collections.Counter()
+    for line in open(raw / "train.de"):
+        counts.update(line.split() + ["</s>"])
+    vocab = 4 + sum(1 for _ in open(toy_data_bin / "dict.de.txt"))
+    total = sum(counts.values()) + vocab
+    valid = [w for line in open(raw / "valid.de") for w in line.split() + ["</s>"]]
+    expected = -sum(math.log2((counts[w] + 1) / total) for w in valid) / len(valid)
+    assert stability.unigram_level(toy_data_bin) == pytest.approx(expected, rel=1e-9)
+
+
+def test_small_sweep_draws_and_resumes(toy_data_bin, tmp_path):
+    out = tmp_path / "sweep"
+    argv = ["b2t-stability", "--out", out, "--data-bin", toy_data_bin, "--layer-types", "post_ln,b2t",
+            "--depths", "2-1,3-3", "--lrs", "0.003", "--dim", "16", "--max-update", "3", "--warmup", "1",
+            "--max-tokens", "500", "--jobs", "2"]
+    p = run(argv)
+    assert "4 cells (0 done before)" in p.stdout + p.stderr
+    summary = json.loads((out / "stability.json").read_text())
+    assert (out / "stability.png").stat().st_size > 10_000
+    cells = summary["cells"]
+    assert [(c["layer_type"], c["encoder_layers"], c["decoder_layers"]) for c in cells] == [
+        ("post_ln", 2, 1), ("post_ln", 3, 3), ("b2t", 2, 1), ("b2t", 3, 3)]
+    for c in cells:
+        assert c["updates"] == 3 and c["returncode"] == 0, c
+        assert c["status"] == ("ok" if c["valid_nll_loss"] < summary["unigram_bits"] else "diverged")
+    # a stopped sweep: one cell's result lost; only that cell runs again
+    first = {c["key"]: c["seconds"] for c in cells}
+    lost = next(iter((out / "cells").glob("b2t-3-3-*"))) / "cell.json"
+    lost.unlink()
+    p = run(argv)
+    assert "4 cells (3 done before)" in p.stdout + p.stderr
+    again = json.loads((out / "stability.json").read_text())["cells"]
+    assert [c["key"] for c in again] == list(first)
+    assert sum(c["seconds"] != first[c["key"]] for c in again) <= 1
+
+
+def test_demo_heat_map_reads_the_logged_norms(tmp_path):
+    """The b2t-demo report's heat map (demo/report.py) takes each layer's norms from a run's json log."""
+    import argparse
+
+    from b2t_tools.demo import report
+
+    lines = []
+    for u in (5, 10, 15):
+        rec = {"epoch": 1, "num_updates": str(u), "loss": "9.1"}
+        rec.update({f"{s}{i:02d}_gnorm": str(10.0 ** (-i if s == "enc" else 0) * u) for s in ("enc", "dec")
+                    for i in range(3)})
+        lines.append("INFO:train_inner:" + json.dumps(rec))
+    series = report.layer_norm_series(lines)
+    assert sorted(series) == [5, 10, 15] and series[10]["enc02_gnorm"] == pytest.approx(0.1)
+    runs = tmp_path / "runs"
+    records = []
+    for label, arch in (("Post-LN", "post_ln"), ("B2T", "b2t")):
+        (runs / f"{arch}-3L").mkdir(parents=True)
+        (runs / f"{arch}-3L" / "train.log").write_text("\n".join(lines) + "\n")
+        records.append({"arch": arch, "label": label, "layers": 3, "run_dir": f"{arch}-3L"})
+    records.append({"arch": "b2t", "label": "B2T", "layers": 1, "run_dir": "missing"})  # only the deepest are drawn
+    files = report.do_layer_heatmap(tmp_path, records, argparse.Namespace(max_update=15))
+    assert [f[1] for f in files] == ["layer_norms.png"] and "3+3 layers" in files[0][0]
+    assert (tmp_path / "layer_norms.png").stat().st_size > 10_000
+    report.remove_stale(tmp_path, [])  # a report without it removes the old picture
+    assert not (tmp_path / "layer_norms.png").exists()
