@@ -2,8 +2,8 @@
 
 Read by the named architectures (``transformer_b2t.py``), the WMT launcher (``scripts/train.sh``),
 the demo, the benchmark and the GPU script; the Hydra configs in ``configs/`` are generated from
-it (``python -m b2t_tools.wmt.configs --write configs/``) and ``tests/test_configs.py`` checks that
-the committed files are exactly that output. Source: the authors' 2023 command (reference doc, section 3).
+it (``python -m b2t_tools.wmt.configs --write configs/``) and ``tests/test_wmt_configs.py`` checks that
+the committed files are exactly that output. Source: the authors' 2023 command (their README's 18-layer WMT command).
 """
 
 DEEP = 18  # from this depth on, the paper's deep regularization applies

@@ -8,7 +8,7 @@
 # Results go to $OUT if set (the device tool), else results/gpu/: env.txt, train-smoke.tsv,
 # train-smoke.log, bench-gpu.json, bench-gpu.txt, profile-gpu.json (six files).
 #
-# With --fast-path it runs instead only the fast-path checks (issue 12; estimated 5-6 minutes on
+# With --fast-path it runs instead only the fast-path checks (estimated 5-6 minutes on
 # one H200, never more than 8: timeouts of 140 + 140 + 180 s, partial results are kept):
 #   4. b2t-bench, paper sizes, 6 and 18 layers, max-tokens 3584 and 28672 (the recipe's two
 #      batch layouts): stock fairseq against --b2t-fast in fp16 (fairseq --fp16), and the

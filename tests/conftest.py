@@ -48,12 +48,14 @@ def fresh_copy(tmp_path):
     return _copy
 
 
-# End-to-end tests run fairseq commands or training in subprocesses (minutes); unit tests run
-# in-process in seconds: `pytest -m "not e2e"` runs the unit tests alone (under a minute).
+# End-to-end tests (tests/e2e/, and any test that needs a binarized corpus or is marked slow) run
+# fairseq commands or training in subprocesses (minutes); unit tests run in-process in seconds:
+# `pytest -m "not e2e"` runs the unit tests alone (under a minute).
 E2E_FIXTURES = {"toy_data_bin", "tatoeba_zip", "demo_data"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+        in_e2e_folder = "e2e" in Path(str(item.fspath)).relative_to(Path(__file__).parent).parts
+        if in_e2e_folder or E2E_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.e2e)

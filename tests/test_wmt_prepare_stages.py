@@ -1,4 +1,4 @@
-"""b2t-wmt-prepare's stage markers are keyed on options and inputs (issue 13 item 4), the dictionary is capped as
+"""b2t-wmt-prepare's stage markers are keyed on options and inputs, the dictionary is capped as
 fairseq's scaling_nmt does it, and --google-archive binarizes Google's files the same way."""
 
 import tarfile

@@ -22,7 +22,7 @@ checkpoints included); in the default ``stop`` mode no checkpoint is written whi
 above the unigram level after warm-up and either had been below it or a layer's norms jumped, so ``checkpoint_last.pt`` stays the last good state.
 (Non-finite gradients stop fairseq in either mode.)
 
-Relies on (tests/test_layer_monitor.py fails if these change shape):
+Relies on (tests/e2e/test_layer_monitor.py fails if these change shape):
 ``fairseq.trainer.Trainer.train_step(samples, raise_oom=False)``, which fairseq_cli/train.py calls
 inside ``metrics.aggregate("train_inner")`` and which returns the update's logging output (None on
 overflow); ``Trainer.clip_grad_norm(clip_norm)``, called after ``all_reduce_grads`` and

@@ -18,7 +18,7 @@ number is the mean over the K batches of the per-batch norm. Layers are listed l
     b2t-grad-norms DATA-BIN --checkpoint b2t=runs/b2t-18L/checkpoint_last.pt --json gn.json
     b2t-grad-norms DATA-BIN --arch post_ln --arch pre_ln --arch b2t --arch deepnorm --arch admin --layers 18 --png five.png
 
-The default is the paper's three; DeepNorm and Admin (issue 11) are asked for by name.
+The default is the paper's three; DeepNorm and Admin are asked for by name.
 """
 
 import argparse

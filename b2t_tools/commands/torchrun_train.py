@@ -10,7 +10,7 @@ and, on a machine without CUDA, the ones that CPU training needs (gloo, legacy_d
 on CPU refuses the device_ids fairseq passes). Flags given on the command line win.
 
 If a worker dies, torchrun stops the others and exits non-zero (within a few seconds, see
-tests/test_reliability_distributed.py). A worker that hangs instead (stopped, deadlocked, a lost
+tests/e2e/test_torchrun_train.py). A worker that hangs instead (stopped, deadlocked, a lost
 node) is not noticed by torchrun, and the others wait in their next collective for the process
 group's timeout (torch's default: 30 minutes). fairseq's ``--heartbeat-timeout SECONDS`` only
 sends SIGINT, which a process blocked inside a gloo collective never sees; so this launcher also

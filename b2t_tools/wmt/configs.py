@@ -2,7 +2,7 @@
 
 One YAML per layer type and depth (6 and 18 layers per stack): the command that
 ``scripts/train.sh FAMILY LAYERS --gpus 8 --dry-run`` prints, written as fairseq's Hydra sections.
-The committed files are the output of this module; ``tests/test_configs.py`` checks that they still are.
+The committed files are the output of this module; ``tests/test_wmt_configs.py`` checks that they still are.
 
     python -m b2t_tools.wmt.configs --write configs/    # regenerate all of them
     python -m b2t_tools.wmt.configs --check configs/    # exit 2 if a file differs or is missing
@@ -102,7 +102,7 @@ def header(family, layers):
     lines = [f"# {label} {layers}L-{layers}L on WMT'16 En-De, the authors' hyperparameters for 8 GPUs "
              "(3584 x 8 x 16 = 458,752",
              f"# tokens an update). Kept in step with `scripts/train.sh {family} {layers} --gpus 8 --dry-run` "
-             "by tests/test_configs.py.",
+             "by tests/test_wmt_configs.py.",
              f"#   b2t-hydra-train --config-dir configs --config-name {stem} task.data=DATA",
              "# On other GPU counts change distributed_training.distributed_world_size and "
              "optimization.update_freq together.",

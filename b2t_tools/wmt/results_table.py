@@ -1,7 +1,7 @@
 """``b2t-results-table RESULTS...``: every run's JSON (from b2t-wmt-evaluate) as markdown beside the paper.
 
 RESULTS are JSON files or folders holding them. The first table is SacreBLEU (the paper's metric) with
-the paper's 18L-18L rows (Takase et al. 2023, Table; reference section 3); the second is tokenized BLEU
+the paper's 18L-18L rows (Takase et al. 2023, and the authors' README for the 2023 code); the second is tokenized BLEU
 with compound splitting, which the paper does not report (labelled, for comparison with older papers).
 A third table gives each run's provenance: the checkpoint, the checkpoints it averaged and their updates.
 
@@ -31,7 +31,7 @@ from .published import FLAGS as PUBLISHED_FLAGS
 from .published import PAPER_TABLES_NOT_CONFIRMED, PUBLISHED
 
 PROG = "b2t-results-table"
-# SacreBLEU, newstest2010..2016 and their average, 18L-18L (reference section 3)
+# SacreBLEU, newstest2010..2016 and their average, 18L-18L (the paper and the authors' README)
 PAPER = (
     ("paper: Pre-LN 18L", (24.07, 21.98, 22.40, 26.28, 27.36, 29.74, 34.16, 26.57)),
     ("paper: B2T 18L (2022 code)", (24.62, 22.51, 22.86, 26.74, 28.48, 30.99, 34.93, 27.30)),

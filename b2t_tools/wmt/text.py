@@ -1,5 +1,5 @@
 """Moses-compatible text processing for Google's WMT'16 En-De recipe, written from the behaviour of the perl
-scripts (our own code; tests/test_wmt_moses_parity.py runs the real scripts and compares byte for byte).
+scripts (our own code; tests/test_wmt_text.py runs the real scripts and compares byte for byte).
 
 - ``moses_tokenize``   ``tokenizer.perl -q -l LANG`` as it was in mosesdecoder when Google built the archive
   (spring 2017): no ``-a``, XML escapes on, the rules of 2016 (a comma after a number at the end of a line

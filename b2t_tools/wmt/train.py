@@ -10,7 +10,7 @@ refused. Launch modes:
   every node; fairseq reads RANK/LOCAL_RANK/WORLD_SIZE from the environment.
 - ``slurm`` (inside an sbatch allocation): ``srun --ntasks-per-node G b2t-train ... --distributed-port P``;
   fairseq reads SLURM_PROCID/SLURM_LOCALID and the node list.
-- CPU: one process, or ``--cpu-procs P`` gloo processes under torchrun (the flags of reference section 5).
+- CPU: one process, or ``--cpu-procs P`` gloo processes under torchrun (the flags b2t_tools/commands/torchrun_train.py adds).
 
 The save folder gets ``train.log`` (json lines), optional ``tb/`` (tensorboard) and, when training ends
 with status 0, ``DONE``; a folder with ``DONE`` is not trained into again without ``--force``. An
@@ -37,7 +37,7 @@ DEFAULT_DATA = "data-bin/wmt16_en_de_bpe32k"
 
 
 def hyperparameters(layers):
-    """The authors' 2023 command (reference section 3), without the removed --min-lr, as (flag, value) pairs."""
+    """The authors' 2023 command (their README), without the removed --min-lr, as (flag, value) pairs."""
     return recipe.wmt_flags(layers)
 
 
@@ -201,7 +201,7 @@ def build_command(args):
         flags.append(("--fp16", None))
     if world > 1:
         flags.append(("--distributed-world-size", str(world)))
-    if gpus == 0 and world > 1:  # reference section 5: what gloo needs under torchrun
+    if gpus == 0 and world > 1:  # what gloo needs under torchrun (commands/torchrun_train.py)
         flags += [("--distributed-init-method", "env://"), ("--distributed-no-spawn", None),
                   ("--distributed-backend", "gloo"), ("--ddp-backend", "legacy_ddp")]
     if launcher == "slurm":

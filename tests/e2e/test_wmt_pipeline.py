@@ -124,7 +124,7 @@ def _weights(path):
 
 
 def test_progress_check_is_rebuilt_by_evaluate_and_reproduce_table(trained, prepared, mirror, tmp_path):
-    """Issue 13 item 1, end to end: evaluate.sh as a progress check mid-training, training saves a newer
+    """End to end: evaluate.sh as a progress check mid-training, training saves a newer
     checkpoint and finishes; then evaluate.sh and reproduce-table.sh must average and score the new checkpoints
     (they used to reuse the early average and skip the existing result: 0.24 BLEU where the final scored 36.55)."""
     import shutil
@@ -165,7 +165,7 @@ def test_progress_check_is_rebuilt_by_evaluate_and_reproduce_table(trained, prep
     assert result["provenance"]["fingerprint"] != json.loads(early_out)["provenance"]["fingerprint"]
     table = (results / "table.md").read_text()
     assert f"| {name} | checkpoint_avg_update_last1.pt | 1: checkpoint_1_4.pt | 4 |" in table and "stale" not in table
-    # (a re-run that finds everything current redoes nothing: tests/test_provenance.py, in-process)
+    # (a re-run that finds everything current redoes nothing: tests/test_average_and_result_provenance.py, in-process)
 
 
 def torch_equal(a, b):

@@ -1,6 +1,6 @@
-"""Issue 13 item 1: an average and a result record the checkpoints they came from and are rebuilt when
+"""An average and a result record the checkpoints they came from and are rebuilt when
 those change; b2t-results-table refuses a result whose checkpoints changed since. In-process, toy
-checkpoints, decoding replaced by a stub (the real chain runs in tests/test_wmt_pipeline.py)."""
+checkpoints, decoding replaced by a stub (the real chain runs in tests/e2e/test_wmt_pipeline.py)."""
 
 import argparse
 import json
@@ -51,7 +51,7 @@ def test_average_records_its_inputs(run_dir, capsys):
 
 
 def test_progress_check_average_is_not_reused_after_more_checkpoints(run_dir, capsys):
-    """The issue's scenario at the averaging step: evaluate.sh used to reuse any existing average."""
+    """A progress check mid-training, at the averaging step: evaluate.sh used to reuse any existing average."""
     out = run_dir / "avg.pt"
     _average(run_dir, out, capsys)  # a progress check during training: epochs 1-2
     assert float(torch.load(out, weights_only=True)["model"]["w"][0, 0]) == 1.5

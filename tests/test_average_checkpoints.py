@@ -115,7 +115,7 @@ def test_fp16_average_is_fp32_and_exact(tmp_path):
     {"encoder_layers": 18},
 ])
 def test_checkpoints_of_other_models_are_refused(run_dir, tmp_path, capsys, other):
-    """Issue 13 item 6: a B2T and a Post-LN checkpoint have the same parameter names; averaging them used to
+    """A B2T and a Post-LN checkpoint have the same parameter names; averaging them used to
     succeed and label the result B2T."""
     stranger = _ckpt(tmp_path / "stranger.pt", 7, epoch=9, **other)
     rc, err = _main(["--inputs", run_dir / "checkpoint5.pt", stranger, "--output", tmp_path / "o.pt"], capsys)

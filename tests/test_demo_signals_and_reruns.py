@@ -1,4 +1,4 @@
-"""b2t-demo under hostile use (issue 13): stopped by signals, re-run with other options, bad input.
+"""b2t-demo under hostile use: stopped by signals, re-run with other options, bad input.
 
 Runs use a synthetic Tatoeba-like zip (a made-up word-for-word language pair, written here) and
 tiny settings (1+1 layers, width 16, a dozen updates), so each demo run takes seconds.

@@ -1,6 +1,6 @@
 """Two-process CPU training (torchrun, gloo): if one worker dies, the job fails loudly and soon.
 
-The run uses b2t_tools.commands.torchrun_train, which gives each process the flags of reference section 5
+The run uses b2t_tools.commands.torchrun_train, which gives each process the flags gloo needs under torchrun
 (--distributed-rank from torchrun's RANK, env://, no spawn, gloo, legacy_ddp). A sitecustomize
 module on the workers' PYTHONPATH SIGKILLs rank 1 right after its 5th update (or makes it hang).
 """

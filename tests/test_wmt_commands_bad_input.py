@@ -1,4 +1,4 @@
-"""Issue 13 ("one line, never a traceback") for the WMT chain: b2t-average-checkpoints, b2t-wmt-evaluate,
+"""One line, never a traceback, for the WMT chain: b2t-average-checkpoints, b2t-wmt-evaluate,
 b2t-results-table, b2t-wmt-prepare --sums and scripts/train.sh (b2t-wmt-train).
 
 Every case drives the command's in-process ``main(argv)`` and checks the contract: exit status 2, exactly
@@ -194,7 +194,7 @@ CASES = [
     (PREP, PREPARE + ["--sums", "{W}/sums_bad"], "line 2 is not 'MD5 NAME'"),
     (PREP, PREPARE + ["--sums", "{W}/sums_hex"], "line 1 is not 'MD5 NAME'"),
     (PREP, PREPARE + ["--sums", "{W}/sums_bin"], "is not a text file"),
-    # scripts/train.sh (issue 13 item 8): never an --update-freq 0 or negative
+    # scripts/train.sh: never an --update-freq 0 or negative
     (TRAIN, TR + ["--max-tokens", "0"], "--max-tokens 0 is not a positive number"),
     (TRAIN, TR + ["--max-tokens", "-7"], "--max-tokens -7 is not a positive number"),
     (TRAIN, TR + ["--tokens-per-update", "0"], "--tokens-per-update 0 is not a positive number"),
