@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from fairseq import options, tasks
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 import b2t_fairseq  # noqa: F401  (registers transformer_b2t)
 from b2t_tools.util import parse_json_log  # noqa: F401  (re-exported for the tests)
@@ -216,3 +218,42 @@ def run_commands_in_one_process(cases, tmp, env=None):
     (tmp / "driver.py").write_text(DRIVER)
     run([sys.executable, tmp / "driver.py", tmp / "cases.json", tmp / "out.json"], env=env or {})
     return json.loads((tmp / "out.json").read_text())
+
+
+# --- independent implementations for the exactness tests ------------------------------------
+
+def reference_attention(p, prefix, q_in, kv_in, heads, key_pad=None, causal=False):
+    """Multi-head attention from raw weights; inputs are (time, batch, dim)."""
+    lin = lambda x, n: F.linear(x, p[f"{prefix}.{n}.weight"], p[f"{prefix}.{n}.bias"])  # noqa: E731
+    tq, b, d = q_in.shape
+    tk, hd = kv_in.shape[0], d // heads
+    q = lin(q_in, "q_proj") * hd ** -0.5
+    k, v = lin(kv_in, "k_proj"), lin(kv_in, "v_proj")
+    split = lambda x, t: x.reshape(t, b * heads, hd).transpose(0, 1)  # noqa: E731
+    scores = torch.bmm(split(q, tq), split(k, tk).transpose(1, 2)).view(b, heads, tq, tk)
+    if key_pad is not None:
+        scores = scores.masked_fill(key_pad[:, None, None, :], float("-inf"))
+    if causal:
+        scores = scores + torch.triu(torch.full((tq, tk), float("-inf")), 1)
+    out = torch.bmm(scores.softmax(-1).view(b * heads, tq, tk), split(v, tk))
+    return lin(out.transpose(0, 1).reshape(tq, b, d), "out_proj")
+
+
+# --- language models built in-process ------------------------------------------------------
+
+SIZES = ["--decoder-embed-dim", "32", "--decoder-input-dim", "32", "--decoder-output-dim", "32",
+         "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "4",
+         "--decoder-layers", "3"]
+DROPOUT = ["--dropout", "0.1", "--attention-dropout", "0.1", "--activation-dropout", "0.1"]
+NO_DROPOUT = ["--dropout", "0", "--attention-dropout", "0"]
+
+
+def build_lm(data, arch, *extra, seed=1):
+    """As fairseq-train builds it: argv -> args -> Hydra config (transformer_lm is a dataclass model)."""
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [str(data), "--task", "language_modeling", "--arch", arch,
+                                                "--cpu", "--tokens-per-sample", "16", *extra])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(seed)
+    return task.build_model(cfg.model), task, cfg.model

@@ -28,7 +28,9 @@ def test_all_architectures_are_registered():
     assert all(ARCH_MODEL_REGISTRY[a].__name__ == "TransformerB2TModel" for a in EXPECTED)
 
 
-@pytest.mark.parametrize("arch", sorted(EXPECTED))
+# the paper-sized 18-layer models take seconds each to build and train a step: e2e
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a.endswith("_18l") else a
+                                  for a in sorted(EXPECTED)])
 def test_architecture_builds_trains_and_decodes(toy_dicts, arch):
     ln, enc_layers, dec_layers, dim = EXPECTED[arch]
     model, task, args = build(toy_dicts, arch, "--dropout", "0.1")

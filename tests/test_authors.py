@@ -15,14 +15,14 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, TINY, build, run, toy_batch
+from helpers import REPO, TINY, build, reference_attention, run, toy_batch
 
 from b2t_fairseq import authors
 from b2t_fairseq.errors import B2TError
-from b2t_tools.errors import ToolError
 from b2t_fairseq.layers import B2TDecoderLayer, B2TEncoderLayer
 from b2t_tools.commands import authors_argv
 from b2t_tools.commands import import_checkpoint as imp
+from b2t_tools.errors import ToolError
 
 DIMS = dict(encoder_embed_dim=32, decoder_embed_dim=32, encoder_ffn_embed_dim=64, decoder_ffn_embed_dim=64,
             encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=3, decoder_layers=2)
@@ -95,23 +95,6 @@ def fork_ckpt(tmp_path, toy_data_bin):
 
 # --- the B2T equations, computed from the checkpoint's tensors alone ------------------------------
 
-def _attention(p, prefix, q_in, kv_in, heads, key_pad=None, causal=False):
-    """Multi-head attention from raw weights; inputs are (time, batch, dim)."""
-    lin = lambda x, n: F.linear(x, p[f"{prefix}.{n}.weight"], p[f"{prefix}.{n}.bias"])  # noqa: E731
-    tq, b, d = q_in.shape
-    tk, hd = kv_in.shape[0], d // heads
-    q = lin(q_in, "q_proj") * hd ** -0.5
-    k, v = lin(kv_in, "k_proj"), lin(kv_in, "v_proj")
-    split = lambda x, t: x.reshape(t, b * heads, hd).transpose(0, 1)  # noqa: E731
-    scores = torch.bmm(split(q, tq), split(k, tk).transpose(1, 2)).view(b, heads, tq, tk)
-    if key_pad is not None:
-        scores = scores.masked_fill(key_pad[:, None, None, :], float("-inf"))
-    if causal:
-        scores = scores + torch.triu(torch.full((tq, tk), float("-inf")), 1)
-    out = torch.bmm(scores.softmax(-1).view(b * heads, tq, tk), split(v, tk))
-    return lin(out.transpose(0, 1).reshape(tq, b, d), "out_proj")
-
-
 def reference_logits(p, src, prev, pad, b2t=True):
     """y = LN_ffn(x + h + FFN(h)) (B2T) or LN_ffn(h + FFN(h)) (Post-LN), decoder likewise; shared embeddings."""
     from fairseq.modules.sinusoidal_positional_embedding import (
@@ -135,14 +118,14 @@ def reference_logits(p, src, prev, pad, b2t=True):
     x = embed(src)
     for i in range(DIMS["encoder_layers"]):
         n = f"encoder.layers.{i}"
-        h = ln(x + _attention(p, f"{n}.self_attn", x, x, 4, key_pad=src_pad), f"{n}.self_attn_layer_norm")
+        h = ln(x + reference_attention(p, f"{n}.self_attn", x, x, 4, key_pad=src_pad), f"{n}.self_attn_layer_norm")
         x = ln((x if b2t else 0) + h + ffn(h, n), f"{n}.final_layer_norm")
     enc = x
     x = embed(prev)
     for i in range(DIMS["decoder_layers"]):
         n = f"decoder.layers.{i}"
-        h1 = ln(x + _attention(p, f"{n}.self_attn", x, x, 4, causal=True), f"{n}.self_attn_layer_norm")
-        h2 = ln(h1 + _attention(p, f"{n}.encoder_attn", h1, enc, 4, key_pad=src_pad), f"{n}.encoder_attn_layer_norm")
+        h1 = ln(x + reference_attention(p, f"{n}.self_attn", x, x, 4, causal=True), f"{n}.self_attn_layer_norm")
+        h2 = ln(h1 + reference_attention(p, f"{n}.encoder_attn", h1, enc, 4, key_pad=src_pad), f"{n}.encoder_attn_layer_norm")
         x = ln((x if b2t else 0) + h2 + ffn(h2, n), f"{n}.final_layer_norm")
     return F.linear(x.transpose(0, 1), emb)
 

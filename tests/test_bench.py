@@ -39,6 +39,7 @@ def test_quick_run_writes_a_record_per_variant_and_depth(quick_run):
         assert f"target {n}L max-tokens" in stdout
 
 
+@pytest.mark.slow  # a child process or a whole pipeline: e2e
 def test_quick_run_ratios_are_computed_from_the_records(quick_run):
     _, recs, _ = quick_run
     for n in QUICK_LAYERS:

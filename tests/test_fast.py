@@ -312,6 +312,7 @@ def test_left_padded_targets_give_the_plain_losses(data, ln):
     assert b == pytest.approx(a, rel=RTOL, abs=0)
 
 
+@pytest.mark.slow  # a child process or a whole pipeline: e2e
 def test_gpu_checks_fast_path_stops_where_it_needs_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: the script would run for minutes")
@@ -322,6 +323,7 @@ def test_gpu_checks_fast_path_stops_where_it_needs_cuda(tmp_path):
     assert "gpu-checks: error: no CUDA device visible" in p.stderr
 
 
+@pytest.mark.slow  # a child process or a whole pipeline: e2e
 def test_the_gpu_loss_curve_check_runs_and_compares(tmp_path):
     """The part of gpu-checks.sh --fast-path that is plugin code, at CPU sizes: it must run there
     unchanged, and its comparison must tell curves apart."""

@@ -8,31 +8,19 @@ import admin_torch
 import pytest
 import torch
 import torch.nn.functional as F
-from fairseq import options, tasks
-from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq import options
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
+from helpers import DROPOUT, NO_DROPOUT, SIZES, build_lm
 
 from b2t_fairseq import layer_types
 from b2t_fairseq.errors import B2TConfigError
+from b2t_fairseq.layers import (
+    AdminDecoderLayer,
+    B2TDecoderLayer,
+    DeepNormLMLayer,
+    deepnorm_lm_constants,
+)
 from b2t_fairseq.transformer_lm_b2t import TransformerLMB2TConfig
-from b2t_fairseq.layers import AdminDecoderLayer, B2TDecoderLayer, DeepNormLMLayer, deepnorm_lm_constants
-
-SIZES = ["--decoder-embed-dim", "32", "--decoder-input-dim", "32", "--decoder-output-dim", "32",
-         "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "4",
-         "--decoder-layers", "3"]
-DROPOUT = ["--dropout", "0.1", "--attention-dropout", "0.1", "--activation-dropout", "0.1"]
-NO_DROPOUT = ["--dropout", "0", "--attention-dropout", "0"]
-
-
-def build_lm(data, arch, *extra, seed=1):
-    """As fairseq-train builds it: argv -> args -> Hydra config (transformer_lm is a dataclass model)."""
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, [str(data), "--task", "language_modeling", "--arch", arch,
-                                                "--cpu", "--tokens-per-sample", "16", *extra])
-    cfg = convert_namespace_to_omegaconf(args)
-    task = tasks.setup_task(cfg.task)
-    torch.manual_seed(seed)
-    return task.build_model(cfg.model), task, cfg.model
 
 
 def tokens(task, bsz=3, length=9, seed=0):

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from fairseq import checkpoint_utils
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
-from test_authors_compat import _attention
-from test_lm_layers import SIZES, build_lm
+from helpers import SIZES, build_lm, reference_attention
 
 from b2t_fairseq.errors import B2TError
 from b2t_fairseq.layers import B2TDecoderLayer
@@ -74,7 +73,9 @@ def write_fork_lm(path, data, **over):
 
 def reference_lm_logits(p, tokens, pad, b2t=True):
     """Decoder-only Post-LN layers from the raw tensors: y = LN_ffn([x +] h + FFN(h)), h = LN_sa(x + SelfAttn(x))."""
-    from fairseq.modules.sinusoidal_positional_embedding import SinusoidalPositionalEmbedding
+    from fairseq.modules.sinusoidal_positional_embedding import (
+        SinusoidalPositionalEmbedding,
+    )
 
     p = {k: v.float() for k, v in p.items()}
     table = SinusoidalPositionalEmbedding.get_embedding(64, D, pad)
@@ -85,7 +86,7 @@ def reference_lm_logits(p, tokens, pad, b2t=True):
     x = (math.sqrt(D) * p["decoder.embed_tokens.weight"][tokens] + table[positions]).transpose(0, 1)
     for i in range(LAYERS):
         n = f"decoder.layers.{i}"
-        h = ln(x + _attention(p, f"{n}.self_attn", x, x, HEADS, causal=True), f"{n}.self_attn_layer_norm")
+        h = ln(x + reference_attention(p, f"{n}.self_attn", x, x, HEADS, causal=True), f"{n}.self_attn_layer_norm")
         x = ln((x if b2t else 0) + h + ffn(h, n), f"{n}.final_layer_norm")
     return F.linear(x.transpose(0, 1), p["decoder.embed_out"])
 

@@ -18,6 +18,7 @@ print(json.dumps({"codes": codes, "heavy": heavy}))
 '''
 
 
+@pytest.mark.slow  # a child process or a whole pipeline: e2e
 def test_importing_the_plugin_loads_no_tool():
     code = "import sys, b2t_fairseq; print(sorted(m for m in sys.modules if m.split('.')[0] == 'b2t_tools'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from helpers import run, toy_train_argv, write_toy_corpus
 
@@ -148,6 +149,7 @@ print(getattr(Trainer.get_train_iterator, "b2t_exact_resume", False),
 """
 
 
+@pytest.mark.slow  # a child process or a whole pipeline: e2e
 def test_behaviour_changes_only_with_the_switch():
     """Importing the plugin repairs fairseq but changes no behaviour; B2T_FAIRSEQ_STRICT=1 (which our
     commands set for their fairseq workers) adds exact resume and the data-fit check."""

@@ -24,6 +24,7 @@ def _rewrite(path, members):
             tar.addfile(info, io.BytesIO(data))
 
 
+@pytest.mark.slow  # a child process or a whole pipeline: e2e
 def test_bytes_crlf_and_missing_newlines_pass_through_as_the_scripts_do(tmp_path, capsys):
     files = fake.write_archives(tmp_path / "mirror", train=(30, 10, 10), test_size=4)
     _rewrite(files["de-en.tgz"], {"europarl-v7.de-en.en": BAD_EN, "europarl-v7.de-en.de": BAD_DE})

@@ -95,6 +95,7 @@ def test_config_names_a_registered_architecture_of_its_layer_type(arch, layers):
     assert args.ln_position == ln and args.encoder_layers == args.decoder_layers == layers
 
 
+@pytest.mark.slow  # a child process or a whole pipeline: e2e
 def test_check_command_finds_a_changed_or_stray_file(tmp_path):
     assert generator.main(["--write", str(tmp_path)]) == 0
     assert generator.main(["--check", str(tmp_path)]) == 0

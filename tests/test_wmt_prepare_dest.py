@@ -40,6 +40,7 @@ def test_a_folder_we_did_not_make_is_never_replaced(mirror, tmp_path, capsys):
     assert not (tmp_path / "work").exists()  # refused before anything was written
 
 
+@pytest.mark.slow  # a child process or a whole pipeline: e2e
 def test_our_output_is_replaced_and_marked(mirror, tmp_path, capsys):
     work, dest = tmp_path / "work", tmp_path / "bin"
     rc, err = _prepare(mirror, work, dest, capsys)
