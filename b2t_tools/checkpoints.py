@@ -5,12 +5,14 @@ provenance; every tool that loads a checkpoint does it through :func:`read_check
 torch and the plugin when called) and reads how far its run got with :func:`position`.
 """
 
+import errno
+import hashlib
 import os
 import re
 import zipfile
 
 from .errors import ToolError
-from .util import file_digest, json_digest
+from .util import json_digest
 
 EPOCH_RE = re.compile(r"^checkpoint(\d+)\.pt$")
 UPDATE_RE = re.compile(r"^checkpoint_\d+_(\d+)\.pt$")
@@ -64,13 +66,51 @@ def read_checkpoint(path, fix, flag="--inputs", mmap=False, verify=True):
     damage = find_damage(path) if verify else None
     if damage:
         raise ToolError(f"cannot read checkpoint {path} ({damage}: it is truncated or corrupt); {fix}")
+    mmap = mmap and zipfile.is_zipfile(path)  # old non-zip checkpoints cannot be memory-mapped
+    return _load(path, path, fix, mmap)
+
+
+def read_checkpoint_once(path, fix, flag="--inputs", gone=None):
+    """(state, fingerprint) of one open file: both come from the same handle, so a file replaced by a
+    training run in between (checkpoint_last.pt, rotated epoch files) cannot pair the weights of one
+    update with the fingerprint of another. ``gone``: the message for a file removed before it could be
+    opened (default: the "does not exist" one)."""
+    if gone and not os.path.exists(path):
+        raise ToolError(gone)
+    check_checkpoint_file(path, flag)
+    from b2t_fairseq.checkpoint_io import find_damage
+
+    for _ in range(3):  # the damage check reads by path: retry when the path was replaced meanwhile
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise ToolError(gone or f"checkpoint {path} does not exist; check the path") from None
+        with f:
+            st = os.fstat(f.fileno())
+            fp = _fingerprint_handle(f, st.st_size)
+            try:
+                damage = find_damage(path)
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+            if now is None or (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns) != \
+                    (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns):
+                continue  # replaced between open and the check: read the new one
+            if damage:
+                raise ToolError(f"cannot read checkpoint {path} ({damage}: it is truncated or corrupt); {fix}")
+            f.seek(0)
+            return _load(f, path, fix, mmap=False), fp
+    raise ToolError(f"checkpoint {path} kept changing while it was read (a training run is saving it); "
+                    "re-run when the run has saved it")
+
+
+def _load(source, path, fix, mmap):
     import pickle
 
     import torch
 
     try:
-        mmap = mmap and zipfile.is_zipfile(path)  # old non-zip checkpoints cannot be memory-mapped
-        state = torch.load(path, map_location="cpu", weights_only=True, **({"mmap": True} if mmap else {}))
+        state = torch.load(source, map_location="cpu", weights_only=True, **({"mmap": True} if mmap else {}))
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise ToolError(f"cannot read checkpoint {path} (UnpicklingError: {_first_line(e)}: it is truncated or "
@@ -86,6 +126,50 @@ def read_checkpoint(path, fix, flag="--inputs", mmap=False, verify=True):
     return state
 
 
+def write_checkpoint(state, path, flag):
+    """checkpoint_io.save (atomic: path keeps its old content on any failure), with a full disk, a
+    file-size limit or torch's zip writer failing on either ("unexpected pos") as one line."""
+    from b2t_fairseq import checkpoint_io
+
+    try:
+        checkpoint_io.save(state, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise ToolError(f"cannot write {flag} {path} ({e.strerror or e}: the disk is full or a file-size limit "
+                            f"was hit; {path} is unchanged); free some space, raise the limit (ulimit -f) or "
+                            f"choose another {flag}") from None
+        raise ToolError(f"cannot write {flag} {path} ({e.strerror or e}; it is unchanged); choose another {flag}"
+                        ) from None
+    except RuntimeError as e:
+        if "unexpected pos" not in str(e) and "failed writing" not in str(e):
+            raise
+        raise ToolError(f"cannot write {flag} {path} (torch's writer stopped: {_first_line(e)}; the disk is likely "
+                        f"full or a file-size limit was hit; {path} is unchanged); free some space, raise the limit "
+                        f"(ulimit -f) or choose another {flag}") from None
+
+
+def run_id(state):
+    """The training run a loaded checkpoint belongs to (extra_state['b2t_run'], written by the plugin's
+    run_identity patch), or None for checkpoints saved without it."""
+    extra = state.get("extra_state")
+    rid = extra.get("b2t_run") if isinstance(extra, dict) else None
+    return rid if isinstance(rid, str) and rid else None
+
+
+def _fingerprint_handle(f, size):
+    try:
+        f.seek(0)
+        with zipfile.ZipFile(f) as z:
+            entries = [(i.filename, i.file_size, i.CRC) for i in z.infolist()]
+        return "zipcrc:" + json_digest([size, entries], 32)
+    except (zipfile.BadZipFile, EOFError, ValueError):
+        f.seek(0)
+        h = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+        return "sha256:" + h.hexdigest()[:32]
+
+
 def _first_line(e):
     return ((str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
 
@@ -99,13 +183,8 @@ def fingerprint(path):
     SHA-256 of the whole file costs seconds per GB (10 inputs of an 18-layer run at every check).
     CRC-32 guards against accidents, not forgery. Old (non-zip) files get a SHA-256 of their bytes.
     """
-    size = os.path.getsize(path)
-    try:
-        with zipfile.ZipFile(path) as z:
-            entries = [(i.filename, i.file_size, i.CRC) for i in z.infolist()]
-        return "zipcrc:" + json_digest([size, entries], 32)
-    except (zipfile.BadZipFile, EOFError, ValueError):
-        return "sha256:" + file_digest(path, n=32)
+    with open(path, "rb") as f:
+        return _fingerprint_handle(f, os.fstat(f.fileno()).st_size)
 
 
 def position(state, path=None):

@@ -22,6 +22,7 @@ from . import (
     layer_type_guard,
     numpy_compat,
     remainder_batches,
+    run_identity,
     torch_load,
 )
 
@@ -35,6 +36,7 @@ REPAIRS = [
     layer_type_guard.install,    # a B2T/DeepNorm/Admin checkpoint is not run as another layer type
     data_files.install,          # damaged .bin/.idx/dict files one line
     numpy_compat.install,        # np.compat.long and friends, removed in numpy 2 (language modelling, buckets)
+    run_identity.install,        # every checkpoint names its training run (averages never mix runs)
 ]
 
 BEHAVIOUR = [

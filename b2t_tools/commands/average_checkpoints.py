@@ -6,11 +6,15 @@ Pick the inputs explicitly (``--inputs a.pt b.pt``) or from a folder: the last N
 (``checkpoint_E_U.pt``, ``--num-update-checkpoints N``), optionally at or below ``--checkpoint-upper-bound``.
 Floating-point parameters are summed in float64, divided by N and stored in float32 (fp16 training
 saves fp16 weights; the authors' averaging script, fairseq's, writes fp32 too); everything else
-(config, training state) comes from the newest input, as fairseq's script does. Checkpoints whose
+(config, training state) comes from the newest input by update number (then epoch), whatever the
+order of ``--inputs``, as fairseq's script does. Checkpoints whose
 model configurations differ (B2T vs Post-LN, other sizes: see MODEL_KEYS) are refused, since their
-parameter names are the same.
+parameter names are the same, and so are checkpoints of different training runs (the run identity the
+plugin stores in every checkpoint's extra_state, see b2t_fairseq/patches/run_identity.py; checkpoints
+saved without one are averaged as before).
 Checkpoints are read with ``checkpoints.read_checkpoint`` (torch's safe weights-only loader, after a
-check of the zip archive and its CRCs).
+check of the zip archive and its CRCs); each input's weights and fingerprint come from one open file,
+so a checkpoint a running training replaces meanwhile is recorded as the content that was averaged.
 
 Provenance: the average records what it was built from under the top-level key ``b2t_average``
 (fairseq ignores it): the selection rule (folder, epoch/update, N, upper bound) and, for every input,
@@ -22,13 +26,10 @@ uses it, so a progress-check average is never reused once training has saved new
 
 import argparse
 import collections
-import errno
 import os
 import sys
 
 import torch
-
-from b2t_fairseq import checkpoint_io
 
 from ..checkpoints import (  # noqa: F401
     EPOCH_RE,
@@ -39,14 +40,20 @@ from ..checkpoints import (  # noqa: F401
     last_checkpoints,
     position,
     read_checkpoint,
+    read_checkpoint_once,
+    run_id,
+    write_checkpoint,
 )
 from ..errors import ToolError, is_one_line
 from ..util import check_writable
 from . import run_command
 
 
+FIX = "delete it and average other checkpoints"
+
+
 def load(path, mmap=False):
-    return read_checkpoint(path, "delete it and average other checkpoints", mmap=mmap)
+    return read_checkpoint(path, FIX, mmap=mmap)
 
 
 # --- provenance -------------------------------------------------------------------------------
@@ -55,10 +62,22 @@ PROVENANCE_KEY = "b2t_average"
 PROVENANCE_VERSION = 1
 
 
-def source_record(path, state):
+def gone_message(path):
+    return (f"checkpoint {path} was removed while the inputs were being read (likely a training run rotating its "
+            "checkpoints: --keep-last-epochs / --keep-interval-updates); re-run b2t-average-checkpoints, or "
+            "average checkpoints the run keeps")
+
+
+def source_record(path, state, fp=None):
     epoch, updates = position(state, path)
     return {"name": os.path.basename(path), "path": os.path.abspath(path), "epoch": epoch, "num_updates": updates,
-            "fingerprint": fingerprint(path)}
+            "fingerprint": fp or fingerprint(path)}
+
+
+def _age(state, path):
+    """How far a checkpoint's run got, comparable across inputs: (update number, epoch), unknown lowest."""
+    epoch, updates = position(state, path)
+    return (updates if isinstance(updates, int) else -1, epoch if isinstance(epoch, int) else -1)
 
 
 def read_provenance(path):
@@ -132,15 +151,24 @@ def average(paths, selection=None):
                            "count double in the average)")
         seen.add(os.path.realpath(path))
     sums, newest, keys, first_config, sources = collections.OrderedDict(), None, None, None, []
+    first_run = None
     for path in paths:
-        state = load(path)
-        sources.append(source_record(path, state))
+        state, fp = read_checkpoint_once(path, FIX, gone=gone_message(path))
+        sources.append(source_record(path, state, fp))
         params = state["model"]
         config = model_config(state)
+        rid = run_id(state)
         if keys is None:
-            keys, newest, first_config = list(params), state, config
+            keys, newest, newest_path, first_config = list(params), state, path, config
         else:
             check_same_model(first_config, path, config, paths)
+            if _age(state, path) > _age(newest, newest_path):  # the training state comes from the newest input
+                newest, newest_path = state, path
+        if rid is not None and first_run is not None and rid != first_run[1]:
+            raise ToolError(f"{path} is from another training run than {first_run[0]} (run {rid} vs {first_run[1]}: "
+                           "a run started afresh in the same folder?); average checkpoints of one training run only")
+        if rid is not None and first_run is None:
+            first_run = (path, rid)
         if set(params) != set(keys):
             diff = sorted(set(params) ^ set(keys))[:3]
             raise ToolError(f"{path} has other parameters than {paths[0]} (e.g. {', '.join(diff)}); average "
@@ -166,12 +194,7 @@ def average(paths, selection=None):
 
 
 def save(state, output):
-    try:
-        checkpoint_io.save(state, output)  # atomic; Ctrl-C leaves the old --output and exits 130
-    except OSError as e:
-        full = e.errno == errno.ENOSPC
-        raise ToolError(f"cannot write --output {output} ({e.strerror or e}); "
-                       + ("free some space or choose another --output" if full else "choose another --output")) from None
+    write_checkpoint(state, output, "--output")  # atomic; Ctrl-C or a full disk leaves the old --output
 
 
 def parse_args(argv):
@@ -234,14 +257,20 @@ def run(argv):
     args = parse_args(argv)
     paths = select_inputs(args)
     check_output(args.output, paths)
-    if args.reuse_if_current and os.path.exists(args.output):
-        why = stale_reason(args.output, paths)
-        if why is None:
-            print(f"{args.output} is up to date (averaged from {', '.join(map(os.path.basename, paths))}); "
-                  "reused")
-            return
-        print(f"{args.output} is out of date: {why}; averaging again")
-    state = average(paths, selection_of(args))
+    try:
+        if args.reuse_if_current and os.path.exists(args.output):
+            why = stale_reason(args.output, paths)
+            if why is None:
+                print(f"{args.output} is up to date (averaged from {', '.join(map(os.path.basename, paths))}); "
+                      "reused")
+                return
+            print(f"{args.output} is out of date: {why}; averaging again")
+        state = average(paths, selection_of(args))
+    except FileNotFoundError as e:  # an input rotated away between selection and reading
+        gone = next((p for p in paths if not os.path.exists(p)), None)
+        if gone is None:
+            raise
+        raise ToolError(gone_message(gone)) from None
     save(state, args.output)
     print(f"averaged {len(paths)} checkpoint(s) into {args.output}:")
     for path in paths:

@@ -27,19 +27,30 @@ transformer_lm_b2t ones (B2T, Post-LN or Pre-LN, as their args say).
 """
 
 import argparse
+import os
 import sys
 
 from b2t_fairseq.authors import convert_state, is_fork_checkpoint
-from b2t_fairseq import checkpoint_io
 
-from ..checkpoints import read_checkpoint
+from ..checkpoints import read_checkpoint, write_checkpoint
 from ..errors import ToolError
+from ..util import check_writable
 from . import run_command
 
 PROG = "b2t-import-checkpoint"
 
 
+def check_output(src, dst):
+    """Refuse OUT.pt that is IN.pt (the authors' original would be overwritten) or cannot be written,
+    before the input is read."""
+    if os.path.exists(src) and os.path.realpath(src) == os.path.realpath(dst):
+        raise ToolError(f"OUT.pt {dst} is IN.pt: the import would overwrite the authors' original; write the "
+                        "converted checkpoint to another file")
+    check_writable(dst, "OUT.pt")
+
+
 def import_file(src, dst, init=None):
+    check_output(src, dst)
     state = read_checkpoint(src, "pass the authors' checkpoint file (e.g. b2t_layer18_ave10.pt), downloaded again",
                             flag="IN.pt")
     if not isinstance(state.get("args"), argparse.Namespace):
@@ -48,7 +59,7 @@ def import_file(src, dst, init=None):
     if not is_fork_checkpoint(state):
         raise ToolError(f"{src} is already a transformer_b2t checkpoint (arch {state['args'].arch}); use it as it is")
     new = convert_state(state, where=src, init=init)
-    checkpoint_io.save(new, dst)  # atomic; Ctrl-C leaves OUT.pt as it was and exits 130
+    write_checkpoint(new, dst, "OUT.pt")  # atomic; Ctrl-C or a full disk leaves OUT.pt as it was
     return new
 
 
