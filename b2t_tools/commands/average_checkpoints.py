@@ -266,7 +266,7 @@ def run(argv):
                 return
             print(f"{args.output} is out of date: {why}; averaging again")
         state = average(paths, selection_of(args))
-    except FileNotFoundError as e:  # an input rotated away between selection and reading
+    except FileNotFoundError:  # an input rotated away between selection and reading
         gone = next((p for p in paths if not os.path.exists(p)), None)
         if gone is None:
             raise
