@@ -43,7 +43,8 @@ PROG = "b2t-import-checkpoint"
 def check_output(src, dst):
     """Refuse OUT.pt that is IN.pt (the authors' original would be overwritten) or cannot be written,
     before the input is read."""
-    if os.path.exists(src) and os.path.realpath(src) == os.path.realpath(dst):
+    same = os.path.samefile(src, dst) if os.path.isfile(src) and os.path.isfile(dst) else False
+    if same or os.path.realpath(src) == os.path.realpath(dst):  # samefile: a link (symbolic or hard) too
         raise ToolError(f"OUT.pt {dst} is IN.pt: the import would overwrite the authors' original; write the "
                         "converted checkpoint to another file")
     check_writable(dst, "OUT.pt")
