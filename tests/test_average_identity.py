@@ -178,9 +178,9 @@ def test_full_disk_while_averaging_is_one_line_and_output_untouched(tmp_path, ca
 
 
 @pytest.fixture
-def fork(tmp_path, toy_data_bin):
+def fork(tmp_path, toy_dicts):
     path = tmp_path / "b2t_layer6.pt"
-    write_fork_checkpoint(path, toy_data_bin)
+    write_fork_checkpoint(path, toy_dicts)  # in-process: the dictionaries give the sizes
     return path
 
 
