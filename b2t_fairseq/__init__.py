@@ -14,5 +14,7 @@ from . import patches  # noqa: E402
 
 patches.install()
 
-from . import transformer_b2t  # noqa: E402,F401  (registers the model and architectures)
-from . import transformer_lm_b2t  # noqa: E402,F401  (the decoder-only model and its architectures)
+from . import (
+    transformer_b2t,  # noqa: E402,F401  (registers the model and architectures)
+    transformer_lm_b2t,  # noqa: E402,F401  (the decoder-only model and its architectures)
+)

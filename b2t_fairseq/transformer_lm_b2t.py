@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum
-from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY, register_model, register_model_architecture
+from fairseq.models import (
+    ARCH_MODEL_REGISTRY,
+    MODEL_REGISTRY,
+    register_model,
+    register_model_architecture,
+)
 from fairseq.models.transformer import TransformerConfig
 from fairseq.models.transformer_lm import (
     TransformerLanguageModel,
@@ -31,7 +36,13 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from . import layer_types, recipe
-from .layers import ADMIN_OUTPUT_CHANGE_SCALES, DEEPNORM_REFERENCES, deepnorm_init_, deepnorm_lm_constants, rescale_init_
+from .layers import (
+    ADMIN_OUTPUT_CHANGE_SCALES,
+    DEEPNORM_REFERENCES,
+    deepnorm_init_,
+    deepnorm_lm_constants,
+    rescale_init_,
+)
 from .transformer_b2t import ADMIN_OMEGA_MODES, _wrap, resolve_layer_type
 
 MODEL = "transformer_lm_b2t"

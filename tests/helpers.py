@@ -1,6 +1,7 @@
 """Shared test helpers (fixtures live in conftest.py): paths, the toy corpus, running commands,
 building models in-process, fairseq log parsing, the one-line error contract."""
 
+import argparse
 import json
 import os
 import random
@@ -257,3 +258,67 @@ def build_lm(data, arch, *extra, seed=1):
     task = tasks.setup_task(cfg.task)
     torch.manual_seed(seed)
     return task.build_model(cfg.model), task, cfg.model
+
+
+# --- checkpoints in the authors' fairseq-0.9 fork format ----------------------------------------
+
+DIMS = dict(encoder_embed_dim=32, decoder_embed_dim=32, encoder_ffn_embed_dim=64, decoder_ffn_embed_dim=64,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=3, decoder_layers=2)
+
+
+def fork_args(data, **over):
+    """The Namespace the fork's train.py saves for the 2023 README command (tiny sizes)."""
+    a = dict(
+        arch="transformer_wmt_en_de", task="translation", data=str(data), source_lang="en", target_lang="de",
+        left_pad_source=True, left_pad_target=False, max_source_positions=1024, max_target_positions=1024,
+        dropout=0.5, attention_dropout=0.0, activation_dropout=0.0, relu_dropout=0.0, activation_fn="relu",
+        encoder_embed_path=None, decoder_embed_path=None, encoder_normalize_before=False,
+        decoder_normalize_before=False, encoder_learned_pos=False, decoder_learned_pos=False,
+        share_all_embeddings=True, share_decoder_input_output_embed=True, no_token_positional_embeddings=False,
+        adaptive_softmax_cutoff=None, adaptive_softmax_dropout=0, adaptive_input=False, no_cross_attention=False,
+        cross_self_attention=False, layer_wise_attention=False, encoder_layerdrop=0, decoder_layerdrop=0,
+        encoder_layers_to_keep=None, decoder_layers_to_keep=None, no_scale_embedding=False, layernorm_embedding=False,
+        decoder_output_dim=32, decoder_input_dim=32,
+        optimizer="adam", adam_betas="(0.9, 0.98)", adam_eps=1e-8, weight_decay=0.0, clip_norm=0.1, lr=[0.001],
+        lr_scheduler="inverse_sqrt", warmup_updates=4000, warmup_init_lr=1e-07, min_lr=1e-09,
+        criterion="label_smoothed_cross_entropy", label_smoothing=0.1, max_tokens=3584, update_freq=[16],
+        max_update=50000, seed=1, fp16=True, keep_last_epochs=10, save_dir="model-save-dir",
+        # the fork's own arguments
+        residual_bottom_to_top=True, no_layer_norm=False, sampling_method="worddrop", enc_replace_rate=0.1,
+        dec_replace_rate=0.1, decay_val=1000, one_emb=None, one_emb_dropout=0.5, one_emb_std=1.0, codenum=64,
+        codebooknum=8, one_emb_inter_dim=0, one_emb_layernum=2, one_emb_relu_dropout=0.1, stop_relu_dropout_update=0,
+        represent_length_by_lrpe=False, represent_length_by_ldpe=False, ordinary_sinpos=False,
+    )
+    a.update(DIMS)
+    a.update(over)
+    return argparse.Namespace(**a)
+
+
+def fork_weights(data, seed=0, dtype=torch.float32):
+    """A stock transformer's state dict with random weights (LayerNorms too), under the fork's key names."""
+    stock, _, _ = build(data, "transformer", *TINY)
+    g = torch.Generator().manual_seed(seed)
+    sd, shared = {}, {}
+    for k, v in stock.state_dict().items():
+        if k == "decoder.output_projection.weight":
+            continue  # fairseq 0.9 projects with the (shared) embedding matrix itself: no such key
+        if torch.is_floating_point(v) and not k.endswith("version"):
+            if v.data_ptr() not in shared:  # one tensor under several names (shared embeddings)
+                shared[v.data_ptr()] = (torch.randn(v.shape, generator=g) * 0.3
+                                        + (1.0 if "layer_norm.weight" in k else 0.0)).to(dtype)
+            v = shared[v.data_ptr()]
+        sd[k.replace("decoder.embed_positions.", "decoder.embed_positions_original.")] = v
+    sd["encoder.embed_positions._float_tensor"] = torch.FloatTensor(1)
+    sd["decoder.embed_positions_original._float_tensor"] = torch.FloatTensor(1)
+    return sd
+
+
+def write_fork_checkpoint(path, data, dtype=torch.float32, seed=0, **over):
+    state = {"args": fork_args(data, **over), "model": fork_weights(data, seed, dtype),
+             "optimizer_history": [{"criterion_name": "LabelSmoothedCrossEntropyCriterion",
+                                    "optimizer_name": "FairseqAdam", "lr_scheduler_state": {"best": 3.9},
+                                    "num_updates": 50000}],
+             "extra_state": {"epoch": 41, "val_loss": 3.9, "train_iterator": {"epoch": 41, "iterations_in_epoch": 0}},
+             "last_optimizer_state": {"state": {}, "param_groups": [{"lr": 2.8e-4, "params": [0]}]}}
+    torch.save(state, path, _use_new_zipfile_serialization=False)  # torch 1.4's format
+    return state

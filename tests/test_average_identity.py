@@ -9,8 +9,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_one_line_error
-from test_authors import write_fork_checkpoint
+from helpers import assert_one_line_error, write_fork_checkpoint
 
 from b2t_tools.checkpoints import fingerprint
 from b2t_tools.commands import average_checkpoints as avg

@@ -15,7 +15,14 @@ import tempfile
 
 from ..commands import run_command
 from ..util import machine
-from .bench import SIZES, build_trainer, fairseq_argv, make_batches, quiet, write_dictionary
+from .bench import (
+    SIZES,
+    build_trainer,
+    fairseq_argv,
+    make_batches,
+    quiet,
+    write_dictionary,
+)
 from .measure import log, run_updates
 
 PROG = "b2t-monitor-cost"

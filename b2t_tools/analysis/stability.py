@@ -27,7 +27,15 @@ from b2t_fairseq import layer_types
 
 from ..commands import run_command
 from ..errors import ToolError
-from ..util import file_digest, json_digest, log, machine, parse_json_log, pyplot, write_json
+from ..util import (
+    file_digest,
+    json_digest,
+    log,
+    machine,
+    parse_json_log,
+    pyplot,
+    write_json,
+)
 
 PROG = "b2t-stability"
 GRIDS = {

@@ -48,7 +48,6 @@ from ..errors import ToolError, is_one_line
 from ..util import check_writable
 from . import run_command
 
-
 FIX = "delete it and average other checkpoints"
 
 

@@ -35,7 +35,13 @@ from ..commands import run_command
 from ..errors import ToolError
 from ..util import log
 from . import children, data, lm
-from .report import do_grad_norms, do_layer_heatmap, do_stability_map, table_md, write_report
+from .report import (
+    do_grad_norms,
+    do_layer_heatmap,
+    do_stability_map,
+    table_md,
+    write_report,
+)
 from .runs import do_run
 
 ARCHS = layer_types.PAPER_SHORTS

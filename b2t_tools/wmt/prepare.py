@@ -410,9 +410,9 @@ def write_vocab(paths, dest):
 
 
 def learn_and_apply_bpe(google, merges, workers):
-    from subword_nmt.learn_bpe import learn_bpe
-
     import io
+
+    from subword_nmt.learn_bpe import learn_bpe
 
     joint = google / "bpe.joint.tmp"
     both = b"".join((google / f"train.tok.clean.{lang}").read_bytes() for lang in ("de", "en"))  # cat de en

@@ -111,7 +111,7 @@ def test_ctrl_c_during_an_average_save(tmp_path):
 
 
 def test_ctrl_c_during_an_import_save(tmp_path, toy_data_bin):
-    from test_authors_compat import write_fork_checkpoint
+    from helpers import write_fork_checkpoint
 
     src = tmp_path / "fork.pt"
     write_fork_checkpoint(src, toy_data_bin)
