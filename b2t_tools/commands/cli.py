@@ -56,7 +56,8 @@ def _with_user_dir(argv, hydra=False):
 
 # fairseq's parser for each command (fairseq.options)
 PARSERS = {"b2t-train": "get_training_parser", "b2t-generate": "get_generation_parser",
-           "b2t-interactive": "get_interactive_generation_parser", "b2t-validate": "get_validation_parser"}
+           "b2t-interactive": "get_interactive_generation_parser", "b2t-validate": "get_validation_parser",
+           "b2t-eval-lm": "get_eval_lm_parser"}
 
 
 def parse_args(prog, argv):
