@@ -112,12 +112,12 @@ def run_fairseq(main, argv=None, hydra=False, prog=None, setup=None):
         args = parse_args(prog, argv)
         preflight.check(args, prog)
         if prog == "b2t-train":
-            lock_save_dir(args)  # one writer per --save-dir
             preflight.check_resume(args)  # another layer type or other data (preflight.py)
             done = preflight.finished_run(args)  # fairseq would train one more update (preflight.py)
             if done:
                 print(f"{prog}: {done}", file=sys.stderr)
                 return 0
+            lock_save_dir(args)  # one writer per --save-dir (after the read-only checks: they touch nothing)
         if setup is not None:
             setup(args)
         return main()
