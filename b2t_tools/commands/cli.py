@@ -113,18 +113,68 @@ def run_fairseq(main, argv=None, hydra=False, prog=None, setup=None):
         args = parse_args(prog, argv)
         preflight.check(args, prog)
         if prog == "b2t-train":
+            lock_save_dir(args)  # one writer per --save-dir, before reading its checkpoints
+            preflight.check_resume(args)  # another layer type or other data (preflight.py)
             done = preflight.finished_run(args)  # fairseq would train one more update (preflight.py)
             if done:
                 print(f"{prog}: {done}", file=sys.stderr)
                 return 0
+            claim_save_dir()  # write our pid in the lock only now: a finished run touches nothing
         if setup is not None:
             setup(args)
         return main()
 
-    rc = run_command(prog, work)
+    try:
+        rc = run_command(prog, work)
+    finally:
+        while _held_locks:  # several commands may run in one process (tests, the wmt driver)
+            _held_locks.pop().close()
     if rc:
         raise SystemExit(rc)
     return rc
+
+
+LOCK_NAME = ".b2t-train.lock"
+_held_locks = []  # open lock files, held until the command returns (or the process ends)
+
+
+def lock_save_dir(args):
+    """Refuse a second b2t-train writing the same --save-dir (they would share NAME.tmp files and one would
+    resume from the other's checkpoint). flock: the kernel drops the lock when the process ends, however
+    it ends, so no stale lock is left. Only the process that writes checkpoints takes it (global rank 0
+    under torchrun; fairseq's own spawned workers never reach here)."""
+    import fcntl
+
+    if getattr(args, "no_save", False) or os.environ.get("RANK", "0") != "0":
+        return
+    save_dir = getattr(args, "save_dir", None) or "checkpoints"
+    os.makedirs(save_dir, exist_ok=True)
+    path = os.path.join(save_dir, LOCK_NAME)
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise ToolError(f"--save-dir {save_dir}: cannot open its lock file {path} ({e.strerror}); pass a folder "
+                        "that can be written") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = " ".join(f.read().split()) or "another process"
+        f.close()
+        raise ToolError(f"--save-dir {save_dir} is being written by another b2t-train ({holder}); wait for it to "
+                        "finish or stop it, or pass another --save-dir") from None
+    _held_locks.append(f)
+
+
+def claim_save_dir():
+    """Write who holds the --save-dir lock into it (named by a second b2t-train refused)."""
+    import socket
+
+    for f in _held_locks:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
 
 
 def train(argv=None):

@@ -7,10 +7,19 @@ headers, no model): a finished run, and bad values fairseq would take for a trac
 fairseq bug for our users: a finished run must stay finished. b2t-train reads the checkpoint it would
 resume from (its pickled header only, memory-mapped: no weights are read) and, if the run is finished,
 says so in one line and exits 0 without starting fairseq.
+
+``check_resume(args)``: the checkpoint b2t-train would resume from must be of the run the command
+describes: the same layer type (a Post-LN checkpoint would otherwise train on as B2T, since the
+load-time guard lets Post-LN weights start any type for fine-tuning) and the same data. Fine-tuning
+from another type is asked for with a --reset-* flag. It runs before ``finished_run``, so "the run is
+finished" never answers a folder of another run.
 """
 
 import os
 import zipfile
+
+from b2t_fairseq import authors, layer_types
+from b2t_fairseq.patches import data_fit
 
 from ..checkpoints import position, read_checkpoint
 from ..errors import ToolError
@@ -44,6 +53,51 @@ def peek(path):
         return read_checkpoint(path, "", flag="--restore-file", mmap=True, verify=False)
     except ToolError:  # unreadable here: fairseq's own load reports it properly
         return None
+
+
+def _command_data(args):
+    """What task_data would record for the command's data (translation only), or None if unknown here."""
+    from fairseq.data import Dictionary
+    from fairseq.data.data_utils import infer_language_pair
+
+    data = getattr(args, "data", None)
+    if getattr(args, "task", None) != "translation" or not isinstance(data, str):
+        return None
+    first = data.split(os.pathsep)[0]
+    src, tgt = getattr(args, "source_lang", None), getattr(args, "target_lang", None)
+    if (src is None or tgt is None) and os.path.isdir(first):
+        src, tgt = infer_language_pair(first)
+    if src is None or tgt is None:
+        return None
+    out = {}
+    for side, lang in (("source", src), ("target", tgt)):
+        path = os.path.join(first, f"dict.{lang}.txt")
+        d = Dictionary.load(path) if os.path.isfile(path) else None
+        out[side] = {"lang": lang, "types": len(d) if d is not None else None,
+                     "md5": data_fit._dict_md5(d) if d is not None else None}
+    return out
+
+
+def check_resume(args):
+    """Refuse resuming a checkpoint of another layer type or other data (ToolError / B2TError)."""
+    if any(getattr(args, f, None) for f in RESETS if f.startswith("reset_")):
+        return  # fine-tuning on purpose: the weights may start another layer type
+    path = resume_path(args)
+    if not os.path.isfile(path):
+        return
+    state = peek(path)
+    if state is None:
+        return
+    have, want = authors.layer_type_of_state(state), authors.layer_type_of_state({"args": args})
+    if have is not None and want is not None and have != want:
+        label = lambda k: layer_types.BY_KEY[k].label if k in layer_types.BY_KEY else k  # noqa: E731
+        raise ToolError(f"{path} holds a {label(have)} run but this command trains {label(want)}, so resuming would "
+                        f"train on as a mixed model; pass the flags of the run that wrote it, start afresh in another "
+                        f"--save-dir, or fine-tune from it on purpose with --reset-optimizer --reset-lr-scheduler "
+                        f"--reset-dataloader --reset-meters")
+    data = _command_data(args)
+    if data is not None:
+        data_fit.check_fits(data_fit.checkpoint_data(state), path, data)
 
 
 def finished_run(args):
