@@ -172,12 +172,21 @@ from b2t_tools.commands import cli
 def no_space(*a, **kw):  # what f.write says on a full disk: ENOSPC, no file name
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+def file_too_big(*a, **kw):  # a file-size limit (ulimit -f) or the file system's largest file
+    raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+def zip_writer_fails(*a, **kw):  # what torch's zip writer raises when a write comes up short
+    raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                       "data/3: file write failed; unexpected pos 1047616 vs 1047552")
+
 def ctrl_c(*a, **kw):
     raise KeyboardInterrupt
 
 real_access = os.access
 PATCHES = {
     "full_disk": (torch, "save", no_space),
+    "file_too_big": (torch, "save", file_too_big),
+    "zip_writer_fails": (torch, "save", zip_writer_fails),
     "ctrl_c": (fairseq.trainer.Trainer, "train_step", ctrl_c),
     "read_only": (os, "access", lambda p, mode, **kw: False if str(p).startswith(os.environ["RO"]) else real_access(p, mode)),
 }

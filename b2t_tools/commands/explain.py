@@ -116,6 +116,9 @@ def _explain_os_error(e, prog):
         keep = (" (--no-epoch-checkpoints, --keep-last-epochs N and --keep-interval-updates N keep fewer "
                 "checkpoints; a run resumes from its last intact checkpoint)") if prog.endswith("train") else ""
         return f"no space left on the device{name}; free space there or write to a disk with room{keep}"
+    if e.errno == errno.EFBIG:
+        return (f"a file{name} would be larger than this system allows (ulimit -f, or the file system's largest "
+                "file); raise the limit or write to another file system")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and e.filename:
         where = "pass a --save-dir you can write" if prog.endswith("train") else "write to a place you can write"
         return f"cannot write {e.filename} ({e.strerror}); {where}"
@@ -166,6 +169,12 @@ def explain(e, prog):
             msg = _explain_os_error(cause, prog)
             if msg:
                 return msg
+    for cause in _chain(e):
+        if isinstance(cause, RuntimeError) and ("unexpected pos" in str(cause) or "failed writing" in str(cause)):
+            why = "unexpected pos" if "unexpected pos" in str(cause) else "failed writing"
+            return (f"writing a checkpoint failed (torch's writer: '{why}': the disk is full or a file-size limit "
+                    "was hit); free space or raise the limit, then run the same command again (the previous "
+                    "checkpoint is intact: saves are atomic)")
     if isinstance(e, OSError) and str(e).startswith("Model file not found: "):
         path = str(e).split(": ", 1)[1]
         return f"checkpoint {path} not found; fix --path (separate several checkpoints with ':')"

@@ -160,6 +160,8 @@ def bad(toy_data_bin, tmp_path_factory):
         ("temperature_0", "generate", [d, "--path", ck, *GEN, "--temperature", "0"], None),
         ("beam_groups_indivisible", "generate", [d, "--path", ck, *GEN, "--diverse-beam-groups", "3"], None),
         ("full_disk", "train", train("--save-dir", str(tmp / "s4")), "full_disk"),
+        ("file_too_big", "train", train("--save-dir", str(tmp / "s5")), "file_too_big"),
+        ("zip_writer_fails", "train", train("--save-dir", str(tmp / "s6")), "zip_writer_fails"),
         ("ctrl_c", "train", train("--no-save"), "ctrl_c"),
     ]
     return run_commands_in_one_process(cases, tmp, env={"RO": str(tmp / "ro")}), tmp, ck
@@ -190,6 +192,8 @@ def error(bad, name, prog, *words):
     ("restore_de_en", ["translates en->de", "reversed: de->en", "-s en -t de"]),
     ("restore_other_depth", ["does not fit the model", "2 encoder layers", "3 encoder layers", "--encoder-layers"]),
     ("full_disk", ["no space left on the device", "--keep-last-epochs"]),
+    ("file_too_big", ["larger than this system allows", "ulimit -f"]),
+    ("zip_writer_fails", ["writing a checkpoint failed", "unexpected pos", "run the same command again"]),
     ("save_interval_0", ["--save-interval 0", "at least 1"]),
     ("clip_norm_neg", ["--clip-norm -1", "0 or more"]),
     ("inverse_sqrt_no_warmup", ["--warmup-updates 0 divides by zero", "--lr-scheduler fixed"]),
