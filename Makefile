@@ -18,4 +18,4 @@ demo: setup
 	$(VENV)/bin/b2t-demo $(DEMO_ARGS)
 
 test: setup
-	$(PY) -m pytest -ra tests $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=25 tests $(PYTEST_ARGS)
