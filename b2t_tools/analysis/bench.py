@@ -1,5 +1,8 @@
 """b2t-bench: what the B2T connection costs against stock fairseq, in speed and memory.
 
+(Over 400 lines on purpose: the variants, the batches and the interleaved timing loop must stay in
+step, so they are read together; the measurements themselves are in measure.py.)
+
 Builds its variants with identical sizes, seed and batches, each exactly as ``fairseq-train``
 would (fairseq's option parser, ``tasks.setup_task``, ``task.build_model``, ``Trainer``):
 

@@ -1,5 +1,7 @@
 """``b2t-wmt-prepare``: rebuild Google's WMT'16 En-De data (google/seq2seq bin/data/wmt16_en_de.sh, used by
 Ott et al. 2018 and the B2T paper) from the WMT sources, with Google's file names in WORK/google.
+(Over 400 lines on purpose: it is Google's script, stage by stage, and reads best in that one order;
+the text ports it calls live in text.py, the download and stage machinery in b2t_tools/.)
 
 Stages (each marker in WORK/.stages records the options and inputs it was built from; a stage whose
 options or inputs changed runs again, and so do all later ones):
