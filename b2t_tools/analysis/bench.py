@@ -269,8 +269,8 @@ def make_lm_batches(dictionary, max_tokens, tokens_per_sample, n_batches, seed=1
 def bench_config(variants, size, layers, max_tokens, opts, device, dtype, workdir):
     from fairseq.data import Dictionary
 
-    lm = getattr(opts, "task", "translation") == "lm"
-    dictionary = Dictionary.load(os.path.join(workdir, dictionary_file(opts.task if lm else "translation")))
+    lm = opts.task == "lm"
+    dictionary = Dictionary.load(os.path.join(workdir, dictionary_file(opts.task)))
     if lm:
         batches = make_lm_batches(dictionary, max_tokens, opts.tokens_per_sample, opts.batches, seed=opts.seed)
     else:
