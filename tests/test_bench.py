@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import run
 
+from b2t_fairseq import layer_types
 from b2t_tools.analysis import bench, measure
 
 QUICK_LAYERS = bench.DEFAULTS["quick"]["layers"]
@@ -169,6 +170,90 @@ def test_union_length_merges_overlaps():
     (["--quick", "--variants", "plugin_b2t", "plugin_b2t"], "name each once"),
 ])
 def test_bad_input_is_one_line(argv, message, capsys):
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("b2t-bench: error:") and message in err and "\n" not in err
+
+
+# --- --task lm: decoder-only language models beside stock transformer_lm (in-process, quick sizes) ----------
+
+LM_LAYERS = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-lm") / "bench.json"
+    assert bench.main(["--quick", "--task", "lm", "--layers", *map(str, LM_LAYERS), "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_lm_quick_run_measures_every_variant_and_computes_ratios_from_the_records(lm_run):
+    assert {(r["variant"], r["layers"]) for r in lm_run} == {(v, n) for v in bench.LM_VARIANTS for n in LM_LAYERS}
+    assert set(bench.LM_VARIANTS) == {"stock_post_ln", "stock_pre_ln"} | {f"plugin_{t.short}" for t in
+                                                                          layer_types.LAYER_TYPES}
+    for n in LM_LAYERS:
+        depth = {r["variant"]: r for r in lm_run if r["layers"] == n}
+        base = depth["stock_post_ln"]
+        for r in depth.values():
+            assert r["task"] == "lm" and r["tokens_per_s"] > 0 and r["peak_mem_bytes"] > 0
+            assert r["skipped_updates"] == 0 and len(r["tokens_per_s_rounds"]) == bench.DEFAULTS["quick"]["rounds"]
+            # every update is full blocks of --tokens-per-sample: the same target tokens for every variant
+            assert r["target_tokens_per_round"] == base["target_tokens_per_round"] > 0
+            assert r["target_tokens_per_round"] % bench.LM_DEFAULTS["quick"]["tokens_per_sample"] == 0
+            assert r["ratio_to_stock_post_ln"] == pytest.approx(r["tokens_per_s"] / base["tokens_per_s"], rel=1e-12)
+            assert r["mem_ratio_to_stock_post_ln"] == pytest.approx(r["peak_mem_bytes"] / base["peak_mem_bytes"],
+                                                                    rel=1e-12)
+        dim = bench.SIZES["quick"]["dim"]
+        # stock Post-LN transformer_lm and the plugin's post_ln LM are the same network: the same parameters
+        assert depth["plugin_post_ln"]["parameters"] == base["parameters"] == depth["plugin_b2t"]["parameters"]
+        assert depth["plugin_deepnorm"]["parameters"] == base["parameters"]
+        # Pre-LN adds the decoder's final LayerNorm; Admin one omega vector per residual (2 a layer)
+        assert depth["stock_pre_ln"]["parameters"] == depth["plugin_pre_ln"]["parameters"] == base["parameters"] + 2 * dim
+        assert depth["plugin_admin"]["parameters"] == base["parameters"] + n * 2 * dim
+
+
+def lm_trainer(variant, folder, layers=2):
+    return bench.build_trainer(bench.lm_argv(variant, folder, "quick", layers, 64, "cpu", 32))
+
+
+@pytest.fixture(scope="module")
+def lm_workdir(tmp_path_factory):
+    return str(bench.write_dictionary(tmp_path_factory.mktemp("lmdict"), bench.SIZES["quick"]["vocab"], "lm"))
+
+
+def test_lm_batches_are_token_blocks(lm_workdir):
+    from fairseq.data import Dictionary
+
+    d = Dictionary.load(f"{lm_workdir}/dict.txt")
+    batches = bench.make_lm_batches(d, 100, 32, 3, seed=4)
+    assert len(batches) == 3
+    for b in batches:
+        src, tgt = b["net_input"]["src_tokens"], b["target"]
+        assert src.shape == tgt.shape == (100 // 32, 32) and b["ntokens"] == src.numel()
+        assert torch.equal(src[:, 1:], tgt[:, :-1])  # the input is the target shifted right by one token
+        assert not src.eq(d.pad()).any() and tgt.eq(d.eos()).any()  # no padding; sentences end in eos
+    # consecutive blocks continue one token stream, as TokenBlockDataset cuts it
+    assert batches[0]["net_input"]["src_tokens"][1, 0] == batches[0]["target"][0, -1]
+
+
+@pytest.mark.parametrize("stock,plugin", [("stock_post_ln", "plugin_post_ln"), ("stock_pre_ln", "plugin_pre_ln")])
+def test_lm_stock_and_plugin_variants_are_the_same_computation(lm_workdir, stock, plugin):
+    a, b = lm_trainer(stock, lm_workdir), lm_trainer(plugin, lm_workdir)
+    b.model.load_state_dict(a.model.state_dict(), strict=True)
+    sample = bench.make_lm_batches(a.task.target_dictionary, 64, 32, 1, seed=2)[0]
+    assert torch.equal(seeded_loss(a, sample), seeded_loss(b, sample))
+    # and the comparison can fail: with the same weights, the other layer placement computes another loss
+    other = lm_trainer("plugin_b2t" if stock == "stock_post_ln" else "stock_post_ln", lm_workdir)
+    other.model.load_state_dict(a.model.state_dict(), strict=False)
+    assert not torch.allclose(seeded_loss(a, sample), seeded_loss(other, sample))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--quick", "--task", "lm", "--variants", "fast_b2t"], "not a variant of --task lm"),
+    (["--quick", "--task", "lm", "--tokens-per-sample", "128"], "--max-tokens must hold at least one block"),
+    (["--quick", "--tokens-per-sample", "16"], "--tokens-per-sample is for --task lm"),
+])
+def test_lm_bad_input_is_one_line(argv, message, capsys):
     assert bench.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("b2t-bench: error:") and message in err and "\n" not in err

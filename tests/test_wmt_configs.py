@@ -15,7 +15,7 @@ from b2t_fairseq import recipe as core_recipe
 from b2t_tools.wmt import configs as generator
 from b2t_tools.wmt import train as recipe
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("transformer_*.yaml"))  # lm_*.yaml: tests/test_lm_configs.py
 SETTINGS = [(a, n) for a in recipe.ARCH_FAMILIES for n in (6, 18)]
 SECTION_NAME_FLAG = {"model": "--arch", "criterion": "--criterion", "optimizer": "--optimizer",
                      "lr_scheduler": "--lr-scheduler", "task": "--task"}

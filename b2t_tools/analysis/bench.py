@@ -15,7 +15,12 @@ would (fairseq's option parser, ``tasks.setup_task``, ``task.build_model``, ``Tr
     plugin_admin    ``transformer_b2t --ln-position admin`` (LN(omega x + f(x)), omega trainable vectors)
     fast_*          the plugin's Post-LN, Pre-LN and B2T with ``--b2t-fast`` (fast.py)
 
-and times complete updates through ``Trainer.train_step`` (forward, backward, gradient scaling,
+``--task lm`` compares decoder-only language models the same way: stock fairseq ``transformer_lm``
+(Post-LN; Pre-LN with ``--decoder-normalize-before``) against the plugin's ``transformer_lm_<type>`` for
+every layer type, on token blocks cut as fairseq's ``language_modeling`` task cuts them
+(``TokenBlockDataset``, ``--sample-break-mode none``, ``--tokens-per-sample``).
+
+Every run times complete updates through ``Trainer.train_step`` (forward, backward, gradient scaling,
 clipping, Adam step, lr schedule; ``--fp16`` on a GPU), interleaving the variants round by round
 so that machine drift hits all of them alike. Batches are synthetic but shaped like fairseq's:
 WMT-like sentence lengths, bucketed by ``fairseq.data.data_utils.batch_by_size`` under
@@ -68,6 +73,13 @@ VARIANTS = {
        for t in layer_types.LAYER_TYPES if t.in_paper},
 }
 BASELINE = "stock_post_ln"
+# decoder-only language models (--task lm): stock transformer_lm and the plugin's LM of every layer type
+LM_VARIANTS = {
+    "stock_post_ln": ["--arch", "transformer_lm"],
+    "stock_pre_ln": ["--arch", "transformer_lm", "--decoder-normalize-before"],
+    **{f"plugin_{t.short}": ["--arch", t.lm_family] for t in layer_types.LAYER_TYPES},
+}
+TASKS = {"translation": VARIANTS, "lm": LM_VARIANTS}
 
 # width, FFN width, heads, vocabulary (joined dictionary, shared embeddings)
 SIZES = {
@@ -81,6 +93,13 @@ DEFAULTS = {
     "cpu": dict(max_tokens=[512], rounds=7, warmup=1, batches=2, layers=[6, 18]),
     "paper": dict(max_tokens=[3584, 8192, 32768], rounds=5, warmup=2, batches=3, layers=[6, 18]),
 }
+# --task lm: the same, with the LM recipe's depths, --max-tokens and --tokens-per-sample at the paper size
+LM_DEFAULTS = {
+    "quick": dict(max_tokens=[64], layers=[2, 4], tokens_per_sample=32),
+    "cpu": dict(max_tokens=[512], layers=[6, recipe.LM_DEEP], tokens_per_sample=128),
+    "paper": dict(max_tokens=[recipe.LM_MAX_TOKENS, 4 * recipe.LM_MAX_TOKENS], layers=list(recipe.LM_DEPTHS),
+                  tokens_per_sample=recipe.LM_TOKENS_PER_SAMPLE),
+}
 
 # sentence lengths in subword tokens, roughly those of WMT En-De with 32k BPE
 LEN_MEDIAN, LEN_SIGMA, LEN_MAX, TGT_RATIO = 24.0, 0.6, 250, 1.08
@@ -93,18 +112,23 @@ BenchError = ToolError  # bad input: the message names the problem and the fix
 # building variants the way fairseq-train does
 
 
-def write_dictionary(folder, vocab):
-    """A joined dictionary of `vocab` entries (4 specials + words) as dict.src.txt / dict.tgt.txt."""
+def write_dictionary(folder, vocab, task="translation"):
+    """A joined dictionary of `vocab` entries (4 specials + words) as dict.src.txt / dict.tgt.txt
+    (translation) or dict.txt (lm), the files fairseq's tasks load."""
     from fairseq.data import Dictionary
 
     words = vocab - len(Dictionary())
     if words < 4:
         raise BenchError(f"vocabulary of {vocab} is too small; use at least 8")
     text = "".join(f"w{i} {1000 + words - i}\n" for i in range(words))
-    for lang in ("src", "tgt"):
-        with open(os.path.join(folder, f"dict.{lang}.txt"), "w") as f:
+    for name in (("dict.txt",) if task == "lm" else ("dict.src.txt", "dict.tgt.txt")):
+        with open(os.path.join(folder, name), "w") as f:
             f.write(text)
     return folder
+
+
+def dictionary_file(task):
+    return "dict.txt" if task == "lm" else "dict.src.txt"
 
 
 def fairseq_argv(variant, data_dir, size, layers, max_tokens, device, dtype, seed=1, save_dir=None):
@@ -125,6 +149,22 @@ def fairseq_argv(variant, data_dir, size, layers, max_tokens, device, dtype, see
     if dtype == "bf16":
         argv += ["--b2t-bf16"]  # fairseq's own --bf16 implies --tpu (see fast.py)
     return translate_argv([str(a) for a in argv])  # --b2t-fast: --optimizer b2t_adam, as b2t-train does
+
+
+def lm_argv(variant, data_dir, size, layers, max_tokens, device, tokens_per_sample, seed=1, save_dir=None):
+    """The fairseq-train command line of one LM variant: the LM recipe's optimizer, shared embeddings."""
+    s = SIZES[size] if isinstance(size, str) else size
+    argv = [data_dir, "--task", "language_modeling", "--tokens-per-sample", tokens_per_sample,
+            "--sample-break-mode", "none", "--user-dir", PLUGIN_DIR, *LM_VARIANTS[variant],
+            "--decoder-layers", layers, "--decoder-embed-dim", s["dim"], "--decoder-ffn-embed-dim", s["ffn"],
+            "--decoder-attention-heads", s["heads"], *recipe.flags_to_argv(recipe.LM_OPTIMIZATION),
+            # `--arch transformer_lm` (fairseq's dataclass defaults) keeps 512-wide input/output embeddings
+            # whatever --decoder-embed-dim says, and projects: name the width so every variant has one
+            "--decoder-input-dim", s["dim"], "--decoder-output-dim", s["dim"],
+            "--max-tokens", max_tokens, "--seed", seed, "--distributed-world-size", "1",
+            "--no-progress-bar", "--save-dir", save_dir or os.path.join(data_dir, "checkpoints")]
+    argv += ["--cpu"] if device == "cpu" else ["--fp16"]
+    return [str(a) for a in argv]
 
 
 def build_trainer(argv):
@@ -199,6 +239,32 @@ def collate(d, src_lens, tgt_lens, rng):
     }
 
 
+def make_lm_batches(dictionary, max_tokens, tokens_per_sample, n_batches, seed=1):
+    """`n_batches` language-model batches as fairseq's language_modeling task makes them: a stream of
+    WMT-length sentences (each ending in eos) cut into --tokens-per-sample blocks by TokenBlockDataset,
+    collated by MonolingualDataset (input = the block shifted right, target = the next tokens)."""
+    from fairseq.data import MonolingualDataset, TokenBlockDataset
+
+    if max_tokens < tokens_per_sample:
+        raise BenchError(f"--max-tokens {max_tokens} holds no block of --tokens-per-sample {tokens_per_sample}; "
+                         "use --max-tokens at least --tokens-per-sample")
+    rng = np.random.RandomState(seed)
+    bsz = max_tokens // tokens_per_sample  # the task's batch size under --max-tokens, as batch_by_size makes it
+    lens, total = [], 0
+    while total < (bsz * n_batches + 1) * tokens_per_sample:
+        n = int(np.clip(np.round(rng.lognormal(math.log(LEN_MEDIAN), LEN_SIGMA)), 2, LEN_MAX))
+        lens.append(n)
+        total += n
+    sents = [torch.from_numpy(np.append(rng.randint(dictionary.nspecial, len(dictionary), n - 1),
+                                        dictionary.eos()).astype(np.int64)) for n in lens]
+    blocks = TokenBlockDataset(sents, np.array(lens), tokens_per_sample, pad=dictionary.pad(),
+                               eos=dictionary.eos(), break_mode="none", include_targets=True)
+    data = MonolingualDataset(blocks, blocks.sizes, dictionary, dictionary, add_eos_for_other_targets=True,
+                              shuffle=False, targets=["future"], add_bos_token=False)
+    full = [i for i in range(len(data)) if blocks.sizes[i] == tokens_per_sample]  # the last block may be short
+    return [data.collater([data[i] for i in full[b * bsz:(b + 1) * bsz]]) for b in range(n_batches)]
+
+
 # ---------------------------------------------------------------------------------------------
 # one configuration: all variants at one depth and max-tokens, interleaved
 
@@ -206,12 +272,19 @@ def collate(d, src_lens, tgt_lens, rng):
 def bench_config(variants, size, layers, max_tokens, opts, device, dtype, workdir):
     from fairseq.data import Dictionary
 
-    dictionary = Dictionary.load(os.path.join(workdir, "dict.src.txt"))
-    batches = make_batches(dictionary, max_tokens, opts.batches, seed=opts.seed)
+    lm = opts.task == "lm"
+    dictionary = Dictionary.load(os.path.join(workdir, dictionary_file(opts.task)))
+    if lm:
+        batches = make_lm_batches(dictionary, max_tokens, opts.tokens_per_sample, opts.batches, seed=opts.seed)
+    else:
+        batches = make_batches(dictionary, max_tokens, opts.batches, seed=opts.seed)
     ntokens = sum(b["ntokens"] for b in batches)
     trainers, peak_mem, saved = {}, {}, {}
     for v in variants:
-        argv = fairseq_argv(v, workdir, size, layers, max_tokens, device, dtype, opts.seed)
+        if lm:
+            argv = lm_argv(v, workdir, size, layers, max_tokens, device, opts.tokens_per_sample, opts.seed)
+        else:
+            argv = fairseq_argv(v, workdir, size, layers, max_tokens, device, dtype, opts.seed)
         trainers[v], peak_mem[v] = build_and_measure_memory(lambda: build_trainer(argv), batches, device, workdir)
         saved[v] = saved_activation_bytes(trainers[v], max(batches, key=lambda b: b["target"].numel()))
     for v in variants:
@@ -298,7 +371,13 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny sizes and few updates: proves it runs (CI)")
     p.add_argument("--layers", type=int, nargs="+", help="encoder = decoder depths (default 6 18)")
     p.add_argument("--max-tokens", type=int, nargs="+", help="fairseq --max-tokens per batch (one run each)")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--task", choices=("translation", "lm"), default="translation",
+                   help="translation: stock transformer vs transformer_b2t (default); lm: stock transformer_lm "
+                        "vs the plugin's transformer_lm_<type>")
+    p.add_argument("--variants", nargs="+", choices=list(dict.fromkeys([*VARIANTS, *LM_VARIANTS])),
+                   help="default: every variant of --task")
+    p.add_argument("--tokens-per-sample", type=int,
+                   help=f"--task lm: tokens per block (default {recipe.LM_TOKENS_PER_SAMPLE} at the paper size)")
     p.add_argument("--rounds", type=int, help="timed rounds (all variants, interleaved, per round)")
     p.add_argument("--warmup", type=int, help="untimed rounds per variant before timing")
     p.add_argument("--batches", type=int, help="updates (different batches) per round and variant")
@@ -327,13 +406,27 @@ def settle(opts):
         opts.dtype = "fp16" if opts.device == "cuda" else "fp32"
     if opts.dtype == "fp16" and opts.device == "cpu":
         raise BenchError("--dtype fp16 needs CUDA (fairseq --fp16 does not run on CPU); use --dtype fp32")
+    table = TASKS[opts.task]
+    opts.variants = opts.variants or list(table)
+    unknown = [v for v in opts.variants if v not in table]
+    if unknown:
+        raise BenchError(f"--variants {' '.join(unknown)}: not a variant of --task {opts.task}; "
+                         f"choose from {', '.join(table)}")
+    if opts.task == "lm" and opts.dtype == "bf16":
+        raise BenchError("--task lm --dtype bf16: the LM variants run fp16 on CUDA and fp32 on CPU; drop --dtype")
+    if opts.task != "lm" and opts.tokens_per_sample is not None:
+        raise BenchError("--tokens-per-sample is for --task lm; drop it or add --task lm")
     if opts.dtype == "bf16" and any(v.startswith("stock_") for v in opts.variants):
         raise BenchError("--dtype bf16: stock fairseq has no bf16 on GPUs (its --bf16 implies --tpu); "
                          "choose plugin_* and fast_* variants with --variants")
     opts.size = "quick" if opts.quick else (opts.arch_size or ("paper" if opts.device == "cuda" else "cpu"))
-    for key, value in DEFAULTS[opts.size].items():
-        if getattr(opts, key) is None:
+    defaults = DEFAULTS[opts.size] | (LM_DEFAULTS[opts.size] if opts.task == "lm" else {})
+    for key, value in defaults.items():
+        if getattr(opts, key, None) is None:
             setattr(opts, key, value)
+    if opts.task == "lm" and (opts.tokens_per_sample < 1 or min(opts.max_tokens) < opts.tokens_per_sample):
+        raise BenchError(f"--task lm: --max-tokens must hold at least one block of --tokens-per-sample "
+                         f"{opts.tokens_per_sample}; raise --max-tokens or lower --tokens-per-sample")
     for key in ("rounds", "batches"):
         if getattr(opts, key) < 1:
             raise BenchError(f"--{key} must be at least 1")
@@ -402,17 +495,18 @@ def run(opts):
     quiet()
     info = machine()
     desc = f"{info.get('gpu', info['cpu'])}, {opts.device} {opts.dtype}, {info['threads']} threads, " \
-           f"sizes {opts.size} {SIZES[opts.size]}"
+           f"sizes {opts.size} {SIZES[opts.size]}, task {opts.task}"
     log(f"{PROG}: {desc}")
     recs, profile = [], None
     with tempfile.TemporaryDirectory(prefix="b2t-bench-") as workdir:
-        write_dictionary(workdir, SIZES[opts.size]["vocab"])
+        write_dictionary(workdir, SIZES[opts.size]["vocab"], opts.task)
         for max_tokens in opts.max_tokens:
             for layers in opts.layers:
                 new, prof = bench_config(opts.variants, opts.size, layers, max_tokens, opts, opts.device,
                                          opts.dtype, workdir)
                 for r in new:
-                    r.update(device=opts.device, dtype=opts.dtype, size=opts.size, **SIZES[opts.size],
+                    r.update(task=opts.task, device=opts.device, dtype=opts.dtype, size=opts.size,
+                             **SIZES[opts.size],
                              rounds=opts.rounds, warmup_rounds=opts.warmup,
                              mem_measure="cuda_max_memory_allocated" if opts.device == "cuda"
                              else "cpu_live_tensor_bytes_peak", machine=info)
