@@ -187,6 +187,7 @@ def lm_run(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # a whole quick bench run over seven variants and two depths: e2e
 def test_lm_quick_run_measures_every_variant_and_computes_ratios_from_the_records(lm_run):
     assert {(r["variant"], r["layers"]) for r in lm_run} == {(v, n) for v in bench.LM_VARIANTS for n in LM_LAYERS}
     assert set(bench.LM_VARIANTS) == {"stock_post_ln", "stock_pre_ln"} | {f"plugin_{t.short}" for t in
