@@ -94,7 +94,7 @@ def write_report(out, records, cfg, meta, total_s, gn_files, unigram):
             "bits/token).", "",
             f"Machine: {describe_machine(payload['machine'])}; total wall time {total_s / 60:.1f} min.", "",
             "## Loss curves", "", "![loss curves](loss_curves.png)", ""]
-    for title, png in gn_files:
-        page += [f"## {title}", "", f"![{title}]({png})", ""]
+    for title, png, *note in gn_files:  # the heat map comes with a sentence on what it shows
+        page += [f"## {title}", "", *note, *([""] if note else []), f"![{title}]({png})", ""]
     atomic_write(out / "index.md", "\n".join(page))
     log(f"report written ({len(records)} runs)")
