@@ -77,6 +77,47 @@ def test_prepare_refuses_a_wrong_checksum_and_a_wrong_archive_in_one_line(tmp_pa
     assert_one_line_error(p.stderr, "b2t-lm-prepare", "wiki.test.tokens")
 
 
+def _tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_prepare_never_replaces_a_folder_it_did_not_make(tmp_path, capsys):
+    """--dest is replaced as a whole: someone's folder (no marker of ours) is refused before any download."""
+    other = tmp_path / "bin"
+    (other / "sub").mkdir(parents=True)
+    (other / "train.txt").write_text("someone's data\n")
+    (other / "sub" / "x").write_text("x\n")
+    before = _tree(other)
+    rc = lm_prepare.main(["--work", str(tmp_path / "work"), "--dest", str(other), "--url", "file:///nowhere.zip",
+                          "--workers", "1"])
+    assert rc == 2 and "did not write" in assert_one_line_error(capsys.readouterr().err, "b2t-lm-prepare")
+    assert _tree(other) == before and (other / "train.txt").read_text() == "someone's data\n"
+    assert not (tmp_path / "work").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("where", ["work", "work/x", "."])
+def test_prepare_refuses_a_dest_overlapping_work(tmp_path, capsys, where):
+    work = tmp_path / "work"
+    work.mkdir()
+    rc = lm_prepare.main(["--work", str(work), "--dest", str(tmp_path / where), "--url", "file:///nowhere.zip"])
+    assert rc == 2 and "--work" in assert_one_line_error(capsys.readouterr().err, "b2t-lm-prepare")
+
+
+@pytest.mark.slow
+def test_prepare_marks_its_dest_and_replaces_only_that(tmp_path):
+    archive = tmp_path / "wikitext-103-v1.zip"
+    md5 = make_archive(archive)
+    assert prep(tmp_path, archive, md5).returncode == 0
+    marker = json.loads((tmp_path / "bin" / lm_prepare.MARKER).read_text())
+    assert marker["made_by"] == "b2t-lm-prepare" and marker["work"] == str((tmp_path / "work").resolve())
+    p = prep(tmp_path, archive, md5, "--force")  # every stage again: our own --dest is replaced
+    assert p.returncode == 0 and "binarize: running" in p.stderr + p.stdout, p.stderr
+    (tmp_path / "bin" / lm_prepare.MARKER).unlink()  # no longer ours: kept, and the run refused
+    p = prep(tmp_path, archive, md5, "--force")
+    assert p.returncode == 2 and "did not write" in assert_one_line_error(p.stderr, "b2t-lm-prepare")
+    assert (tmp_path / "bin" / "train.bin").is_file()
+
+
 def test_prepare_module_imports_no_torch():
     code = "import sys, b2t_tools.lm.prepare; print('torch' in sys.modules, 'fairseq' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stdout

@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 from ..commands import run_command
+from ..dest import OwnedDest
 from ..download import fetch
 from ..errors import ToolError
 from ..stages import Stages
@@ -90,10 +91,13 @@ def extract(archive, text_dir):
                 shutil.copyfileobj(src, out, 1 << 20)
 
 
-def binarize(text_dir, dest, workers):
+MARKER = ".b2t-lm-prepare.json"  # in every --dest we write: what made it; only such folders are ever replaced
+DEST = OwnedDest(PROG, MARKER)
+
+
+def binarize(text_dir, dest, workers, record, known_ours=False):
     dest = Path(dest)
-    tmp = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = DEST.begin(dest, dict(record, recipe=RECIPE), known_ours or None)
     cmd = [os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"), "--only-source",
            *[x for s in SPLITS for x in (f"--{s}pref", str(text_dir / f"wiki.{s}.tokens"))],
            "--destdir", str(tmp), "--workers", str(workers)]
@@ -102,8 +106,7 @@ def binarize(text_dir, dest, workers):
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise ToolError(f"fairseq-preprocess failed ({tail}); fix it and re-run (finished stages are kept)")
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    DEST.commit(tmp, dest, known_ours or None)
 
 
 def parse_args(argv):
@@ -123,6 +126,7 @@ def prepare(args):
     if args.workers < 1:
         raise ToolError(f"--workers {args.workers}: must be at least 1")
     work, dest = Path(args.work), Path(args.dest)
+    dest_ours = DEST.check_places(work, dest)  # before anything is downloaded or written
     text_dir = work / "wikitext-103"
     texts = [text_dir / f"wiki.{s}.tokens" for s in SPLITS]
     stages = Stages(work, STAGES, RECIPE, log=log)
@@ -138,7 +142,7 @@ def prepare(args):
     prev = stages.run("extract", texts, lambda: extract(found["archive"], text_dir), force=args.force,
                       key={"after": prev, "archive": _sizes([archive]) if archive.exists() else None})
     stages.run("binarize", [dest / "dict.txt", dest / "train.bin", dest / "valid.bin", dest / "test.bin"],
-               lambda: binarize(text_dir, dest, args.workers), force=args.force,
+               lambda: binarize(text_dir, dest, args.workers, {"work": str(work.resolve())}, dest_ours), force=args.force,
                key={"after": prev, "inputs": _sizes(texts), "dest": str(dest.resolve())})
     log(f"ready: {dest} (train with b2t-lm-train {dest} ...)")
 

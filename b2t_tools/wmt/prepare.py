@@ -36,6 +36,7 @@ from multiprocessing import Pool
 from pathlib import Path
 
 from ..commands import run_command
+from ..dest import OwnedDest
 from ..download import fetch as _fetch
 from ..errors import ToolError
 from ..stages import Stages
@@ -492,26 +493,13 @@ def subsets():
 MARKER = ".b2t-wmt-prepare.json"  # in every --dest we write: what made it; only such folders are ever replaced
 
 
-def ours(folder, work=None):
-    """Whether folder is an output of this command: it holds our marker file, or (written before the marker
-    existed) WORK/.stages/binarize.json records it as this work folder's --dest."""
-    folder = Path(folder)
-    if (folder / MARKER).is_file():
-        return True
-    key = Stages(work, STAGES, RECIPE, log).recorded_key("binarize") if work is not None else None
-    return isinstance(key, dict) and key.get("dest") == str(folder.resolve())
+def _recorded_dest(folder, work):
+    """Written before the marker existed: WORK/.stages/binarize.json records folder as this work folder's --dest."""
+    key = Stages(work, STAGES, RECIPE, log).recorded_key("binarize")
+    return isinstance(key, dict) and key.get("dest") == str(Path(folder).resolve())
 
 
-def check_replaceable(folder, flag, work=None):
-    """work: a folder whose stage record may name folder as its --dest (True: already found to be ours)."""
-    """Refuse to replace a folder this command did not make (another corpus, someone's files)."""
-    folder = Path(folder)
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        raise ToolError(f"{flag} {folder} is {'a link' if folder.is_symlink() else 'a file'}, not a folder; "
-                        "choose a new folder for the binarized data")
-    if folder.is_dir() and any(folder.iterdir()) and work is not True and not ours(folder, work):
-        raise ToolError(f"{flag} {folder} holds files that b2t-wmt-prepare did not write (no {MARKER}); it is not "
-                        "replaced: choose a new or empty --dest, or move that folder away")
+DEST = OwnedDest(PROG, MARKER, legacy=_recorded_dest)
 
 
 def utf8_inputs(google, prefixes, tmp):
@@ -546,12 +534,7 @@ def _is_utf8(data):
 
 def binarize(google, dest, workers, merges, nwords, record=None, work=None):
     dest = Path(dest)
-    tmp = dest.with_name(dest.name + ".partial")
-    check_replaceable(dest, "--dest", work)
-    check_replaceable(tmp, "--dest's work folder")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / MARKER).write_text(json.dumps(dict(record or {}, made_by=PROG, recipe=RECIPE), indent=1) + "\n")
+    tmp = DEST.begin(dest, dict(record or {}, recipe=RECIPE), work)
     subs = subsets()
     tests = [TEST_YEAR] + [y for y in YEARS if y not in (VALID_YEAR, TEST_YEAR)]
     bpe = f"bpe.{merges}"
@@ -576,9 +559,7 @@ def binarize(google, dest, workers, merges, nwords, record=None, work=None):
         shutil.copy(google / f"newstest{y}.en", refs / f"newstest{y}.en")
     shutil.copy(google / bpe, tmp / bpe)
     (tmp / "subsets.json").write_text(json.dumps({str(y): s for y, s in subs.items()}, indent=1) + "\n")
-    check_replaceable(dest, "--dest", work)  # again: another program may have filled it meanwhile
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    DEST.commit(tmp, dest, work)
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -620,33 +601,10 @@ def check_options(args):
         read_sums_option(args.sums)  # a missing or malformed --sums used to be ignored silently
 
 
-def check_places(work, dest):
-    """--work and --dest: folders (or to be made), apart from each other; checked before anything is written."""
-    for flag, path in (("--work", work), ("--dest", dest)):
-        for p in [path, *path.parents]:
-            if p.exists() and not p.is_dir():
-                where = "is a file" if p == path else f"is under the file {p}"
-                raise ToolError(f"{flag} {path} {where}; pass a folder (it is made if missing)")
-    w, d = work.resolve(), dest.resolve()
-    if w == d or w in d.parents or d in w.parents:
-        how = "is" if w == d else ("is inside" if w in d.parents else "contains")
-        raise ToolError(f"--dest {dest} {how} --work {work}; the binarized data replaces --dest as a whole, so it "
-                        "must lie apart from the downloads and Google's files: choose another --dest")
-    check_replaceable(dest, "--dest", work)
-    try:  # the binarized data is built beside --dest and renamed onto it: its folder must be writable
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        probe = dest.parent / f".{dest.name}.b2t-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ToolError(f"cannot write in {dest.parent} ({e.strerror or e}); pass a --dest you can write to") from None
-    return ours(dest, work)
-
-
 def prepare(args):
     check_options(args)
     work, dest = Path(args.work), Path(args.dest)
-    dest_ours = check_places(work, dest)  # before the stages run: they drop the binarize record first
+    dest_ours = DEST.check_places(work, dest)  # before the stages run: they drop the binarize record first
     google = work / "google"
     try:
         google.mkdir(parents=True, exist_ok=True)
