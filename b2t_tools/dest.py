@@ -7,6 +7,8 @@ command's own marker file inside says the command made it (never another corpus,
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from .errors import ToolError
@@ -74,3 +76,14 @@ class OwnedDest:
         self.check_replaceable(dest, "--dest", work)  # again: another program may have filled it meanwhile
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
+
+
+def preprocess(flags, tmp, workers, log):
+    """fairseq-preprocess FLAGS into tmp (the folder begin() made); its last error line becomes ours."""
+    cmd = [os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"), *flags, "--destdir", str(tmp),
+           "--workers", str(max(1, workers))]
+    log("binarize: " + " ".join(cmd))
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ToolError(f"fairseq-preprocess failed ({tail}); fix it and re-run (finished stages are kept)")

@@ -110,6 +110,14 @@ def flag_value(argv, flag):
     return value
 
 
+def split_at_dashes(argv):
+    """(our arguments, fairseq's): everything after a bare -- goes to fairseq unchanged."""
+    if "--" not in argv:
+        return list(argv), []
+    i = argv.index("--")
+    return list(argv[:i]), list(argv[i + 1:])
+
+
 def has_flag(argv, flag):
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 

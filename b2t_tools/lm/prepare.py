@@ -13,13 +13,12 @@ Then train with ``b2t-lm-train`` and evaluate with ``b2t-lm-evaluate``. This mod
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 from ..commands import run_command
-from ..dest import OwnedDest
+from ..dest import OwnedDest, preprocess
 from ..download import fetch
 from ..errors import ToolError
 from ..stages import Stages
@@ -98,14 +97,8 @@ DEST = OwnedDest(PROG, MARKER)
 def binarize(text_dir, dest, workers, record, known_ours=False):
     dest = Path(dest)
     tmp = DEST.begin(dest, dict(record, recipe=RECIPE), known_ours or None)
-    cmd = [os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"), "--only-source",
-           *[x for s in SPLITS for x in (f"--{s}pref", str(text_dir / f"wiki.{s}.tokens"))],
-           "--destdir", str(tmp), "--workers", str(workers)]
-    log("binarize: " + " ".join(cmd))
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise ToolError(f"fairseq-preprocess failed ({tail}); fix it and re-run (finished stages are kept)")
+    preprocess(["--only-source", *[x for s in SPLITS for x in (f"--{s}pref", str(text_dir / f"wiki.{s}.tokens"))]],
+               tmp, workers, log)
     DEST.commit(tmp, dest, known_ours or None)
 
 

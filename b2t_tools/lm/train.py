@@ -17,6 +17,7 @@ from b2t_fairseq import layer_types, recipe
 
 from ..commands import run_command
 from ..errors import ToolError
+from ..util import split_at_dashes
 
 PROG = "b2t-lm-train"
 ARCHS = tuple(t.lm_family for t in layer_types.LAYER_TYPES)
@@ -45,10 +46,7 @@ def command(data, arch, layers, save_dir, gpus=1, max_tokens=recipe.LM_MAX_TOKEN
 
 
 def parse_args(argv):
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    argv, extra = split_at_dashes(argv)
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("data", help="binarized WikiText-103 (b2t-lm-prepare --dest)")
     p.add_argument("--arch", required=True, choices=ARCHS, help="the layer type (transformer_lm_b2t, ...)")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from b2t_fairseq import layer_types, recipe
 
+from .. import hydra_configs
 from ..commands import run_command
 from ..errors import ToolError
 from ..lm import configs as lm_configs
@@ -24,41 +25,6 @@ from . import train
 PROG = "b2t_tools.wmt.configs"
 DEPTHS = (6, 18)
 GPUS = 8
-SECTIONS = ("common", "checkpoint", "task", "dataset", "distributed_training", "criterion", "optimization",
-            "optimizer", "lr_scheduler", "model")
-# fairseq flag -> (Hydra section, key, how the value is written). Every flag of the recipe must be here.
-FLAG_KEYS = {
-    "--arch": ("model", "_name", "plain"),
-    "--share-all-embeddings": ("model", "share_all_embeddings", "switch"),
-    "--dropout": ("model", "dropout", "plain"),
-    "--word-dropout-src": ("model", "word_dropout_src", "plain"),
-    "--word-dropout-tgt": ("model", "word_dropout_tgt", "plain"),
-    "--optimizer": ("optimizer", "_name", "plain"),
-    "--adam-betas": ("optimizer", "adam_betas", "quoted"),
-    "--weight-decay": ("optimizer", "weight_decay", "plain"),
-    "--clip-norm": ("optimization", "clip_norm", "plain"),
-    "--lr": ("optimization", "lr", "list"),
-    "--max-update": ("optimization", "max_update", "plain"),
-    "--update-freq": ("optimization", "update_freq", "list"),
-    "--lr-scheduler": ("lr_scheduler", "_name", "plain"),
-    "--warmup-updates": ("lr_scheduler", "warmup_updates", "plain"),
-    "--warmup-init-lr": ("lr_scheduler", "warmup_init_lr", "plain"),
-    "--criterion": ("criterion", "_name", "plain"),
-    "--label-smoothing": ("criterion", "label_smoothing", "plain"),
-    "--keep-last-epochs": ("checkpoint", "keep_last_epochs", "plain"),
-    "--seed": ("common", "seed", "plain"),
-    "--max-tokens": ("dataset", "max_tokens", "plain"),
-}
-# the order of keys inside a section (keys not listed come after, in the recipe's order)
-KEY_ORDER = {
-    "common": ("fp16", "log_format", "log_interval", "seed"),
-    "checkpoint": ("save_dir", "keep_last_epochs"),
-    "optimization": ("max_update", "lr", "update_freq", "clip_norm"),
-    "optimizer": ("_name", "adam_betas", "weight_decay"),
-    "model": ("_name", "share_all_embeddings", "dropout", "word_dropout_src", "word_dropout_tgt"),
-}
-
-
 def settings():
     """(family, layers) of every config: the five layer types at 6 and 18 layers."""
     return [(family, n) for family in train.ARCH_FAMILIES for n in DEPTHS]
@@ -68,33 +34,15 @@ def file_name(family, layers):
     return f"{family}_{layers}l.yaml"
 
 
-def _value(value, kind):
-    if kind == "switch":
-        return "true"
-    if kind == "quoted":
-        return f'"{value}"'
-    if kind == "list":
-        return f"[{value}]"
-    return str(value)
-
-
 def sections(family, layers):
     """{section: {key: YAML value text}} for one config."""
     args = train.parse_args([family, str(layers), "--gpus", str(GPUS), "--max-tokens", str(recipe.MAX_TOKENS)])
-    out = {s: {} for s in SECTIONS}
-    out["common"].update(fp16="true", log_format="json", log_interval="100")
-    out["checkpoint"]["save_dir"] = "checkpoints/wmt16_en_de/" + Path(file_name(family, layers)).stem
-    out["task"].update(_name="translation", data=train.DEFAULT_DATA)
-    out["distributed_training"]["distributed_world_size"] = str(GPUS)
-    for flag, value in train.fairseq_flags(args, GPUS):
-        if flag not in FLAG_KEYS:
-            raise ToolError(f"the recipe's flag {flag} has no Hydra key; add it to FLAG_KEYS in {__name__}")
-        section, key, kind = FLAG_KEYS[flag]
-        out[section][key] = _value(value, kind)
-    for section, order in KEY_ORDER.items():
-        body = out[section]
-        out[section] = {k: body[k] for k in order if k in body} | {k: v for k, v in body.items() if k not in order}
-    return out
+    preset = {"common": {"fp16": "true", "log_format": "json", "log_interval": "100"},
+              "checkpoint": {"save_dir": "checkpoints/wmt16_en_de/" + Path(file_name(family, layers)).stem},
+              "task": {"_name": "translation", "data": train.DEFAULT_DATA},
+              "distributed_training": {"distributed_world_size": str(GPUS)}}
+    return hydra_configs.sections(train.fairseq_flags(args, GPUS), preset, lambda flag: ToolError(
+        f"the recipe's flag {flag} has no Hydra key; add it to FLAG_KEYS in {hydra_configs.__name__}"))
 
 
 def header(family, layers):
@@ -118,11 +66,7 @@ def header(family, layers):
 
 
 def render(family, layers):
-    lines = header(family, layers)
-    for section, body in sections(family, layers).items():
-        lines.append(f"{section}:")
-        lines += [f"  {k}: {v}" for k, v in body.items()]
-    return "\n".join(lines) + "\n"
+    return hydra_configs.render(header(family, layers), sections(family, layers))
 
 
 def generated():

@@ -29,14 +29,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 from multiprocessing import Pool
 from pathlib import Path
 
 from ..commands import run_command
-from ..dest import OwnedDest
+from ..dest import OwnedDest, preprocess
 from ..download import fetch as _fetch
 from ..errors import ToolError
 from ..stages import Stages
@@ -539,17 +538,10 @@ def binarize(google, dest, workers, merges, nwords, record=None, work=None):
     tests = [TEST_YEAR] + [y for y in YEARS if y not in (VALID_YEAR, TEST_YEAR)]
     bpe = f"bpe.{merges}"
     src = utf8_inputs(google, [f"train.tok.clean.{bpe}"] + [f"newstest{y}.tok.{bpe}" for y in YEARS], tmp)
-    cmd = [os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"), "--source-lang", "en",
-           "--target-lang", "de", "--trainpref", str(src / f"train.tok.clean.{bpe}"),
-           "--validpref", str(src / f"newstest{VALID_YEAR}.tok.{bpe}"),
-           "--testpref", ",".join(str(src / f"newstest{y}.tok.{bpe}") for y in tests),
-           "--destdir", str(tmp), "--joined-dictionary", "--nwordssrc", str(nwords), "--nwordstgt", str(nwords),
-           "--workers", str(max(1, workers))]
-    log("binarize: " + " ".join(cmd))
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise ToolError(f"fairseq-preprocess failed ({tail}); see the message above, fix it and re-run")
+    preprocess(["--source-lang", "en", "--target-lang", "de", "--trainpref", str(src / f"train.tok.clean.{bpe}"),
+                "--validpref", str(src / f"newstest{VALID_YEAR}.tok.{bpe}"),
+                "--testpref", ",".join(str(src / f"newstest{y}.tok.{bpe}") for y in tests),
+                "--joined-dictionary", "--nwordssrc", str(nwords), "--nwordstgt", str(nwords)], tmp, workers, log)
     shutil.rmtree(tmp / "utf8", ignore_errors=True)
     refs = tmp / "refs"
     refs.mkdir()

@@ -28,7 +28,7 @@ from b2t_fairseq import layer_types, recipe
 
 from ..commands import run_command
 from ..errors import ToolError
-from ..util import atomic_write, check_writable
+from ..util import atomic_write, check_writable, split_at_dashes
 
 TOKENS_PER_UPDATE = recipe.TOKENS_PER_UPDATE
 
@@ -89,10 +89,7 @@ def visible_gpus():
 
 
 def parse_args(argv):
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    argv, extra = split_at_dashes(argv)
     p = argparse.ArgumentParser(prog="train.sh", description=__doc__.split("\n\n")[0],
                                 epilog="Everything after -- is passed to fairseq unchanged (and wins over "
                                        "the recipe's flags).")
