@@ -50,7 +50,7 @@ def fresh_copy(tmp_path):
 
 # End-to-end tests (tests/e2e/, and any test that needs a binarized corpus or is marked slow) run
 # fairseq commands or training in subprocesses (minutes); unit tests run in-process in seconds:
-# `pytest -m "not e2e"` runs the unit tests alone (under a minute).
+# `pytest -m "not e2e"` runs the unit tests alone (under a minute, on two cores).
 E2E_FIXTURES = {"toy_data_bin", "tatoeba_zip", "demo_data"}
 
 

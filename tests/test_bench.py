@@ -63,6 +63,7 @@ def test_quick_run_ratios_are_computed_from_the_records(quick_run):
         assert depth["plugin_admin"]["parameters"] == base["parameters"] + n * (2 + 3) * bench.SIZES["quick"]["dim"]
 
 
+@pytest.mark.e2e  # reads the quick run's profile: a child process
 def test_quick_profile_splits_the_update(quick_run):
     _, _, prof = quick_run
     assert prof["variant"] == "stock_post_ln" and prof["layers"] == QUICK_LAYERS[0]

@@ -10,11 +10,17 @@ from b2t_tools.demo import cli as demo
 from b2t_tools.demo import runs
 
 
+# the report's layout and the LM's numbers, at a fraction of the quick budget (the deep-vs-shallow evidence is
+# test_demo.py's; the LM's own is in results/demo-lm-cpu/)
+SMALL = ["--depths", "2,4", "--max-update", "20"]
+DEEP = 4
+
+
 @pytest.fixture(scope="module")
 def quick_lm_demo(tatoeba_zip, tmp_path_factory):
     out = tmp_path_factory.mktemp("lmdemo") / "out"
     cache = tmp_path_factory.getbasetemp() / "tatoeba-cache"  # shared with test_demo.py's data
-    p = run(["b2t-demo", "--task", "lm", "--quick", "--corpus", tatoeba_zip, "--out", out, "--cache", cache])
+    p = run(["b2t-demo", "--task", "lm", "--quick", *SMALL, "--corpus", tatoeba_zip, "--out", out, "--cache", cache])
     return out, cache, p, tatoeba_zip
 
 
@@ -35,23 +41,23 @@ def test_lm_demo_writes_the_report(quick_lm_demo):
     res = json.loads((out / "results.json").read_text())
     assert res["task"] == "lm"
     got = {(r["arch"], r["layers"]) for r in res["runs"]}
-    assert got == {(a, d) for a in ("post_ln", "pre_ln", "b2t") for d in (6, 18)}
+    assert got == {(a, d) for a in ("post_ln", "pre_ln", "b2t") for d in (2, DEEP)}
     for r in res["runs"]:
         assert r["updates"] == res["config"]["max_update"] and r["bleu"] is None
         assert r["ppl"] is None or abs(r["ppl"] - 2 ** r["valid_loss"]) < 1e-6 * r["ppl"]
-    deep = {r["arch"]: r for r in res["runs"] if r["layers"] == 18}
+    deep = {r["arch"]: r for r in res["runs"] if r["layers"] == DEEP}
     assert deep["b2t"]["params"] == deep["post_ln"]["params"]
     for f in ("results.md", "index.md", "loss_curves.png", "grad_norms_init.png", "grad_norms_init.json"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     gn = json.loads((out / "grad_norms_init.json").read_text())
-    assert set(gn) == {"post_ln", "pre_ln", "b2t"} and all("encoder" not in r and len(r["decoder"]) == 18
+    assert set(gn) == {"post_ln", "pre_ln", "b2t"} and all("encoder" not in r and len(r["decoder"]) == DEEP
                                                             for r in gn.values())
-    assert "valid perplexity" in p.stdout and "| B2T | 18 |" in p.stdout
+    assert "valid perplexity" in p.stdout and f"| B2T | {DEEP} |" in p.stdout
 
 
 def test_lm_demo_rerun_reuses_its_runs(quick_lm_demo):
     out, cache, _, zip_path = quick_lm_demo
-    p = run(["b2t-demo", "--task", "lm", "--quick", "--corpus", zip_path, "--out", out, "--cache", cache])
+    p = run(["b2t-demo", "--task", "lm", "--quick", *SMALL, "--corpus", zip_path, "--out", out, "--cache", cache])
     assert p.stdout.count("finished earlier") == 6
 
 
