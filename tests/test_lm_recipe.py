@@ -139,16 +139,14 @@ def test_train_command_is_the_recipe(tmp_path, layers):
 
 
 @pytest.mark.slow
-def test_train_refuses_bad_setups_in_one_line(tmp_path):
+def test_train_refuses_bad_setups_in_one_line(tmp_path, capsys):
     (tmp_path / "dict.txt").write_text("a 1\n")
     for argv, needle in ((["--arch", "transformer_lm_b2t", "--max-tokens", "3000"], "does not divide"),
                          (["--arch", "transformer_lm_b2t", "--layers", "0"], "at least 1")):
-        p = run([sys.executable, "-m", "b2t_tools.lm.train", tmp_path, *argv, "--dry-run"], check=False, cwd=REPO)
-        assert p.returncode == 2
-        assert_one_line_error(p.stderr, "b2t-lm-train", needle)
-    p = run([sys.executable, "-m", "b2t_tools.lm.train", tmp_path / "nothing", "--arch", "transformer_lm_b2t"],
-            check=False, cwd=REPO)
-    assert_one_line_error(p.stderr, "b2t-lm-train", "b2t-lm-prepare")
+        assert lm_train.main([str(tmp_path), *argv, "--dry-run"]) == 2
+        assert_one_line_error(capsys.readouterr().err, "b2t-lm-train", needle)
+    assert lm_train.main([str(tmp_path / "nothing"), "--arch", "transformer_lm_b2t"]) == 2
+    assert_one_line_error(capsys.readouterr().err, "b2t-lm-train", "b2t-lm-prepare")
 
 
 def test_evaluate_writes_the_table_beside_the_published_number(tmp_path):

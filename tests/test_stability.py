@@ -35,11 +35,9 @@ def test_cells_are_keyed_on_every_option():
     (["--layer-types", "post,b2t"], "--layer-types post"),
     (["--lrs", "0.001,-1"], "--lrs"),
 ])
-@pytest.mark.slow  # a child process or a whole pipeline: e2e
-def test_bad_options_are_one_line(argv, fragment, tmp_path):
-    p = run(["b2t-stability", "--out", tmp_path / "o", "--data-bin", tmp_path, *argv], check=False)
-    assert p.returncode == 2
-    assert_one_line_error(p.stderr, "b2t-stability", fragment)
+def test_bad_options_are_one_line(argv, fragment, tmp_path, capsys):
+    assert stability.main(["--out", str(tmp_path / "o"), "--data-bin", str(tmp_path), *argv]) == 2
+    assert_one_line_error(capsys.readouterr().err, "b2t-stability", fragment)
 
 
 def test_unigram_level_from_the_text(toy_data_bin, tmp_path):
