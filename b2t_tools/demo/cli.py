@@ -194,6 +194,8 @@ def run(argv):
             raise ToolError(f"cannot write {e.filename} ({e.strerror}); free disk space or fix that path (or pass "
                            "another --out), then run b2t-demo again to resume") from None
         raise
+    finally:
+        children.STOPPING.clear()  # its children are ended: a later call in this process may start new ones
 
 
 # a full disk, a read-only place, a file where a folder should be: the user's to fix, not a bug
