@@ -138,7 +138,6 @@ def test_train_command_is_the_recipe(tmp_path, layers):
     assert one[one.index("--update-freq") + 1] == "32"
 
 
-@pytest.mark.slow
 def test_train_refuses_bad_setups_in_one_line(tmp_path, capsys):
     (tmp_path / "dict.txt").write_text("a 1\n")
     for argv, needle in ((["--arch", "transformer_lm_b2t", "--max-tokens", "3000"], "does not divide"),

@@ -94,11 +94,10 @@ def stop_all(timeout=5.0):
 
 def install_stop_handlers():
     """SIGTERM and SIGHUP stop the demo like Ctrl-C: children ended, then KeyboardInterrupt here.
-    Also clears a stop left from an earlier call in the same process."""
+    (The demo clears STOPPING when its run ends, so no stop is left for a later call in this process.)"""
     def handler(signum, frame):
         stop_all()
         raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
-    STOPPING.clear()
     if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, handler)
