@@ -78,6 +78,17 @@ class OwnedDest:
         os.replace(tmp, dest)
 
 
+def check_workers(workers):
+    """--workers: each stage starts this many processes (a million would exhaust the machine)."""
+    if workers < 1:
+        raise ToolError(f"--workers {workers}: must be at least 1; pass the number of processes (default: the "
+                        "number of CPUs)")
+    most = 4 * (os.cpu_count() or 1) if (os.cpu_count() or 1) > 2 else 8
+    if workers > most:
+        raise ToolError(f"--workers {workers} is more processes than this machine's {os.cpu_count()} CPUs can "
+                        f"use; pass at most {most} (default: the number of CPUs)")
+
+
 def preprocess(flags, tmp, workers, log):
     """fairseq-preprocess FLAGS into tmp (the folder begin() made); its last error line becomes ours."""
     cmd = [os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"), *flags, "--destdir", str(tmp),

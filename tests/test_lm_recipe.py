@@ -95,6 +95,19 @@ def test_prepare_never_replaces_a_folder_it_did_not_make(tmp_path, capsys):
     assert not (tmp_path / "work").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    (["--workers", "0"], "--workers 0: must be at least 1"),
+    (["--workers", "-1"], "--workers -1: must be at least 1"),
+    (["--workers", "99999999"], "more processes than this machine's"),
+    (["--md5", "zz"], "is not an md5"),
+])
+def test_prepare_refuses_bad_numbers_before_anything_is_written(tmp_path, capsys, argv, fragment):
+    rc = lm_prepare.main(["--work", str(tmp_path / "work"), "--dest", str(tmp_path / "bin"), "--url",
+                          "file:///nowhere.zip", *argv])
+    assert rc == 2 and fragment in assert_one_line_error(capsys.readouterr().err, "b2t-lm-prepare")
+    assert not (tmp_path / "work").exists() and not (tmp_path / "bin").exists()
+
+
 @pytest.mark.parametrize("where", ["work", "work/x", "."])
 def test_prepare_refuses_a_dest_overlapping_work(tmp_path, capsys, where):
     work = tmp_path / "work"

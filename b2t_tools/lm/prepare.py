@@ -12,13 +12,14 @@ Then train with ``b2t-lm-train`` and evaluate with ``b2t-lm-evaluate``. This mod
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import zipfile
 from pathlib import Path
 
 from ..commands import run_command
-from ..dest import OwnedDest, preprocess
+from ..dest import OwnedDest, check_workers, preprocess
 from ..download import fetch
 from ..errors import ToolError
 from ..stages import Stages
@@ -116,8 +117,10 @@ def parse_args(argv):
 
 
 def prepare(args):
-    if args.workers < 1:
-        raise ToolError(f"--workers {args.workers}: must be at least 1")
+    check_workers(args.workers)
+    if args.md5 and not re.fullmatch(r"[0-9a-f]{32}", args.md5):
+        raise ToolError(f"--md5 {args.md5!r} is not an md5 (32 hex digits); pass the archive's md5sum, or --md5 '' "
+                        "to skip the check")
     work, dest = Path(args.work), Path(args.dest)
     dest_ours = DEST.check_places(work, dest)  # before anything is downloaded or written
     text_dir = work / "wikitext-103"

@@ -35,7 +35,7 @@ from multiprocessing import Pool
 from pathlib import Path
 
 from ..commands import run_command
-from ..dest import OwnedDest, preprocess
+from ..dest import OwnedDest, check_workers, preprocess
 from ..download import fetch as _fetch
 from ..errors import ToolError
 from ..stages import Stages
@@ -579,14 +579,10 @@ def parse_args(argv):
 
 
 def check_options(args):
-    for flag, value in (("--bpe-merges", args.bpe_merges), ("--nwords", args.nwords), ("--max-len", args.max_len),
-                        ("--workers", args.workers)):
+    for flag, value in (("--bpe-merges", args.bpe_merges), ("--nwords", args.nwords), ("--max-len", args.max_len)):
         if value < 1:
             raise ToolError(f"{flag} {value}: must be at least 1")
-    most = 4 * (os.cpu_count() or 1) if (os.cpu_count() or 1) > 2 else 8
-    if args.workers > most:  # each stage starts this many processes (a million would exhaust the machine)
-        raise ToolError(f"--workers {args.workers} is more processes than this machine's {os.cpu_count()} CPUs can "
-                        f"use; pass at most {most} (default: the number of CPUs)")
+    check_workers(args.workers)
     if not args.ratio > 0 or args.ratio == float("inf"):  # nan and inf too
         raise ToolError(f"--ratio {args.ratio}: must be positive (Google's recipe: 9)")
     if args.sums is not None:
