@@ -12,7 +12,6 @@ import logging
 
 from . import layer_types
 from .errors import B2TError
-from .layer_types import KEYS as LN_POSITIONS
 
 logger = logging.getLogger(__name__)
 PROG = "b2t-import-checkpoint"  # named in the messages: the command that converts a checkpoint once
@@ -66,9 +65,10 @@ def is_fork_checkpoint(state):
             or any(str(k).startswith(FORK_DECODER_POSITIONS) for k in model))
 
 
-def _layer_type(args, where):
-    enc_nb = bool(getattr(args, "encoder_normalize_before", False))
+def _layer_type(args, where, lm=False):
     dec_nb = bool(getattr(args, "decoder_normalize_before", False))
+    # a language model has no encoder: its saved args carry no encoder switch to agree with
+    enc_nb = dec_nb if lm else bool(getattr(args, "encoder_normalize_before", False))
     if getattr(args, "residual_bottom_to_top", False):
         if enc_nb or dec_nb:
             raise B2TError(f"{where} combines --residual-bottom-to-top with --*-normalize-before (B2T on Pre-LN), "
@@ -103,7 +103,7 @@ def convert_args(args, where="checkpoint", init=None):
         if not any(value is d or (d is not None and value == d and type(value) is type(d)) for d in defaults):
             raise B2TError(f"{where} was trained with the authors' --{key.replace('_', '-')} {value}, which {ours} "
                            f"does not implement, so {PROG} cannot convert it; use it with the authors' fairseq-0.9 fork")
-    ln = _layer_type(args, where)
+    ln = _layer_type(args, where, lm)
     new = argparse.Namespace(**vars(args))
     method = getattr(args, "sampling_method", "none") or "none"
     if method not in SAMPLING_METHODS:
@@ -174,22 +174,6 @@ def convert_state(state, where="checkpoint", init=None):
 
 
 def layer_type_of_state(state):
-    """The layer type ('b2t', 'deepnorm', 'admin', 'pre', 'post') of a loaded checkpoint, from its args
-    or cfg, or None (unknown)."""
-    model_cfg = None
-    if isinstance(state.get("args"), argparse.Namespace):
-        model_cfg = state["args"]
-    elif state.get("cfg") is not None:
-        cfg = state["cfg"]
-        model_cfg = cfg.get("model") if hasattr(cfg, "get") else getattr(cfg, "model", None)
-    if model_cfg is None:
-        return None
-    get = (lambda k: model_cfg.get(k, None)) if hasattr(model_cfg, "get") and not isinstance(
-        model_cfg, argparse.Namespace) else (lambda k: getattr(model_cfg, k, None))
-    if get("residual_bottom_to_top") or get("ln_position") == "b2t":
-        return "b2t"
-    if get("ln_position") in LN_POSITIONS:
-        return get("ln_position")
-    if get("encoder_normalize_before") or get("decoder_normalize_before"):
-        return "pre"
-    return "post"
+    """The layer type key of a loaded checkpoint (layer_types.which), or None (no configuration saved)."""
+    t = layer_types.which(state)
+    return t.key if t is not None else None

@@ -1,11 +1,11 @@
 """``transformer_lm_b2t``: fairseq's decoder-only ``transformer_lm`` with the one layer-type switch.
 
-``--ln-position post`` and ``pre`` keep fairseq's own LM layers (and so its weights, bit for bit);
-``b2t`` (``y = LN_ffn(x + h + FFN(h))``, ``h = LN_sa(x + SelfAttn(x))``), ``deepnorm`` (decoder-only
-alpha = (2N)^(1/4), beta = (8N)^(-1/4)) and ``admin`` (omega from 2N residual connections) use the
-``lm_layer`` classes of ``layer_types.LAYER_TYPES``. Parameter names are fairseq's.
+``--layer-type post`` and ``pre`` keep fairseq's own LM layers (and so its weights, bit for bit);
+the other records build their ``lm_layer`` (or ``lm_stack``) classes: ``b2t`` (``y = LN_ffn(x + h +
+FFN(h))``, ``h = LN_sa(x + SelfAttn(x))``), ``deepnorm`` (decoder-only alpha = (2N)^(1/4), beta =
+(8N)^(-1/4)), ``admin`` (omega from 2N residual connections), ... Parameter names are fairseq's.
 
-Named architectures, for every layer type SHORT (post_ln, pre_ln, b2t, deepnorm, admin):
+Named architectures, for every layer type SHORT (post_ln, pre_ln, b2t, ...):
 ``transformer_lm_SHORT`` (fairseq's transformer_lm sizes: 6 x 512, ffn 2048, 8 heads),
 ``transformer_lm_SHORT_16l`` (the same with 16 layers: the WikiText-103 recipe's deep setting),
 ``transformer_lm_SHORT_gpt`` (transformer_lm_gpt: 12 x 768, gelu) and ``transformer_lm_SHORT_tiny``
@@ -15,17 +15,17 @@ the layer type they name.
 """
 
 import argparse
+import contextlib
 from dataclasses import dataclass, field
 from typing import Optional
 
-from fairseq.dataclass import ChoiceEnum
+import fairseq.models.transformer_lm as fairseq_lm
 from fairseq.models import (
     ARCH_MODEL_REGISTRY,
     MODEL_REGISTRY,
     register_model,
     register_model_architecture,
 )
-from fairseq.models.transformer import TransformerConfig
 from fairseq.models.transformer_lm import (
     TransformerLanguageModel,
     TransformerLanguageModelConfig,
@@ -33,92 +33,64 @@ from fairseq.models.transformer_lm import (
     transformer_lm_gpt,
 )
 from omegaconf import OmegaConf
-from torch import nn
 
-from . import layer_types, recipe
-from .layers import (
-    ADMIN_OUTPUT_CHANGE_SCALES,
-    DEEPNORM_REFERENCES,
-    deepnorm_init_,
-    deepnorm_lm_constants,
-    rescale_init_,
-)
-from .transformer_b2t import ADMIN_OMEGA_MODES, _wrap, resolve_layer_type
+from . import layer_types, options, recipe, stacks
+from .errors import B2TConfigError
 
 MODEL = "transformer_lm_b2t"
-CHOICES = ("ln_position", "deepnorm_reference", "admin_omega", "admin_output_change_scale", "on_divergence")
+# the model's own name is B2T at transformer_lm sizes (fairseq registers it as an architecture that
+# sets nothing, so the layer type comes from here)
+MODEL_LAYER_TYPE = "b2t"
+TRANSLATION_ONLY = ("word_dropout_src", "word_dropout_tgt", "b2t_fast", "b2t_bf16")
 
 
 @dataclass
-class TransformerLMB2TConfig(TransformerLanguageModelConfig):
-    # the default is B2T: `--arch transformer_lm_b2t` (the model's own name) is B2T at transformer_lm sizes
-    ln_position: ChoiceEnum(layer_types.KEYS) = field(
-        default="b2t", metadata={"help": "layer type: post, pre, b2t, deepnorm, admin"})
-    residual_bottom_to_top: bool = field(default=False, metadata={"help": "the authors' spelling of --ln-position b2t"})
-    b2t_rescale_init: Optional[bool] = field(
-        default=None, metadata={"help": "multiply layer projection weights by N**-0.5 (default: on for b2t only)"})
-    deepnorm_reference: Optional[ChoiceEnum(DEEPNORM_REFERENCES)] = field(
-        default=None, metadata={"help": "DeepNorm's init: paper (Xavier-normal, gain beta) or torchscale"})
-    admin_omega: Optional[ChoiceEnum(ADMIN_OMEGA_MODES)] = field(
-        default=None, metadata={"help": "Admin's shortcut weights: trainable (default) or fixed"})
-    admin_output_change_scale: Optional[ChoiceEnum(ADMIN_OUTPUT_CHANGE_SCALES)] = field(
-        default=None, metadata={"help": "Admin's omega without profiling: O(logn) (default), O(1), O(n)"})
-    b2t_imported_from: Optional[str] = field(default=None, metadata={"help": "set by b2t-import-checkpoint"})
-    # the training monitor, as for translation (patches/layer_monitor.py)
-    log_layer_norms: bool = field(default=False, metadata={
-        "help": "every --log-interval updates, log each layer's gradient norm, input gradient norm and largest "
-                "activation, and stop a diverging run naming the layer"})
-    on_divergence: Optional[ChoiceEnum(["stop", "warn"])] = field(
-        default=None, metadata={"help": "with --log-layer-norms: stop (default) or warn when training diverges"})
-    divergence_patience: Optional[int] = field(default=None, metadata={
-        "help": "with --log-layer-norms: updates after warm-up the loss may stay above the unigram level (default 100)"})
+class TransformerLMB2TConfig(TransformerLanguageModelConfig, options.LayerOptions):
+    # saved in every checkpoint's config: --arch transformer_lm_b2t records the type it builds
+    ln_position: Optional[str] = field(default=MODEL_LAYER_TYPE,
+                                       metadata=options.LayerOptions.__dataclass_fields__["ln_position"].metadata)
 
 
-def _lm_layer_class(cfg):
-    return layer_types.BY_KEY[str(getattr(cfg, "ln_position", None) or "post")].lm_layer
+@contextlib.contextmanager
+def _decoder_class(cls):
+    """fairseq's TransformerLanguageModel.build_model names its decoder class inline: for this one
+    call the name means ours (built from the same args, so before the layer type's own init the
+    weights are exactly fairseq's)."""
+    stock = fairseq_lm.TransformerDecoder
+    fairseq_lm.TransformerDecoder = cls
+    try:
+        yield
+    finally:
+        fairseq_lm.TransformerDecoder = stock
 
 
 class TransformerLMB2TModel(TransformerLanguageModel):
-    """fairseq's TransformerLanguageModel with ``--ln-position {post,pre,b2t,deepnorm,admin}``."""
+    """fairseq's TransformerLanguageModel with ``--layer-type`` (a record of layer_types.py)."""
 
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
-        # fairseq drops the dataclass defaults from argparse; None means "decide from the layer type"
-        parser.set_defaults(b2t_rescale_init=None)
-        parser.add_argument("--no-b2t-rescale-init", dest="b2t_rescale_init", action="store_false",
-                            help="keep fairseq's initialization for B2T (the 2022 code)")
+        options.finish_args(parser)
 
     @classmethod
     def build_model(cls, args, task):
         if OmegaConf.is_config(args):
             # as in transformer_b2t: TransformerConfig.from_namespace cannot see a DictConfig's extra keys
             args = argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
-        for key in CHOICES:
+        for key in options.CHOICE_FIELDS:
             if getattr(args, key, None) is not None:  # fairseq's ChoiceEnum values as plain strings
                 setattr(args, key, str(getattr(args, key)))
+        for key in TRANSLATION_ONLY:
+            if getattr(args, key, None):
+                raise B2TConfigError(f"--{key.replace('_', '-')} is an option of the translation model "
+                                     f"(transformer_b2t), not of {MODEL}; drop it")
         # settled on a copy (fairseq merges the config into a new one before this call): a checkpoint's
         # config keeps the flags as given, and settles to the same layer type when loaded
-        ln = resolve_layer_type(args)
-        model = super().build_model(args, task)
-        layer_class = _lm_layer_class(args)
-        if layer_class is not None:
-            # fairseq's build_model names its decoder class inline: swap its stock layers for ours, built
-            # from the same config and starting from the stock layers' weights (so, before the layer
-            # type's own init, exactly fairseq's initialization); every parameter name stays fairseq's
-            cfg = TransformerConfig.from_namespace(args)
-            ours = []
-            for stock in model.decoder.layers:
-                layer = layer_class(cfg, no_encoder_attn=True)
-                missing, unexpected = layer.load_state_dict(stock.state_dict(), strict=False)
-                assert not unexpected and all(k.endswith("_residual_scale") for k in missing), (missing, unexpected)
-                ours.append(_wrap(layer, cfg))
-            model.decoder.layers = nn.ModuleList(ours)
-        layers = model.decoder.layers
-        if args.b2t_rescale_init:
-            rescale_init_(layers, len(layers))
-        if ln == "deepnorm":
-            deepnorm_init_(layers, deepnorm_lm_constants(len(layers))["beta"], args.deepnorm_reference)
+        t = layer_types.resolve(args, layer_types.which(args).key)
+        with _decoder_class(t.lm_stack or stacks.LMDecoder):
+            model = super().build_model(args, task)
+        model.b2t_layer_type = t.key
+        layer_types.init_stack(t, model.decoder.layers, args, "lm")
         if getattr(args, "log_layer_norms", False):
             from .patches import layer_monitor
 
@@ -137,6 +109,7 @@ def _register_arch(name, fn):
 
 
 _register_model(MODEL, TransformerLMB2TModel, TransformerLMB2TConfig)
+layer_types.ARCH_TYPES[MODEL] = MODEL_LAYER_TYPE
 
 
 def _keep_layer_type(args, ln_position, sizes):
@@ -145,8 +118,8 @@ def _keep_layer_type(args, ln_position, sizes):
     sizes(args)
     args.decoder_normalize_before = bool(user_pre)
     # at parse time, so a bad combination fails before any work starts; ln_position is the architecture's
-    # default, which --residual-bottom-to-top may override and an explicit --ln-position may not
-    resolve_layer_type(args, ln_position)
+    # default, which --residual-bottom-to-top may override and an explicit --layer-type may not
+    layer_types.resolve(args, ln_position)
 
 
 def _sized(**defaults):
@@ -159,12 +132,14 @@ def _sized(**defaults):
 
 ARCHITECTURES = {}
 for _t in layer_types.LAYER_TYPES:
-    _f = "transformer_lm_" + _t.short
-    if _f != MODEL:  # the model's own name is registered by fairseq as its defaults (ln_position b2t)
+    _f = _t.lm_family
+    if _f != MODEL:  # the model's own name is registered by fairseq as its defaults (MODEL_LAYER_TYPE)
         ARCHITECTURES[_f] = lambda args, ln=_t.key: _keep_layer_type(args, ln, base_lm_architecture)
     ARCHITECTURES[_f + "_gpt"] = lambda args, ln=_t.key: _keep_layer_type(args, ln, transformer_lm_gpt)
     ARCHITECTURES[_f + "_16l"] = lambda args, ln=_t.key: _keep_layer_type(
         args, ln, _sized(decoder_layers=recipe.LM_DEEP))
     ARCHITECTURES[_f + "_tiny"] = lambda args, ln=_t.key: _keep_layer_type(args, ln, _sized(**recipe.LM_TINY))
+    for _suffix in ("", "_gpt", "_16l", "_tiny"):
+        layer_types.ARCH_TYPES[_f + _suffix] = _t.key
 for _name, _fn in ARCHITECTURES.items():
     _register_arch(_name, _fn)

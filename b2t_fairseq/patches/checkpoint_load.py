@@ -16,7 +16,7 @@ import logging
 import os
 import pickle
 
-from .. import authors
+from .. import authors, layer_types
 from ..checkpoint_io import find_damage
 from ..errors import CheckpointError
 from . import context
@@ -32,7 +32,10 @@ def _readable(load):
         damage = find_damage(local) if os.path.isfile(local) else None
         if damage:
             raise CheckpointError(path, damage)
-        with context.loading(path=path):
+        with context.loading(path=path) as ctx:
+            overrides = kwargs.get("arg_overrides", args[0] if args else None) or {}
+            if LAYER_TYPE_KEYS & set(overrides) and os.path.isfile(local):
+                ctx.stored_type = _stored_layer_type(local)
             try:
                 return load(path, *args, **kwargs)
             except pickle.UnpicklingError as e:
@@ -43,6 +46,23 @@ def _readable(load):
 
     load_checkpoint_to_cpu.b2t_checkpoint_load = True
     return load_checkpoint_to_cpu
+
+
+# the saved options that decide a layer type: fairseq writes --model-overrides into the saved args
+# before the checkpoint reaches us, so the type the file records is read from the file itself
+LAYER_TYPE_KEYS = {"ln_position", "residual_bottom_to_top", "encoder_normalize_before", "decoder_normalize_before",
+                   "arch", "_name"}
+
+
+def _stored_layer_type(local):
+    import torch
+
+    try:  # memory-mapped: the pickled header is read, the tensors are not
+        state = torch.load(local, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # an old non-zip file, or one fairseq's own load will report properly
+        return None
+    t = layer_types.which(state) if isinstance(state, dict) else None
+    return t.key if t is not None else None
 
 
 def _remember_before_overrides(overwrite):
@@ -71,7 +91,8 @@ def _importing(upgrade):
         state = upgrade(state)
         if isinstance(state.get("model"), dict):
             original = ctx.before_overrides if ctx is not None else {}
-            origin = context.Origin(where, authors.layer_type_of_state(state), checkpoint_data(state, original))
+            stored = ctx.stored_type if ctx is not None else None
+            origin = context.Origin(where, stored or authors.layer_type_of_state(state), checkpoint_data(state, original))
             state["model"] = context.attach(state["model"], origin)
             context.record(origin)
         return state

@@ -32,6 +32,7 @@ class Loading:
     path: Optional[str] = None  # the checkpoint file being read
     before_overrides: dict = field(default_factory=dict)  # its task's data/langs before fairseq's overrides
     seen: list = field(default_factory=list)  # Origin of every checkpoint read within this load
+    stored_type: Optional[str] = None  # the layer type the file records, when overrides would hide it
     parent: Optional["Loading"] = None
 
 
