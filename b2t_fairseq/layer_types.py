@@ -19,6 +19,7 @@ from .errors import B2TConfigError
 # fairseq forward options that only fairseq's own layers read: a type with its own forward would
 # ignore them, or (DeepNorm, which keeps fairseq's forward) change the equations it stands for
 FAIRSEQ_FORWARD_OPTIONS = ("cross_self_attention", "scale_attn", "scale_heads", "scale_fc", "scale_resids")
+NORMALIZERS = ("layernorm", "rmsnorm", "dyt")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class LayerType:
     decoder_stack: Optional[type] = None
     lm_stack: Optional[type] = None
     normalize_before: bool = False        # fairseq's switch: its Pre-LN layers and a norm after each stack
+    norms: Tuple[str, ...] = NORMALIZERS  # the normalizers the type is defined with (--normalizer)
     takes: Tuple[str, ...] = ()           # the type's own options; other types refuse them when set
     rescale_init: bool = False            # the default of --b2t-rescale-init
     init: Optional[Callable] = None       # init(layers, args, side): side "encoder", "decoder" or "lm"
@@ -155,6 +157,10 @@ def resolve(args, default="post"):
             owner = next(o for o in LAYER_TYPES if name in o.takes)
             raise B2TConfigError(f"{_flag(name)} is an option of {owner.label} layers, not of {t.label}; drop it "
                                  f"or use --layer-type {owner.key}")
+    normalizer = str(getattr(args, "normalizer", None) or "layernorm")
+    if normalizer not in t.norms:
+        raise B2TConfigError(f"--normalizer {normalizer} is not defined for {t.label} layers; use one of "
+                             f"{', '.join(t.norms)}")
     if t.own_layers:
         for name in FAIRSEQ_FORWARD_OPTIONS:
             if getattr(args, name, False):
