@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU check of b2t-fairseq in one short run (about 8 minutes on one H100):
+# Every GPU check of b2t-fairseq in one short run (not yet run on a GPU; each step has a timeout and keeps partial results):
 #   1. fp16 training smoke of each named architecture through b2t-train on a toy corpus
 #   2. b2t-bench at the paper's sizes (transformer_wmt_en_de, 32k vocabulary), max-tokens
-#      3584 / 8192 / 32768, 6 and 18 layers, all five variants interleaved, --fp16
+#      3584 / 8192 / 32768, 6 and 18 layers, stock Post-LN and Pre-LN and every layer type of the
+#      plugin (layer_types.LAYER_TYPES) interleaved, --fp16
 #   3. a profile of one stock fairseq Post-LN update (6 layers, max-tokens 8192): kernel time
 #      against gaps, the largest kernels, achieved fraction of the measured fp16 matmul peak
 # Results go to $OUT if set (the device tool), else results/gpu/: env.txt, train-smoke.tsv,
@@ -170,16 +171,18 @@ EOF
 }
 
 if [[ ${B2T_SKIP_SMOKE:-0} != 1 ]]; then
-    echo "== 1. fp16 training smoke (9 architectures, in parallel)"
+    echo "== 1. fp16 training smoke (every layer type's named architectures, in parallel)"
     smoke || status=1
 fi
 
 # --- 2 and 3. benchmark at the paper's sizes, and the profile ---------------------------------
 if [[ ${B2T_SKIP_BENCH:-0} != 1 ]]; then
     echo "== 2. b2t-bench, paper sizes, fp16; 3. profile of one stock Post-LN update"
+    # every layer type's record, beside stock fairseq's two
+    mapfile -t plugin_variants < <("$PY" -c 'from b2t_fairseq import layer_types; print("\n".join("plugin_" + s for s in layer_types.SHORTS))')
     # shellcheck disable=SC2086
     timeout 420 "$PY" -m b2t_tools.analysis.bench --arch-size paper --layers 6 18 --max-tokens 3584 8192 32768 \
-        --variants stock_post_ln stock_pre_ln plugin_post_ln plugin_pre_ln plugin_b2t \
+        --variants stock_post_ln stock_pre_ln "${plugin_variants[@]}" \
         --json "$RES/bench-gpu.json" --profile "$RES/profile-gpu.json" --profile-layers 6 --profile-max-tokens 8192 \
         ${B2T_BENCH_ARGS:-} 2>"$WORK/bench.err" | tee "$RES/bench-gpu.txt" || { status=1; tail -n 40 "$WORK/bench.err"; }
     grep -v USDT "$WORK/bench.err" | tail -n 5 >>"$RES/bench-gpu.txt" || true
