@@ -108,3 +108,17 @@ def test_a_damaged_checkpoint_or_data_is_one_line(tmp_path, setup, capsys):
     assert ev.main([str(tmp_path), str(tmp_path / "good.pt"), "--out", str(tmp_path / "o.json")]) == 2
     assert_one_line_error(capsys.readouterr().err, "b2t-lm-evaluate", "no dict.txt")
     assert setup == []
+
+
+def test_an_out_damaged_during_the_evaluation_is_kept_and_the_result_printed(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ppl.json"
+
+    def evaluate_while_someone_writes_out(*a):
+        out.write_text("{half")
+        return {"loss": 3.0, "ppl": 7.0}
+
+    monkeypatch.setattr(ev, "evaluate", evaluate_while_someone_writes_out)
+    rc = ev.main([str(_data(tmp_path / "a")), str(_checkpoint(tmp_path / "c.pt", 1)), "--out", str(out)])
+    err, stdout = capsys.readouterr()[::-1]
+    assert rc == 2 and "perplexity 7.00" in assert_one_line_error(err, "b2t-lm-evaluate", "not valid JSON")
+    assert out.read_text() == "{half" and any("| 7.00 |" in r for r in _table(stdout))

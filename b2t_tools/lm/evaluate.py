@@ -96,8 +96,8 @@ def table(rows, data=None):
         other = {k: v for k, v in (r.get("flags") or {}).items() if dict(recipe.LM_EVAL).get(k) != v}
         how = "".join(f"; {k} {v}" for k, v in other.items())  # not the recipe's evaluation: said in the row
         label = r["label"] + (" (stale)" if state == "stale" else "")
-        out.append(f"| {label} | {r.get('layers')} | {r['subset']} | {r['ppl']:.2f} | measured ({r['checkpoint']}{how}) "
-                   f"| {state}{': ' + why if why else ''} |")
+        out.append(f"| {label} | {r.get('layers')} | {r['subset']} | {r['ppl']:.2f} | "
+                   f"measured ({r['checkpoint']}{how}) | {state}{': ' + why if why else ''} |")
     for layers, pub in sorted(recipe.LM_PUBLISHED.items()):
         out.append(f"| {pub['layer_type']} | {layers} | test | {pub['test_ppl']:.2f} | published: {pub['source']} | "
                    f"{pub['note']} |")
@@ -130,14 +130,17 @@ def read_rows(out):
 
 
 def save(out, rows, unsaved, data):
-    """Write --out; when that fails, the results measured are printed (table, and in the error line): not lost."""
+    """Write --out (with any rows another run added meanwhile); when that fails, the results measured are printed
+    (the table, and in the error line): not lost."""
     try:
+        rows.update({k: v for k, v in read_rows(out).items() if k not in rows})
         write_json(out, rows)
-    except OSError as e:
+    except (OSError, ToolError) as e:
         print(table(list(rows.values()), data))
         got = ", ".join(f"{r['checkpoint']} {r['subset']} perplexity {r['ppl']:.2f}" for r in unsaved)
-        raise ToolError(f"cannot write --out {out} ({e.strerror or e}); measured but not saved: {got} (also in the "
-                        "table above): free some space or pass another --out and re-run") from None
+        why = (e.strerror or e) if isinstance(e, OSError) else str(e).split(";")[0]
+        raise ToolError(f"cannot write --out {out} ({why}); measured but not saved: {got} (also in the table "
+                        "above): free some space or pass another --out and re-run") from None
 
 
 def parse_args(argv):
