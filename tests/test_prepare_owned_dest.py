@@ -57,6 +57,7 @@ def test_a_marker_without_a_file_list_owns_only_the_names_the_command_writes(tmp
     (dest / lm_prepare.MARKER).write_text(json.dumps({"made_by": "b2t-lm-prepare"}))  # an older marker
     (dest / "dict.txt").write_text("a 1\n")
     (dest / "test.bin").write_text("x")
+    (dest / "train.pt1.bin").write_text("x")  # a worker's part, left by a stopped fairseq-preprocess
     assert lm_prepare.DEST.check_places(tmp_path / "work", dest)
     (dest / "README").write_text("mine\n")
     with pytest.raises(ToolError, match="README"):

@@ -118,8 +118,9 @@ def extract(archive, text_dir):
 
 
 MARKER = ".b2t-lm-prepare.json"  # in every --dest we write: what made it; only such folders are ever replaced
-# what fairseq-preprocess --only-source writes: the files of a --dest whose marker lists none (older, or partial)
-DEST = OwnedDest(PROG, MARKER, names=re.compile(r"dict\.txt|(train|valid|test)\.(bin|idx)|preprocess\.log"))
+# what fairseq-preprocess --only-source writes (.ptN: its workers' parts, left by a stop): the files of a --dest
+# whose marker lists none (older, or partial)
+DEST = OwnedDest(PROG, MARKER, names=re.compile(r"dict\.txt|(train|valid|test)(\.pt\d+)?\.(bin|idx)|preprocess\.log"))
 
 
 def binarize(text_dir, dest, workers, record, known_ours=False):
