@@ -85,9 +85,12 @@ LM_MAX_UPDATE = 50000
 # evaluation, fairseq's README: each scored token sees 400 tokens of context within 512-token windows
 LM_EVAL = [("--batch-size", "2"), ("--tokens-per-sample", str(LM_TOKENS_PER_SAMPLE)), ("--context-window", "400")]
 # published perplexity for the 6-layer recipe: fairseq examples/language_model/README.md (test, fairseq-eval-lm
-# with LM_EVAL); no published number for 16 layers at this width, nor for any B2T language model
-LM_PUBLISHED = {6: {"layer_type": "not stated", "test_ppl": 30.46,
-                    "source": "fairseq examples/language_model/README.md"}}
+# with LM_EVAL); no published number for 16 layers at this width, nor for any B2T language model.
+# Published when transformer_lm was Pre-LN (fairseq commit 0790c0cf: base_lm_architecture forces
+# decoder_normalize_before = True, as the installed fairseq 0.12 still does): a Pre-LN number.
+LM_PUBLISHED = {6: {"layer_type": "Pre-LN", "test_ppl": 30.46,
+                    "source": "fairseq examples/language_model/README.md",
+                    "note": "Pre-LN: transformer_lm when it was published (fairseq commit 0790c0cf)"}}
 
 
 def lm_flags(layers):

@@ -1,5 +1,6 @@
 """The ``--dest`` folder of a prepare command: built beside it, renamed onto it, and replaced only when the
-command's own marker file inside says the command made it (never another corpus, never someone's files).
+command's own marker file inside says the command made it and lists every file in it (never another
+corpus, never a file someone put there since).
 
 ``b2t-wmt-prepare`` and ``b2t-lm-prepare`` share it: each names its marker and how it binarizes.
 """
@@ -7,25 +8,62 @@ command's own marker file inside says the command made it (never another corpus,
 import json
 import os
 import shutil
-import subprocess
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ToolError
 
+BIN = os.path.dirname(sys.executable)  # where fairseq-preprocess lives (the venv's bin)
+
+
+def _entries(folder):
+    """{relative path: size (None for a folder; a link counts as a changed file)} of everything under folder."""
+    out = {}
+    for root, dirs, files in os.walk(folder):  # links to folders are listed, not followed
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            out[rel] = -1 if os.path.islink(path) else (None if name in dirs else os.path.getsize(path))
+    return out
+
 
 class OwnedDest:
-    """prog: the command; marker: the file it writes in every --dest; legacy(folder, work) -> bool: whether a
-    folder written before markers existed is known to be the command's (its stage record names it)."""
+    """prog: the command; marker: the file it writes in every --dest, listing what it wrote; legacy(folder,
+    work) -> bool: whether a folder written before markers existed is known to be the command's (its stage
+    record names it); names: a regex of the relative paths the command writes, for a folder whose marker lists
+    no files (an older marker, a partial build)."""
 
-    def __init__(self, prog, marker, legacy=None):
-        self.prog, self.marker, self.legacy = prog, marker, legacy
+    def __init__(self, prog, marker, legacy=None, names=None):
+        self.prog, self.marker, self.legacy, self.names = prog, marker, legacy, names
 
     def ours(self, folder, work=None):
         folder = Path(folder)
         if (folder / self.marker).is_file():
             return True
         return bool(self.legacy and work is not None and self.legacy(folder, work))
+
+    def foreign(self, folder):
+        """What in our folder we did not write: files not in the marker's list, or changed since (other size,
+        now a link); with no list, paths that are not ours by name."""
+        try:
+            listed = json.loads((Path(folder) / self.marker).read_text()).get("files")
+        except (OSError, ValueError, AttributeError):
+            listed = None
+        out = []
+        for rel, size in sorted(_entries(folder).items()):
+            if rel == self.marker:
+                continue
+            if isinstance(listed, dict):
+                if rel not in listed:
+                    out.append(rel)
+                elif listed[rel] != size:
+                    out.append(f"{rel} (changed)")
+            elif self.names is None or size == -1 or not self.names.fullmatch(rel.replace(os.sep, "/")):
+                out.append(rel)
+        return out
 
     def check_replaceable(self, folder, flag, work=None):
         """work: a folder whose stage record may name folder as its --dest (True: already found to be ours)."""
@@ -36,6 +74,11 @@ class OwnedDest:
         if folder.is_dir() and any(folder.iterdir()) and work is not True and not self.ours(folder, work):
             raise ToolError(f"{flag} {folder} holds files that {self.prog} did not write (no {self.marker}); it is "
                             "not replaced: choose a new or empty --dest, or move that folder away")
+        other = self.foreign(folder) if folder.is_dir() else []
+        if other:  # ours, but someone's files were put in it since (or ours edited): never deleted
+            shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+            raise ToolError(f"{flag} {folder} holds files that {self.prog} did not write ({shown}); it is not "
+                            f"replaced: move them out of {folder}, or choose another --dest")
 
     def check_places(self, work, dest):
         """--work and --dest: folders (or to be made), apart from each other, checked before anything is written.
@@ -73,6 +116,11 @@ class OwnedDest:
         return tmp
 
     def commit(self, tmp, dest, work=None):
+        """Record in the marker every file built in tmp (what a later run may replace), then rename tmp onto dest."""
+        marker = Path(tmp) / self.marker
+        record = json.loads(marker.read_text())
+        record["files"] = {rel: size for rel, size in _entries(tmp).items() if rel != self.marker}
+        marker.write_text(json.dumps(record, indent=1) + "\n")
         self.check_replaceable(dest, "--dest", work)  # again: another program may have filled it meanwhile
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
@@ -89,12 +137,33 @@ def check_workers(workers):
                         f"use; pass at most {most} (default: the number of CPUs)")
 
 
+@contextmanager
+def _children_stopped_on_signals():
+    """SIGTERM and SIGHUP end the children like Ctrl-C does (then KeyboardInterrupt: exit 130, one line); the
+    handlers in place before are restored after, and the stop cleared once the children are ended."""
+    from .demo import children
+
+    main = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)} if main else {}
+    children.install_stop_handlers()
+    try:
+        yield children
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+        children.STOPPING.clear()
+
+
 def preprocess(flags, tmp, workers, log):
-    """fairseq-preprocess FLAGS into tmp (the folder begin() made); its last error line becomes ours."""
-    cmd = [os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"), *flags, "--destdir", str(tmp),
-           "--workers", str(max(1, workers))]
+    """fairseq-preprocess FLAGS into tmp (the folder begin() made); its last error line becomes ours. The child
+    (and its workers, one process group) dies with this process: killed, stopped or interrupted."""
+    cmd = [os.path.join(BIN, "fairseq-preprocess"), *flags, "--destdir", str(tmp), "--workers", str(max(1, workers))]
     log("binarize: " + " ".join(cmd))
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    with _children_stopped_on_signals() as children:
+        try:
+            p = children.run(cmd)
+        except children.Stopped:
+            raise KeyboardInterrupt from None
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise ToolError(f"fairseq-preprocess failed ({tail}); fix it and re-run (finished stages are kept)")

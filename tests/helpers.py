@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,13 @@ def write_toy_corpus(folder, sizes=(("train", 400), ("valid", 40), ("test", 40))
                 fe.write(" ".join(s) + "\n")
                 fd.write(" ".join(_DE[w] for w in s) + "\n")
     return folder
+
+
+def sigint_default():
+    """preexec_fn for a child that a test interrupts: SIGINT's default disposition, as a terminal gives it,
+    even where whoever started the tests ignores SIGINT (a background job of a non-interactive shell), which
+    the child would inherit (Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run(cmd, check=True, **kw):

@@ -187,3 +187,31 @@ def test_recipe_train_then_evaluate_on_a_tiny_corpus(tmp_path):
     rows = list(json.loads(out.read_text()).values())
     assert len(rows) == 1 and rows[0]["label"] == "B2T" and rows[0]["layers"] == 2 and rows[0]["ppl"] > 1
     assert "| B2T | 2 | test |" in p.stdout
+
+
+def test_another_url_is_fetched_extracted_and_binarized_again(tmp_path, monkeypatch):
+    """No checksum, another --url: nothing of the first archive is kept (its download, text or binarized data)."""
+    built = []
+
+    def fake_binarize(text_dir, dest, workers, record, known_ours=False):  # fairseq-preprocess costs seconds
+        tmp = lm_prepare.DEST.begin(dest, record, known_ours or None)
+        for name in ("dict.txt", "train.bin", "valid.bin", "test.bin"):
+            (tmp / name).write_bytes((text_dir / "wiki.train.tokens").read_bytes())
+        lm_prepare.DEST.commit(tmp, dest, known_ours or None)
+        built.append(record.get("url"))
+
+    monkeypatch.setattr(lm_prepare, "binarize", fake_binarize)
+    archives = []
+    for seed in (0, 1):
+        archives.append(tmp_path / f"mirror{seed}" / "wikitext-103-v1.zip")
+        archives[-1].parent.mkdir()
+        make_archive(archives[-1], seed=seed)
+    argv = ["--work", str(tmp_path / "work"), "--dest", str(tmp_path / "bin"), "--md5", "", "--workers", "1"]
+    for archive in archives + archives[:1]:
+        assert lm_prepare.main([*argv, "--url", archive.as_uri()]) == 0
+        with zipfile.ZipFile(archive) as z:
+            want = z.read("wikitext-103/wiki.train.tokens")
+        assert (tmp_path / "work" / "downloads" / "wikitext-103-v1.zip").read_bytes() == archive.read_bytes()
+        assert (tmp_path / "bin" / "train.bin").read_bytes() == want
+    assert built == [a.as_uri() for a in archives + archives[:1]]
+    assert lm_prepare.main([*argv, "--url", archives[0].as_uri()]) == 0 and len(built) == 3  # the same: all kept

@@ -105,8 +105,10 @@ def load_checkpoint(path, data):
     # one line for an empty, truncated, corrupt or foreign file
     read_checkpoint(str(path), "pass another checkpoint written by b2t-train", flag="checkpoint", mmap=True)
     try:
-        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)],
-                                                                          arg_overrides={"data": str(data)})
+        # use_plasma_view off: converting an old checkpoint's args (the authors' fork LMs) turns its missing
+        # "${common.use_plasma_view}" into True, and fairseq's plasma view needs pyarrow
+        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+            [str(path)], arg_overrides={"data": str(data), "use_plasma_view": False})
     except (ToolError, B2TError, SystemExit, KeyboardInterrupt):
         raise
     except Exception as e:  # a state dict without fairseq's configuration, a model this fairseq cannot build ...

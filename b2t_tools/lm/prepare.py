@@ -11,6 +11,7 @@ Then train with ``b2t-lm-train`` and evaluate with ``b2t-lm-evaluate``. This mod
 """
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -40,8 +41,9 @@ def log(msg):
     util_log(f"[lm-prepare] {msg}")
 
 
-def _sizes(paths):
-    return {str(p): Path(p).stat().st_size for p in paths}
+def _stamps(paths):
+    """Size and modification time: a file replaced since (by hand, or another download) is not the one recorded."""
+    return {str(p): [Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in paths}
 
 
 def verify(path, md5):
@@ -65,13 +67,35 @@ def verify(path, md5):
     return got
 
 
+def _source(path):
+    """The URL a download (or its partial file) came from, as recorded beside it; None if unrecorded."""
+    try:
+        return json.loads(Path(str(path) + ".source").read_text()).get("url")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _record_source(path, url):
+    with atomic_open(Path(str(path) + ".source")) as f:
+        json.dump({"url": url}, f)
+
+
 def download(work, url, md5):
+    """WORK/downloads/ARCHIVE fetched from url. A file already there is kept only if it came from this url, or
+    if it matches the --md5 given (the same bytes, wherever from); else it is ours to fetch again."""
     ddir = Path(work) / "downloads"
     ddir.mkdir(parents=True, exist_ok=True)
     dest = ddir / ARCHIVE
-    if dest.exists():
-        return dest, verify(dest, md5)
     partial = ddir / (ARCHIVE + ".partial")
+    if dest.exists():
+        if _source(dest) == url or (md5 and file_digest(dest, "md5") == md5):
+            _record_source(dest, url)
+            return dest, verify(dest, md5)
+        log(f"download: {ARCHIVE} came from {_source(dest) or 'another --url'}, not {url}; fetching it again")
+        dest.unlink()
+    if partial.exists() and _source(partial) != url:  # never resume a file from one URL with another's bytes
+        partial.unlink()
+    _record_source(partial, url)
     log(f"download: {url}")
     fetch(url, partial, alternative="--url", log=log)  # a short read keeps the partial file: the next run resumes
     try:
@@ -79,7 +103,9 @@ def download(work, url, md5):
     except ToolError:
         partial.unlink(missing_ok=True)
         raise
+    _record_source(dest, url)
     os.replace(partial, dest)
+    Path(str(partial) + ".source").unlink(missing_ok=True)
     return dest, got
 
 
@@ -92,7 +118,9 @@ def extract(archive, text_dir):
 
 
 MARKER = ".b2t-lm-prepare.json"  # in every --dest we write: what made it; only such folders are ever replaced
-DEST = OwnedDest(PROG, MARKER)
+# what fairseq-preprocess --only-source writes (.ptN: its workers' parts, left by a stop): the files of a --dest
+# whose marker lists none (older, or partial)
+DEST = OwnedDest(PROG, MARKER, names=re.compile(r"dict\.txt|(train|valid|test)(\.pt\d+)?\.(bin|idx)|preprocess\.log"))
 
 
 def binarize(text_dir, dest, workers, record, known_ours=False):
@@ -132,14 +160,16 @@ def prepare(args):
     def get():
         found["archive"], found["md5"] = download(work, args.url, args.md5)
 
-    prev = stages.run("download", [archive], get, force=args.force, key={"md5": args.md5})
+    # every stage is keyed on the one before (its digest): another --url or --md5 redoes all three
+    prev = stages.run("download", [archive], get, force=args.force, key={"url": args.url, "md5": args.md5})
     if "archive" not in found:
         found["archive"] = archive
     prev = stages.run("extract", texts, lambda: extract(found["archive"], text_dir), force=args.force,
-                      key={"after": prev, "archive": _sizes([archive]) if archive.exists() else None})
+                      key={"after": prev, "archive": _stamps([archive]) if archive.exists() else None})
     stages.run("binarize", [dest / "dict.txt", dest / "train.bin", dest / "valid.bin", dest / "test.bin"],
-               lambda: binarize(text_dir, dest, args.workers, {"work": str(work.resolve())}, dest_ours), force=args.force,
-               key={"after": prev, "inputs": _sizes(texts), "dest": str(dest.resolve())})
+               lambda: binarize(text_dir, dest, args.workers, {"work": str(work.resolve()), "url": args.url},
+                                dest_ours), force=args.force,
+               key={"after": prev, "inputs": _stamps(texts), "dest": str(dest.resolve())})
     log(f"ready: {dest} (train with b2t-lm-train {dest} ...)")
 
 

@@ -498,7 +498,11 @@ def _recorded_dest(folder, work):
     return isinstance(key, dict) and key.get("dest") == str(Path(folder).resolve())
 
 
-DEST = OwnedDest(PROG, MARKER, legacy=_recorded_dest)
+# what binarize() writes (.ptN: fairseq-preprocess's workers' parts): the files of a --dest whose marker lists
+# none (older, partial, or from before markers)
+DEST = OwnedDest(PROG, MARKER, legacy=_recorded_dest, names=re.compile(
+    r"dict\.(en|de)\.txt|(train|valid|test\d*)\.en-de\.(en|de)(\.pt\d+)?\.(bin|idx)|preprocess\.log|bpe\.\d+"
+    r"|subsets\.json|refs(/newstest\d{4}\.(en|de|tok\.de))?|utf8(/.*)?"))
 
 
 def utf8_inputs(google, prefixes, tmp):

@@ -15,7 +15,7 @@ import zipfile
 
 import pytest
 import torch
-from helpers import toy_train_argv
+from helpers import sigint_default, toy_train_argv
 
 from b2t_fairseq.checkpoint_io import find_damage
 
@@ -56,7 +56,7 @@ def _run(tmp_path, entry, argv, prog, interrupt):
     if interrupt:
         env["DRIVER_SLOW_SAVE"] = "1"
     p = subprocess.Popen([sys.executable, str(driver), entry, *map(str, argv)], env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_default)
     lines = []
     if interrupt:
         for line in p.stderr:

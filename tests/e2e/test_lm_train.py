@@ -114,3 +114,16 @@ def test_grad_norms_measure_decoder_only_models(lm_data_bin, tmp_path, capsys):
         assert len(r["decoder"]) == 3 and all(math.isfinite(v) and v > 0 for v in r["decoder"])
     assert res["b2t"]["decoder"] != res["post_ln"]["decoder"]  # two different layer types were measured
     assert "encoder" not in capsys.readouterr().out
+
+
+def test_grad_norms_on_an_authors_lm_checkpoint(lm_data_bin, tmp_path):
+    """Their fork's transformer_lm (fairseq 0.9 args): its converted task asked for fairseq's plasma view."""
+    from test_lm_authors import LAYERS, write_fork_lm
+
+    from b2t_tools.analysis import grad_norms
+
+    ckpt = tmp_path / "fork_lm.pt"
+    write_fork_lm(ckpt, lm_data_bin)
+    res = grad_norms.run_models(lm_data_bin, [("fork", None, ckpt)], k=1, max_tokens=128)["fork"]
+    assert res["label"] == "B2T" and res["layers"] == {"decoder": LAYERS}
+    assert len(res["decoder"]) == LAYERS and all(math.isfinite(v) and v > 0 for v in res["decoder"])
