@@ -143,3 +143,18 @@ def test_fork_lm_options_we_do_not_implement_are_refused_in_one_line(tmp_path, l
     assert ";" in err and not (tmp_path / "o.pt").exists()
     with pytest.raises(B2TError, match="cannot convert"):
         checkpoint_utils.load_checkpoint_to_cpu(str(path))
+
+
+def test_fork_pre_ln_lm_imports_as_pre_ln(tmp_path, lm_dict_dir, capsys):
+    """A language model's saved args have no encoder switch: Pre-LN is decoder_normalize_before alone
+    (it was refused as "Pre-LN on one side only")."""
+    src = tmp_path / "fork_pre_lm.pt"
+    state = write_fork_lm(src, lm_dict_dir, residual_bottom_to_top=False, decoder_normalize_before=True)
+    state["model"]["decoder.layer_norm.weight"], state["model"]["decoder.layer_norm.bias"] = torch.ones(D), torch.zeros(D)
+    torch.save(state, src, _use_new_zipfile_serialization=False)  # a Pre-LN stack ends in a norm
+    out = tmp_path / "imported.pt"
+    assert imp.main([str(src), str(out)]) == 0, capsys.readouterr().err
+    a = torch.load(out, weights_only=False)["args"]
+    assert a.arch == "transformer_lm_pre_ln" and a.ln_position == "pre" and a.decoder_normalize_before
+    model, _, _ = _load(src, lm_dict_dir)
+    assert model.decoder.layers[0].normalize_before and model.decoder.layer_norm is not None
