@@ -333,7 +333,29 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 def test_relative_links_resolve(path):
     if not path.exists():
         pytest.skip(f"{path.name} not written yet")
-    broken = [target for target in LINK.findall(path.read_text())
-              if not re.match(r"^(https?:|mailto:|#)", target)
-              and not (path.parent / target.split("#")[0]).exists()]
+    broken = []
+    for target in LINK.findall(path.read_text()):
+        if re.match(r"^(https?:|mailto:)", target):
+            continue
+        file, _, anchor = target.partition("#")
+        page = path.parent / file if file else path
+        if not page.exists() or (anchor and page.suffix == ".md" and anchor not in anchors(page)):
+            broken.append(target)
     assert broken == []
+
+
+def anchors(page):
+    """GitHub's anchors of a markdown page's headings (outside code blocks)."""
+    out, block = set(), False
+    for line in page.read_text().splitlines():
+        if FENCE.match(line):
+            block = not block
+        elif not block and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            out.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return out
+
+
+def test_anchors_follow_github():
+    page = ROOT / "docs" / "benchmark.md"
+    assert "fast-path---b2t-fast" in anchors(page) and "benchmark-and-fast-path" in anchors(page)
