@@ -172,7 +172,7 @@ def fairseq_parser(command, args):
             probe += [f, v]
 
     def error(message):
-        raise ValueError(message)
+        raise ValueError(message.split(" (choose from")[0])  # not every registered architecture
 
     parser.error = error
     chosen, _ = parser.parse_known_args(probe)
@@ -270,6 +270,13 @@ def _check_hydra(name, args, flags):
     folder, config = _flag_value(args, "--config-dir"), _flag_value(args, "--config-name")
     if folder and config and not (ROOT / folder / f"{config}.yaml").is_file():
         problems.append(f"{name}: no config {folder}/{config}.yaml")
+    from fairseq.dataclass.configs import FairseqConfig
+
+    groups = set(FairseqConfig.__dataclass_fields__)
+    for a in args:  # overrides: key=value, +key=value; the key's first part is one of fairseq's groups
+        m = re.match(r"^\+{0,2}([A-Za-z_]\w*)(?:\.[\w.]+)?=", a)
+        if m and m.group(1) not in groups:
+            problems.append(f"{name}: {a.split('=')[0]} is not in fairseq's config ({m.group(1)} is no group of it)")
     return problems
 
 
@@ -282,6 +289,7 @@ def problems_in(text, label):
 @pytest.mark.parametrize("line, wanted", [
     ("b2t-train DATA --arch transformer_b2t --word-dropout-src 0.1 --made-up-flag 1", "--made-up-flag"),
     ("b2t-frobnicate --help", "not a console script"),
+    ("b2t-train D --arch transformer_b2t_99l --max-tokens 4096", "invalid choice: 'transformer_b2t_99l'"),
     ("make frobnicate", "no target 'frobnicate'"),
     ("scripts/nope.sh --x", "no such script"),
     ("python -m b2t_tools.nope --x", "no such module"),
@@ -289,6 +297,7 @@ def problems_in(text, label):
     ("scripts/train.sh transformer_b2t 18 --gpus 8 --made-up 3", "--made-up"),
     ("b2t-lm-train data --arch transformer_lm_b2t --layers 16 --gpu 2", "--gpu"),
     ("b2t-hydra-train --config-dir configs --config-name transformer_b2t_99l task.data=D", "no config"),
+    ("b2t-hydra-train --config-dir configs --config-name transformer_b2t_18l tsk.data=D", "tsk.data"),
     ("fairseq-train D --user-dir b2t_fairseq --arch transformer_b2t --optimizer adam --adam-betx 1", "--adam-betx"),
 ])
 def test_a_bad_command_is_caught(line, wanted):
