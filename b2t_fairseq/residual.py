@@ -150,8 +150,8 @@ class ResiDualDecoderLayer(TransformerDecoderLayerBase):
         if self.encoder_attn is not None and encoder_out is not None:
             c, attn = self.encoder_attn(query=h, key=encoder_out, value=encoder_out,
                                         key_padding_mask=encoder_padding_mask, incremental_state=incremental_state,
-                                        static_kv=True, need_weights=need_attn or (not self.training and self.need_attn),
-                                        need_head_weights=need_head_weights)
+                                        static_kv=True, need_head_weights=need_head_weights,
+                                        need_weights=need_attn or (not self.training and self.need_attn))
             c = self.dropout_module(c)
             dual = dual + c * self.dual_scale
             h = self.encoder_attn_layer_norm(h + c)

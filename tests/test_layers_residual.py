@@ -94,10 +94,12 @@ def _drop(x, p):
     return F.dropout(x, p, training=p > 0)
 
 
-def reference_stack(p, stack, x, layers, heads, d, s, alpha, sublayers, drop=0.0):
+def reference_stack(p, stack, x, layers, d, options, sublayers, drop=0.0):
     """x_0 = d_0/s = x; per sub-layer a = Drop(f(x)): d += s a, x = LN(x + a); out = alpha x + LN_dual(d).
     sublayers: the attentions, [(norm name, f(layer name, x))]; the FFN comes last in every layer."""
     ln, ffn = _ops(p, d)
+    o = dict(residual.OPTIONS, **options)
+    s, alpha = o[f"{stack[:3]}_res_input_norm_scale"], o[f"{stack[:3]}_alpha"]
     dual = x * s
     for i in range(layers):
         n = f"{stack}.layers.{i}"
@@ -111,16 +113,14 @@ def reference_stack(p, stack, x, layers, heads, d, s, alpha, sublayers, drop=0.0
 def reference_translation(model, src, prev, options, drop=0.0):
     p, cfg = dict(model.state_dict()), model.encoder.cfg
     pad, d, heads = model.encoder.padding_idx, cfg.encoder.embed_dim, cfg.encoder.attention_heads
-    o = dict(residual.OPTIONS, **options)
     src_pad = src.eq(pad)
     tgt_pad = prev.eq(pad) if prev.eq(pad).any() else None
     x = _drop(_embed(p, "encoder.embed_tokens.weight", src, pad, d), drop) * (~src_pad).T.unsqueeze(-1)
-    enc = reference_stack(p, "encoder", x, cfg.encoder.layers, heads, d, o["enc_res_input_norm_scale"],
-                          o["enc_alpha"], [
-                              ("self_attn", lambda n, x: reference_attention(p, f"{n}.self_attn", x, x, heads,
-                                                                             key_pad=src_pad))], drop)
+    enc = reference_stack(p, "encoder", x, cfg.encoder.layers, d, options, [
+        ("self_attn", lambda n, x: reference_attention(p, f"{n}.self_attn", x, x, heads, key_pad=src_pad)),
+    ], drop)
     y = _drop(_embed(p, "decoder.embed_tokens.weight", prev, pad, d), drop)
-    out = reference_stack(p, "decoder", y, cfg.decoder.layers, heads, d, o["dec_res_input_norm_scale"], o["dec_alpha"], [
+    out = reference_stack(p, "decoder", y, cfg.decoder.layers, d, options, [
         ("self_attn", lambda n, x: reference_attention(p, f"{n}.self_attn", x, x, heads, key_pad=tgt_pad, causal=True)),
         ("encoder_attn", lambda n, x: reference_attention(p, f"{n}.encoder_attn", x, enc, heads, key_pad=src_pad)),
     ], drop)
@@ -130,10 +130,9 @@ def reference_translation(model, src, prev, options, drop=0.0):
 def reference_lm(model, toks, options):
     p, cfg = dict(model.state_dict()), model.decoder.cfg
     pad, d, heads = model.decoder.padding_idx, cfg.decoder.embed_dim, cfg.decoder.attention_heads
-    o = dict(residual.OPTIONS, **options)
     key_pad = toks.eq(pad) if toks.eq(pad).any() else None
     x = _embed(p, "decoder.embed_tokens.weight", toks, pad, d)
-    out = reference_stack(p, "decoder", x, cfg.decoder.layers, heads, d, o["dec_res_input_norm_scale"], o["dec_alpha"], [
+    out = reference_stack(p, "decoder", x, cfg.decoder.layers, d, options, [
         ("self_attn", lambda n, x: reference_attention(p, f"{n}.self_attn", x, x, heads, key_pad=key_pad, causal=True)),
     ])
     return F.linear(out.transpose(0, 1), p["decoder.output_projection.weight"])
@@ -230,6 +229,22 @@ def test_parameter_names_are_fairseqs_plus_the_sources_join_norm(toy_dicts):
         assert stack.layer_norm.eps == 1e-7 and stack.layers[0].self_attn_layer_norm.eps == 1e-5
     assert all(type(layer) is residual.ResiDualEncoderLayer for layer in model.encoder.layers)
     assert all(type(layer) is residual.ResiDualDecoderLayer for layer in model.decoder.layers)
+
+
+def test_activation_checkpointing_keeps_the_forward_and_the_gradients(toy_dicts):
+    """fairseq's checkpoint_wrapper around the layers (their extra stream in and out) recomputes the
+    same dropout masks: the same output, the same gradients up to summation order."""
+    runs = []
+    for extra in ([], ["--checkpoint-activations"]):
+        model, task, _ = residual_model(toy_dicts, "--dropout", "0.2", *extra, seed=2)
+        model.train()
+        torch.manual_seed(4)
+        out, _ = model(*_padded_batch(task))
+        out.float().log_softmax(-1).mean().backward()
+        runs.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert torch.equal(runs[0][0], runs[1][0])
+    for name, grad in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 # --- decoding ----------------------------------------------------------------------------------------
