@@ -2,14 +2,16 @@
 microsoft/ResiDual, a fairseq user-dir): a Post-LN stream plus an un-normalized dual stream that
 accumulates every sub-layer's output, joined at the top of each stack.
 
-    x_0 = d_0 = embedding (after fairseq's embedding dropout)
+    x_0 = embedding (after fairseq's embedding dropout),  d_0 = s * x_0
     for every sub-layer f_k (self-attention, cross-attention, FFN), with a_k = Drop(f_k(x_k)):
         x_{k+1} = LN_k(x_k + a_k)            the Post-LN stream (fairseq's layer norms)
         d_{k+1} = d_k + s * a_k              the dual stream, never normalized inside the stack
-    out = alpha * x_K + LN_dual(s * d)       (s * d_0 = s * embedding)
+    out = alpha * x_K + LN_dual(d_K)         the stack's output (no other final norm)
 
+With alpha = s = 1 these are the paper's equations. The same dropped-out a_k feeds both streams.
 alpha (``enc_alpha``/``dec_alpha``) and s (``enc_res_input_norm_scale``/``dec_res_input_norm_scale``)
-are the reference code's options under its names, 1 by default as there (the paper has neither).
+are the reference code's options under its names, 1 by default as there (not in the paper's equations; as
+LN is scale-invariant, s changes only the weight of LN_dual's eps: the source's OPUS config sets 0.05).
 LN_dual keeps the reference's name ``layer_norm`` (so ``encoder.layer_norm.weight`` maps key for
 key) and its eps 1e-7; every other parameter is fairseq's. Initialization: fairseq's, as the source.
 
