@@ -45,7 +45,8 @@ from .errors import B2TConfigError
 DUAL_NORM_EPS = 1e-7  # the reference's eps for LN_dual (the layers' norms keep fairseq's 1e-5)
 # the reference code's option names (its hydra configs set them under model.*)
 OPTIONS = {"enc_alpha": 1.0, "dec_alpha": 1.0, "enc_res_input_norm_scale": 1.0, "dec_res_input_norm_scale": 1.0}
-# fairseq decoder-layer options that the ResiDual forward does not compute (the source drops or breaks them)
+# fairseq layer options this forward does not compute (the source computes some; its configs use none,
+# and its scale_resids path would fail on an undefined name)
 UNSUPPORTED = ("cross_self_attention", "scale_attn", "scale_heads", "scale_fc", "scale_resids")
 
 
