@@ -15,7 +15,8 @@ LN is scale-invariant, s changes only the weight of LN_dual's eps: the source's 
 LN_dual keeps the reference's name ``layer_norm`` (so ``encoder.layer_norm.weight`` maps key for
 key) and its eps 1e-7; every other parameter is fairseq's. Initialization: fairseq's, as the source.
 
-The layers take and return the dual stream next to x; the stacks override only fairseq's
+The layers take and return the dual stream next to x; the stacks (subclasses of stacks.py's, which
+build the layers through the record and hold word dropout) override only fairseq's
 ``forward_scriptable`` / ``extract_features_scriptable`` and keep fairseq's return structures, so
 beam search, incremental decoding and fairseq-generate work unchanged. The decoder-only LM (not
 in the paper or the source) is the translation decoder without cross-attention.
@@ -25,29 +26,19 @@ import math
 from typing import Dict, List, Optional
 
 import torch
-from fairseq.distributed import fsdp_wrap
-from fairseq.models.transformer import (
-    TransformerConfig,
-    TransformerDecoder,
-    TransformerDecoderBase,
-    TransformerEncoderBase,
-)
 from fairseq.modules import LayerNorm
-from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
     TransformerEncoderLayerBase,
 )
 from torch import Tensor
 
+from . import stacks
 from .errors import B2TConfigError
 
 DUAL_NORM_EPS = 1e-7  # the reference's eps for LN_dual (the layers' norms keep fairseq's 1e-5)
 # the reference code's option names (its hydra configs set them under model.*)
 OPTIONS = {"enc_alpha": 1.0, "dec_alpha": 1.0, "enc_res_input_norm_scale": 1.0, "dec_res_input_norm_scale": 1.0}
-# fairseq layer options this forward does not compute (the source computes some; its configs use none,
-# and its scale_resids path would fail on an undefined name)
-UNSUPPORTED = ("cross_self_attention", "scale_attn", "scale_heads", "scale_fc", "scale_resids")
 
 
 def option(cfg, name):
@@ -56,7 +47,9 @@ def option(cfg, name):
 
 
 def check(args):
-    """ResiDual's own rules, one line each (B2TConfigError)."""
+    """ResiDual's own rules, one line each (B2TConfigError), beyond the common ones of
+    layer_types.resolve (which refuses fairseq's --cross-self-attention and --scale-* for every type
+    with its own layers: the source computes some of them, its configs use none)."""
     for name in ("enc_res_input_norm_scale", "dec_res_input_norm_scale"):
         s = option(args, name)
         if not (s > 0 and math.isfinite(s)):
@@ -66,22 +59,12 @@ def check(args):
         if not math.isfinite(option(args, name)):
             raise B2TConfigError(f"--{name.replace('_', '-')} must be a finite number, got {option(args, name)}; "
                                  "drop it for the default 1")
-    for flag in UNSUPPORTED:
-        if getattr(args, flag, False):
-            raise B2TConfigError(f"--{flag.replace('_', '-')} is not supported with ResiDual layers; drop it")
     if getattr(args, "base_layers", 0):
         raise B2TConfigError("--base-layers is not supported with ResiDual (its BASE layers carry no dual "
                              "stream); drop it")
     if getattr(args, "no_decoder_final_norm", False):
         raise B2TConfigError("--no-decoder-final-norm contradicts ResiDual, whose final norm joins the two "
                              "streams; drop it")
-
-
-def _wrap(layer, cfg):
-    """What fairseq does around every layer it builds: activation checkpointing, FSDP wrapping."""
-    if cfg.checkpoint_activations:
-        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
-    return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not cfg.checkpoint_activations else 0)
 
 
 # --- layers ------------------------------------------------------------------------------------
@@ -167,16 +150,15 @@ class ResiDualDecoderLayer(TransformerDecoderLayerBase):
 
 # --- stacks ------------------------------------------------------------------------------------
 
-class ResiDualEncoder(TransformerEncoderBase):
+class ResiDualEncoder(stacks.Encoder):
+    """The standard encoder (its layers, ResiDualEncoderLayer, come from the record) with the dual stream."""
+
     def __init__(self, cfg, dictionary, embed_tokens, return_fc=False):
         super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
         # LN_dual; replaces fairseq's Pre-LN final norm where --encoder-normalize-before made one
         self.layer_norm = LayerNorm(embed_tokens.embedding_dim, eps=DUAL_NORM_EPS, export=cfg.export)
         self.post_weight = option(cfg, "enc_alpha")
         self.dual_scale = option(cfg, "enc_res_input_norm_scale")
-
-    def build_encoder_layer(self, cfg):
-        return _wrap(ResiDualEncoderLayer(cfg, return_fc=self.return_fc), cfg)
 
     def forward_scriptable(self, src_tokens, src_lengths: Optional[Tensor] = None, return_all_hiddens: bool = False,
                            token_embeddings: Optional[Tensor] = None):
@@ -211,10 +193,6 @@ class ResiDualDecoding:
         self.layer_norm = LayerNorm(self.embed_dim, eps=DUAL_NORM_EPS, export=self.cfg.export)
         self.post_weight = option(self.cfg, "dec_alpha")
         self.dual_scale = option(self.cfg, "dec_res_input_norm_scale")
-
-    def build_decoder_layer(self, cfg, no_encoder_attn=False):
-        cfg = TransformerConfig.from_namespace(cfg)  # the legacy LM decoder hands its args
-        return _wrap(ResiDualDecoderLayer(cfg, no_encoder_attn), cfg)
 
     def extract_features_scriptable(
         self,
@@ -284,15 +262,15 @@ class ResiDualDecoding:
         return x, self_pad
 
 
-class ResiDualDecoder(ResiDualDecoding, TransformerDecoderBase):
-    """The translation decoder (cfg: fairseq's TransformerConfig)."""
+class ResiDualDecoder(ResiDualDecoding, stacks.Decoder):
+    """The translation decoder (cfg: fairseq's TransformerConfig; layers: the record's ResiDualDecoderLayer)."""
 
     def __init__(self, cfg, dictionary, embed_tokens, no_encoder_attn=False, output_projection=None):
         super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn, output_projection)
         self._init_dual()
 
 
-class ResiDualLMDecoder(ResiDualDecoding, TransformerDecoder):
+class ResiDualLMDecoder(ResiDualDecoding, stacks.LMDecoder):
     """The decoder-only LM's stack: fairseq's legacy args-taking TransformerDecoder (what transformer_lm
     builds, with no_encoder_attn=True), so only self-attention and FFN feed the dual stream."""
 

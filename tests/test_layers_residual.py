@@ -1,5 +1,5 @@
-"""ResiDual (b2t_fairseq/residual.py): the translation model and the decoder-only LM against an
-implementation written here from the equations (plain torch ops on the model's own tensors), the
+"""ResiDual (b2t_fairseq/residual.py, --layer-type residual): the translation model and the decoder-only
+LM against an implementation written here from the equations (plain torch ops on the model's own tensors), the
 Post-LN stream against stock fairseq bit for bit, incremental decoding and beam search against the
 full forward, and the type's option rules."""
 
@@ -9,14 +9,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from fairseq import tasks
-from fairseq.models.transformer import TransformerConfig, TransformerModel
 from fairseq.modules.sinusoidal_positional_embedding import SinusoidalPositionalEmbedding
 from fairseq.sequence_generator import SequenceGenerator
-from helpers import SIZES, TINY, assert_incremental_equals_full, build, build_lm, parse, reference_attention, toy_batch
-from omegaconf import OmegaConf
+from helpers import SIZES, TINY, assert_incremental_equals_full, build, build_lm, reference_attention, toy_batch
 
-from b2t_fairseq import residual
+from b2t_fairseq import layer_types, residual
 from b2t_fairseq.errors import B2TConfigError
 
 NO_DROPOUT = ["--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0"]
@@ -24,43 +21,20 @@ AUTHORS_OPTIONS = {"enc_alpha": 0.5, "dec_alpha": 1.5, "enc_res_input_norm_scale
                    "dec_res_input_norm_scale": 0.05}  # the scale is the source's OPUS config's
 
 
-class _ResiDualModel(TransformerModel):
-    """fairseq's transformer with the ResiDual stacks (how a model is built until the layer-type record
-    names them)."""
-
-    @classmethod
-    def build_encoder(cls, args, src_dict, embed_tokens):
-        return residual.ResiDualEncoder(TransformerConfig.from_namespace(args), src_dict, embed_tokens)
-
-    @classmethod
-    def build_decoder(cls, args, tgt_dict, embed_tokens):
-        cfg = TransformerConfig.from_namespace(args)
-        return residual.ResiDualDecoder(cfg, tgt_dict, embed_tokens, no_encoder_attn=cfg.no_cross_attention)
+def _flags(options):
+    return [str(x) for k, v in (options or {}).items() for x in (f"--{k.replace('_', '-')}", v)]
 
 
 def residual_model(data, *extra, options=None, seed=1):
-    args = parse(data, "transformer", *TINY, *extra)
-    for key, value in (options or {}).items():
-        setattr(args, key, value)
-    residual.check(args)
-    task = tasks.setup_task(args)
-    torch.manual_seed(seed)
-    return _ResiDualModel.build_model(args, task), task, args
+    """The translation model from its named architecture, ResiDual's options as command-line flags."""
+    return build(data, "transformer_residual", *TINY, *extra, *_flags(options), seed=seed)
 
 
 @pytest.fixture
 def residual_lm(lm_dict_dir):
-    """A decoder-only ResiDual LM: fairseq's transformer_lm as fairseq-train builds it, its decoder rebuilt
-    as the ResiDual stack from the same (settled) arguments and embedding."""
-
+    """The decoder-only model from its named architecture, as fairseq-train builds it (Hydra config)."""
     def make(*extra, options=None, seed=1):
-        model, task, cfg = build_lm(lm_dict_dir, "transformer_lm", *SIZES, *extra, seed=seed)
-        args = argparse.Namespace(**OmegaConf.to_container(cfg, resolve=True), **(options or {}))
-        residual.check(args)
-        if args.max_target_positions is None:  # what transformer_lm's build_model settles
-            args.max_target_positions = args.tokens_per_sample
-        model.decoder = residual.ResiDualLMDecoder(args, task.target_dictionary, model.decoder.embed_tokens)
-        return model, task, args
+        return build_lm(lm_dict_dir, "transformer_lm_residual", *SIZES, *extra, *_flags(options), seed=seed)
     return make
 
 
@@ -303,12 +277,24 @@ def test_options_reach_the_stacks_and_layers(toy_dicts):
     ({"enc_res_input_norm_scale": 0.0}, "--enc-res-input-norm-scale must be a positive number"),
     ({"dec_res_input_norm_scale": -1.0}, "--dec-res-input-norm-scale must be a positive number"),
     ({"dec_alpha": float("inf")}, "--dec-alpha must be a finite number"),
-    ({"cross_self_attention": True}, "--cross-self-attention is not supported with ResiDual"),
-    ({"scale_resids": True}, "--scale-resids is not supported with ResiDual"),
+    ({"cross_self_attention": True}, "--cross-self-attention is not supported with residual"),
+    ({"scale_resids": True}, "--scale-resids is not supported with residual"),
     ({"base_layers": 1}, "--base-layers is not supported with ResiDual"),
     ({"no_decoder_final_norm": True}, "--no-decoder-final-norm contradicts ResiDual"),
+    ({"encoder_normalize_before": True}, "ResiDual cannot be combined with --encoder-normalize-before"),
 ])
 def test_bad_options_are_refused_in_one_line(flags, needle):
     with pytest.raises(B2TConfigError, match=needle) as e:
-        residual.check(argparse.Namespace(**flags))
+        layer_types.resolve(argparse.Namespace(ln_position="residual", **flags))
     assert "\n" not in str(e.value) and ";" in str(e.value)
+
+
+def test_residual_options_belong_to_residual(toy_dicts):
+    """Another type refuses them unless they hold their unused value; ResiDual settles them as numbers."""
+    with pytest.raises(B2TConfigError, match="--enc-alpha is an option of ResiDual layers, not of B2T"):
+        build(toy_dicts, "transformer_b2t_tiny", "--enc-alpha", "0.5")
+    _, _, args = build(toy_dicts, "transformer_b2t_tiny", "--enc-alpha", "1")
+    assert args.enc_alpha == 1.0
+    _, _, args = residual_model(toy_dicts, options={"dec_res_input_norm_scale": 0.05})
+    assert (args.enc_alpha, args.dec_res_input_norm_scale) == (1.0, 0.05)
+    assert isinstance(args.dec_res_input_norm_scale, float)
