@@ -13,7 +13,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
-from . import layers
+from . import layers, residual
 from .errors import B2TConfigError
 
 # fairseq forward options that only fairseq's own layers read: a type with its own forward would
@@ -93,6 +93,11 @@ LAYER_TYPES = (
               encoder_layer=layers.AdminEncoderLayer, decoder_layer=layers.AdminDecoderLayer,
               lm_layer=layers.AdminDecoderLayer, takes=("admin_omega", "admin_output_change_scale"),
               init_doc="fairseq's; omega from the depth"),
+    LayerType("residual", "residual", "ResiDual", "#56B4E9",
+              encoder_layer=residual.ResiDualEncoderLayer, decoder_layer=residual.ResiDualDecoderLayer,
+              lm_layer=residual.ResiDualDecoderLayer, encoder_stack=residual.ResiDualEncoder,
+              decoder_stack=residual.ResiDualDecoder, lm_stack=residual.ResiDualLMDecoder,
+              takes=tuple(residual.OPTIONS), check=residual.check, init_doc="fairseq's (as microsoft/ResiDual)"),
 )
 
 BY_KEY = {t.key: t for t in LAYER_TYPES}
@@ -105,7 +110,8 @@ OWN_LAYERS = tuple(t.key for t in LAYER_TYPES if t.own_layers)
 
 # the options one type owns, with the value that means "not used" (checkpoints of earlier versions
 # saved every type's defaults, so a default is never a conflict), and the value each type starts from
-OPTION_DEFAULTS = {"deepnorm_reference": "paper", "admin_omega": "trainable", "admin_output_change_scale": "O(logn)"}
+OPTION_DEFAULTS = {"deepnorm_reference": "paper", "admin_omega": "trainable", "admin_output_change_scale": "O(logn)",
+                   **residual.OPTIONS}
 
 # named architecture -> layer type, filled as the models register them (transformer_b2t.py,
 # transformer_lm_b2t.py): a run's saved args name the architecture before any flag is settled
@@ -151,9 +157,11 @@ def resolve(args, default="post"):
                              f"{t.label} is a Post-LN method; drop those flags or use --ln-position pre")
     for name, unused in OPTION_DEFAULTS.items():
         value = getattr(args, name, None)
+        if value is not None:
+            value = type(unused)(value)  # ChoiceEnum values as plain strings, numbers as numbers
         if name in t.takes:
-            setattr(args, name, unused if value is None else str(value))
-        elif value is not None and str(value) != unused:
+            setattr(args, name, unused if value is None else value)
+        elif value is not None and value != unused:
             owner = next(o for o in LAYER_TYPES if name in o.takes)
             raise B2TConfigError(f"{_flag(name)} is an option of {owner.label} layers, not of {t.label}; drop it "
                                  f"or use --layer-type {owner.key}")

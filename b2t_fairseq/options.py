@@ -40,6 +40,16 @@ class LayerOptions(FairseqDataclass):
     admin_output_change_scale: Optional[ChoiceEnum(ADMIN_OUTPUT_CHANGE_SCALES)] = field(default=None, metadata={
         "help": "Admin's omega without profiling (admin-torch): O(logn) (default), O(1), or O(n) (omega = 1, "
                 "plain Post-LN)"})
+    # ResiDual's options, under the names of its reference code (microsoft/ResiDual's model.* keys)
+    enc_alpha: Optional[float] = field(default=None, metadata={
+        "help": "ResiDual: weight of the encoder's Post-LN stream where it joins the dual stream (default 1)"})
+    dec_alpha: Optional[float] = field(default=None, metadata={
+        "help": "ResiDual: the same for the decoder (and the LM) (default 1)"})
+    enc_res_input_norm_scale: Optional[float] = field(default=None, metadata={
+        "help": "ResiDual: scale of every term of the encoder's dual stream (default 1; LN_dual is scale-invariant "
+                "up to its eps, the source's OPUS config uses 0.05)"})
+    dec_res_input_norm_scale: Optional[float] = field(default=None, metadata={
+        "help": "ResiDual: the same for the decoder (and the LM) (default 1)"})
     word_dropout_src: float = field(default=0.0, metadata={
         "help": "zero each source token embedding with probability P while training (translation)"})
     word_dropout_tgt: float = field(default=0.0, metadata={

@@ -19,8 +19,12 @@ EXPECTED = {  # arch: (ln_position, encoder layers, decoder layers, embed dim)
     "transformer_deepnorm_tiny": ("deepnorm", 2, 2, 64),
     "transformer_admin": ("admin", 6, 6, 512), "transformer_admin_18l": ("admin", 18, 18, 512),
     "transformer_admin_tiny": ("admin", 2, 2, 64),
+    "transformer_residual": ("residual", 6, 6, 512), "transformer_residual_18l": ("residual", 18, 18, 512),
+    "transformer_residual_tiny": ("residual", 2, 2, 64),
 }
-LAYER_CLASS = {"b2t": "B2TEncoderLayer", "deepnorm": "DeepNormEncoderLayer", "admin": "AdminEncoderLayer"}
+LAYER_CLASS = {"b2t": "B2TEncoderLayer", "deepnorm": "DeepNormEncoderLayer", "admin": "AdminEncoderLayer",
+               "residual": "ResiDualEncoderLayer"}
+FINAL_NORM = ("pre", "residual")  # Pre-LN's final LayerNorm; ResiDual's norm of the dual stream where it joins
 
 
 def test_all_architectures_are_registered():
@@ -40,7 +44,7 @@ def test_architecture_builds_trains_and_decodes(toy_dicts, arch):
     assert type(model.encoder.layers[0]).__name__ == LAYER_CLASS.get(ln, "TransformerEncoderLayerBase")
     deep = enc_layers >= 18  # the paper's per-depth word dropout, the same for every layer type
     assert args.word_dropout_src == args.word_dropout_tgt == (0.1 if deep else 0.0)
-    assert (model.encoder.layer_norm is not None) == (ln == "pre")  # Pre-LN's final LayerNorm, only there
+    assert (model.encoder.layer_norm is not None) == (ln in FINAL_NORM)
 
     src, lengths, prev = toy_batch(task, bsz=2)
     target = torch.cat([prev[:, 1:], torch.full((2, 1), task.target_dictionary.eos())], dim=1)

@@ -24,8 +24,8 @@ def config(arch, layers):
     return REPO / "configs" / lm_configs.file_name(arch, layers)
 
 
-def test_ten_lm_configs_exist_and_are_the_generated_ones():
-    assert len(SETTINGS) == 10 and sorted(lm_configs.settings()) == sorted(SETTINGS)
+def test_every_layer_type_has_its_lm_configs_and_they_are_the_generated_ones():
+    assert len(SETTINGS) == len(core_recipe.LM_DEPTHS) * len(layer_types.LAYER_TYPES) and sorted(lm_configs.settings()) == sorted(SETTINGS)
     want = lm_configs.generated()
     assert sorted(want) == sorted(p.name for p in LM_CONFIGS) == sorted(f"lm_{t.short}_{n}l.yaml" for t in
                                                                        layer_types.LAYER_TYPES

@@ -57,8 +57,8 @@ def _same(a, b):
         return a.replace(" ", "") == b.replace(" ", "")
 
 
-def test_ten_configs_exist():
-    assert len(SETTINGS) == 10 and {"transformer_deepnorm", "transformer_admin"} <= set(recipe.ARCH_FAMILIES)
+def test_every_layer_type_has_its_two_configs():
+    assert len(SETTINGS) == 2 * len(layer_types.LAYER_TYPES) and {"transformer_deepnorm", "transformer_admin"} <= set(recipe.ARCH_FAMILIES)
     assert sorted(p.stem for p in CONFIGS) == sorted(f"{a}_{n}l" for a, n in SETTINGS)
 
 
