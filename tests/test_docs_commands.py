@@ -368,3 +368,24 @@ def anchors(page):
 def test_anchors_follow_github():
     page = ROOT / "docs" / "benchmark.md"
     assert "fast-path---b2t-fast" in anchors(page) and "benchmark-and-fast-path" in anchors(page)
+
+
+def test_results_readme_indexes_every_committed_result():
+    """Each file committed under results/ is named in results/README.md (its stem, or its folder)."""
+    import subprocess
+
+    try:
+        files = subprocess.run(["git", "ls-files", "results"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    index = (ROOT / "results" / "README.md").read_text()
+    missing = []
+    for f in files:
+        parts = Path(f).parts[1:]
+        if parts == ("README.md",):
+            continue
+        name = parts[0] + "/" if len(parts) > 1 else Path(parts[0]).stem
+        if name not in index:
+            missing.append(f)
+    assert missing == []
