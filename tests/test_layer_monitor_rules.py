@@ -130,6 +130,12 @@ def test_the_divergence_names_the_layer_at_the_divergence_not_a_warm_up_jump():
     line = mon.message(70, "non-finite gradients")
     assert "encoder layer 3's parameter gradient norm stopped being finite at update 70" in line, line
     assert "encoder layer 1" not in line
+    # a loss that turns non-finite between logged updates, all in range: the warm-up jump is not named
+    mon = layer_monitor.LayerMonitor(_layered_monitor(), "stop", 100)
+    for u in range(5, 70, 5):
+        mon.record(u, {"enc00_gnorm": 1.0 if u < 10 else 60.0, "enc01_gnorm": 1.0})
+    line = mon.message(67, "the loss is not finite")
+    assert "every layer's norms were in range at the last logged update (65)" in line and "layer 1" not in line
 
 
 def test_cures_follow_the_layer_type_of_the_model(toy_dicts):

@@ -246,9 +246,9 @@ class LayerMonitor:
 
     def message(self, update, reason):
         where = self.first_out_of_range(self.episode_start())
-        if where is None:
-            where = ("no layer's norms had left their range at the logged updates"
-                     + ("" if self.history else " (none logged yet: lower --log-interval to see them)"))
+        if where is None:  # the last logged update had every layer in range (an earlier jump is another episode)
+            where = (f"every layer's norms were in range at the last logged update ({self.history[-1][0]})"
+                     if self.history else "no layer's norms logged yet (lower --log-interval to see them)")
         kept = (f"checkpoint_last.pt (update {self.last_saved}) is kept" if self.last_saved is not None
                 else "the checkpoints saved before it are kept")
         return (f"training diverged at update {update} ({reason}): {where}; {kept}; "
@@ -293,7 +293,8 @@ def _train_step(orig):
             common = self.cfg.common
             mon.half = bool(common.fp16 or common.memory_efficient_fp16 or getattr(common, "amp", False))
             mon.clip_norm = getattr(self.cfg.optimization, "clip_norm", None)
-            mon.unigram = (unigram_level(self.task, self.cfg.dataset.train_subset) if mon.patience else None) or math.inf
+            level = unigram_level(self.task, self.cfg.dataset.train_subset) if mon.patience else None
+            mon.unigram = level or math.inf  # no level (or patience 0): the unigram rule is off
         mon.pending = None
         if update % max(1, self.cfg.common.log_interval) == 0:
             mon.start()
