@@ -138,8 +138,10 @@ def test_the_divergence_names_the_layer_at_the_divergence_not_a_warm_up_jump():
     assert "every layer's norms were in range at the last logged update (65)" in line and "layer 1" not in line
 
 
-def test_cures_follow_the_layer_type_of_the_model(toy_dicts):
+def test_cures_follow_the_layer_type_of_the_model(toy_dicts, monkeypatch):
     from helpers import TINY, build
+
+    from b2t_fairseq import layer_types
 
     for arch, other_type in (("transformer_b2t_tiny", False), ("transformer_post_ln_tiny", True)):
         model, _, args = build(toy_dicts, arch, *TINY)
@@ -147,3 +149,7 @@ def test_cures_follow_the_layer_type_of_the_model(toy_dicts):
         line = layer_monitor._MONITORS[model].message(5, "the loss is not finite")
         assert ("--ln-position b2t" in line) == other_type, (arch, line)
         assert "a lower --lr" in line
+    # layer_types.which(model) gives the type's record (of_model its key): either is read
+    monkeypatch.setattr(layer_types, "which", lambda m: layer_types.BY_KEY["deepnorm"], raising=False)
+    layer_monitor.attach(model, args)
+    assert layer_monitor._MONITORS[model].layer_type == "deepnorm"

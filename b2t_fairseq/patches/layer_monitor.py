@@ -68,9 +68,10 @@ class TrainingDiverged(B2TError):
 def attach(model, args):
     """Monitor ``model`` (a built transformer_b2t model) while fairseq trains it."""
     install()
-    which = getattr(layer_types, "which", layer_types.of_model)
+    found = getattr(layer_types, "which", layer_types.of_model)(model)
     _MONITORS[model] = LayerMonitor(model, getattr(args, "on_divergence", None) or "stop",
-                                    getattr(args, "divergence_patience", None), layer_type=which(model))
+                                    getattr(args, "divergence_patience", None),
+                                    layer_type=getattr(found, "key", found))  # which(): the record; of_model(): its key
 
 
 def monitor_of(trainer):
