@@ -382,7 +382,7 @@ def _save_checkpoint(orig):
     @functools.wraps(orig)
     def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
         mon = monitor_of(trainer)
-        if mon is not None and mon.holds_back():
+        if mon is not None and not getattr(cfg, "no_save", False) and mon.holds_back():  # --no-save: nothing to hold
             n = trainer.get_num_updates()
             why = (f"the training loss has not been below the unigram level since update {mon.streak_start} "
                    "(a divergence may be starting)")
