@@ -147,7 +147,7 @@ def test_cures_follow_the_layer_type_of_the_model(toy_dicts, monkeypatch):
         model, _, args = build(toy_dicts, arch, *TINY)
         layer_monitor.attach(model, args)
         line = layer_monitor._MONITORS[model].message(5, "the loss is not finite")
-        assert ("--ln-position b2t" in line) == other_type, (arch, line)
+        assert ("--layer-type b2t" in line) == other_type, (arch, line)
         assert "a lower --lr" in line
     # layer_types.which(model) gives the type's record (of_model its key): either is read
     monkeypatch.setattr(layer_types, "which", lambda m: layer_types.BY_KEY["deepnorm"], raising=False)

@@ -56,7 +56,7 @@ QUANTITIES = {"gnorm": "parameter gradient norm", "ingrad": "input gradient norm
 WINDOW = 25        # the unigram rule judges the mean of up to this many recent losses (patience / 4 if fewer)
 MARGIN = 0.01      # ... and counts it below the level only when below by 1% of the level or 3 standard errors
 # a layer type's own way out first; Pre-LN and the others already keep an identity path, so lr and warm-up
-OTHER_TYPE = {"post": "--ln-position b2t (or deepnorm/admin)"}
+OTHER_TYPE = {"post": "--layer-type b2t (or another of --layer-type)"}
 
 _MONITORS = weakref.WeakKeyDictionary()  # model -> LayerMonitor
 

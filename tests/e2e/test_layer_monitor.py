@@ -103,7 +103,7 @@ def test_divergence_is_named_and_the_last_checkpoint_kept(tmp_path):
     p = run(["b2t-train", *common, "--lr", "10", "--max-update", "40", "--log-layer-norms",
              "--divergence-patience", "6"], check=False)
     assert p.returncode == 2, p.stderr[-3000:]
-    line = assert_one_line_error(p.stderr, "b2t-train", "training diverged at update", "layer", "--ln-position b2t")
+    line = assert_one_line_error(p.stderr, "b2t-train", "training diverged at update", "layer", "--layer-type b2t")
     assert any(f"{side} layer" in line for side in ("encoder", "decoder")), line
     last = torch.load(save / "checkpoint_last.pt", weights_only=False)  # loadable, and still the good state
     assert last["optimizer_history"][-1]["num_updates"] == 6
