@@ -67,8 +67,8 @@ class LayerOptions(FairseqDataclass):
     on_divergence: Optional[ChoiceEnum(["stop", "warn"])] = field(default=None, metadata={
         "help": "with --log-layer-norms: stop (default) or warn when training diverges"})
     divergence_patience: Optional[int] = field(default=None, metadata={
-        "help": "with --log-layer-norms: updates after warm-up the training loss may stay above the unigram "
-                "level before the run counts as diverged (default 100; 0: never)"})
+        "help": "with --log-layer-norms: updates after warm-up the smoothed training loss may stay not below the "
+                "unigram level before the run counts as diverged (default 100; 0: never judged, no save held back)"})
 
 
 def add_args(parser):

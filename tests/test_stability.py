@@ -34,10 +34,64 @@ def test_cells_are_keyed_on_every_option():
     (["--depths", "6x6"], "--depths"),
     (["--layer-types", "post,b2t"], "--layer-types post"),
     (["--lrs", "0.001,-1"], "--lrs"),
+    # zero or empty is the user's value, never "the default"
+    (["--dim", "0"], "--dim 0 must be at least 1"),
+    (["--max-update", "0"], "--max-update 0 must be at least 1"),
+    (["--jobs", "0"], "--jobs 0 must be at least 1"),
+    (["--jobs", "-1"], "--jobs -1 must be at least 1"),
+    (["--layer-types", ""], "--layer-types '' is not a comma list"),
+    (["--depths", " "], "--depths ' ' is not a comma list"),
+    # a cell named twice would run twice at once into one folder
+    (["--depths", "6-6,2-1,6-6"], "--depths 6-6,2-1,6-6 names 6-6 twice"),
+    (["--lrs", "0.001,1e-3"], "names 0.001 twice"),
+    (["--layer-types", "b2t,b2t"], "names b2t twice"),
 ])
 def test_bad_options_are_one_line(argv, fragment, tmp_path, capsys):
     assert stability.main(["--out", str(tmp_path / "o"), "--data-bin", str(tmp_path), *argv]) == 2
     assert_one_line_error(capsys.readouterr().err, "b2t-stability", fragment)
+    assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+def test_out_that_is_a_file_or_in_use_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine\n")
+    assert stability.main(["--out", str(tmp_path / "file"), "--data-bin", str(tmp_path)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "b2t-stability", "is a file, not a folder")
+    assert (tmp_path / "file").read_text() == "mine\n"
+    held = stability.open_out(tmp_path / "sweep")  # a sweep running in this --out
+    try:
+        assert stability.main(["--out", str(tmp_path / "sweep"), "--data-bin", str(tmp_path)]) == 2
+        assert_one_line_error(capsys.readouterr().err, "b2t-stability", "in use by another b2t-stability sweep")
+    finally:
+        held.close()
+
+
+def test_help_tells_the_heads_the_code_uses():
+    text = " ".join(stability.get_parser().format_help().split())
+    fewest = min(_cfg("--dim", str(d)).heads for d in (8, 16, 32, 48))
+    assert f"at least {fewest}" in text and fewest == 2
+
+
+def _log(losses):
+    return ['{"epoch": 1, "num_updates": "%d", "nll_loss": "%s"}' % (10 * (i + 1), x) for i, x in enumerate(losses)]
+
+
+def test_under_trained_is_told_apart_from_diverged():
+    unigram = 8.6
+    falling = stability.read_log(["INFO | train_inner | " + line for line in _log([13, 12.5, 12, 11.6, 11.2, 10.8,
+                                                                                 10.5, 10.2, 10.0])])
+    assert falling["descending"]
+    flat = stability.read_log(["INFO | train_inner | " + line for line in _log([9.0, 8.7, 8.65, 8.7, 8.62, 8.68,
+                                                                              8.66, 8.64, 8.65])])
+    assert not flat["descending"]
+
+    def rec(log, valid, rc=0, error=None):
+        return dict(log, valid_nll_loss=valid, returncode=rc, error=error)
+
+    assert stability.status(rec(falling, 10.0), unigram) == "under-trained"  # still learning at 10 bits
+    assert stability.status(rec(flat, 8.7), unigram) == "diverged"  # stuck at word frequencies
+    assert stability.status(rec(falling, 8.0), unigram) == "ok"
+    assert stability.status(rec(falling, None, 2, "training diverged at update 40 (...)"), unigram) == "diverged"
+    assert stability.status(rec(falling, None, 1, "ValueError: x"), unigram) == "failed"
 
 
 def test_unigram_level_from_the_text(toy_data_bin, tmp_path):
@@ -107,3 +161,19 @@ def test_demo_heat_map_reads_the_logged_norms(tmp_path):
     assert (tmp_path / "layer_norms.png").stat().st_size > 10_000
     report.remove_stale(tmp_path, [])  # a report without it removes the old picture
     assert not (tmp_path / "layer_norms.png").exists()
+
+
+def test_the_map_marks_under_trained_cells_apart(tmp_path, monkeypatch):
+    import argparse
+
+    from matplotlib.axes import Axes
+
+    cells = [dict(layer_type="b2t", encoder_layers=6, decoder_layers=6, lr=lr, valid_nll_loss=v, status=st)
+             for lr, v, st in ((0.001, 7.9, "ok"), (0.002, 10.0, "under-trained"), (0.004, 8.7, "diverged"),
+                               (0.008, None, "failed"))]
+    cfg = argparse.Namespace(dim=64, max_update=100, max_tokens=1024, warmup=30, precision="cpu")
+    drawn, text = [], Axes.text
+    monkeypatch.setattr(Axes, "text", lambda self, x, y, s, *a, **kw: drawn.append(s) or text(self, x, y, s, *a, **kw))
+    stability.draw_map(cells, cfg, 8.6, tmp_path / "map.png")
+    assert drawn == ["7.90", "~ 10.00", "x 8.70", "! n/a"]
+    assert (tmp_path / "map.png").stat().st_size > 10_000

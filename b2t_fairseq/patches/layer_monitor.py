@@ -14,13 +14,17 @@ fairseq's own metrics (so into the json log, the progress bar and tensorboard):
 On other updates no hook is registered, so the cost is one check per update.
 
 Divergence: a non-finite loss or gradient, fp16's minimum loss scale, or (after warm-up) a training
-nll that stays above the unigram level of the training targets for ``--divergence-patience``
-updates stops the run with one line (:class:`TrainingDiverged`) that names the first layer whose
-norms left their range (grew past 10x their earlier maximum, or stopped being finite) and the update,
-and the usual cures. ``--on-divergence warn`` logs the line and trains on (as fairseq would,
-checkpoints included); in the default ``stop`` mode no checkpoint is written while the loss is
-above the unigram level after warm-up and either had been below it or a layer's norms jumped, so ``checkpoint_last.pt`` stays the last good state.
-(Non-finite gradients stop fairseq in either mode.)
+nll that is not clearly below the unigram level of the training targets (b2t_fairseq/unigram.py) for
+``--divergence-patience`` updates stops the run with one line (:class:`TrainingDiverged`) that names
+the first layer whose norms left their range in the divergence's own stretch of updates (grew past
+10x their earlier maximum, or stopped being finite) and the update, and the cures for the run's layer
+type. "Clearly below" judges the mean of the last few losses, not one batch's, with a margin of its
+noise (see :meth:`LayerMonitor.below`): a run stalled at word frequencies dips below the level from
+batch to batch, and must not reset the count. ``--divergence-patience 0`` never judges the loss.
+``--on-divergence warn`` logs the line and trains on (as fairseq would, checkpoints included); in the
+default ``stop`` mode, while the judged loss is not below the unigram level after it had been, or
+after a layer's norms jumped, a save is held back so ``checkpoint_last.pt`` stays the last good state;
+the save that ends the run is never held back. (Non-finite gradients stop fairseq in either mode.)
 
 Relies on (tests/e2e/test_layer_monitor.py fails if these change shape):
 ``fairseq.trainer.Trainer.train_step(samples, raise_oom=False)``, which fairseq_cli/train.py calls
@@ -31,14 +35,17 @@ overflow); ``Trainer.clip_grad_norm(clip_norm)``, called after ``all_reduce_grad
 fairseq_cli/train.py looks up on the module at each call.
 """
 
+import collections
 import functools
 import logging
 import math
+import statistics
+import sys
 import weakref
 
-import numpy as np
 import torch
 
+from .. import layer_types, unigram
 from ..errors import B2TError
 
 logger = logging.getLogger(__name__)
@@ -46,8 +53,10 @@ logger = logging.getLogger(__name__)
 FP16_MAX = 65504.0
 GROWTH = 10.0  # a norm "left its range" when it grew past GROWTH x its earlier maximum
 QUANTITIES = {"gnorm": "parameter gradient norm", "ingrad": "input gradient norm", "amax": "largest activation"}
-CURES = ("try --ln-position b2t (or deepnorm/admin), a lower --lr, a longer --warmup-updates, "
-         "or --b2t-bf16 instead of --fp16")
+WINDOW = 25        # the unigram rule judges the mean of up to this many recent losses (patience / 4 if fewer)
+MARGIN = 0.01      # ... and counts it below the level only when below by 1% of the level or 3 standard errors
+# a layer type's own way out first; Pre-LN and the others already keep an identity path, so lr and warm-up
+OTHER_TYPE = {"post": "--layer-type b2t (or another of --layer-type)"}
 
 _MONITORS = weakref.WeakKeyDictionary()  # model -> LayerMonitor
 
@@ -59,8 +68,10 @@ class TrainingDiverged(B2TError):
 def attach(model, args):
     """Monitor ``model`` (a built transformer_b2t model) while fairseq trains it."""
     install()
+    found = getattr(layer_types, "which", layer_types.of_model)(model)
     _MONITORS[model] = LayerMonitor(model, getattr(args, "on_divergence", None) or "stop",
-                                    getattr(args, "divergence_patience", None))
+                                    getattr(args, "divergence_patience", None),
+                                    layer_type=getattr(found, "key", found))  # which(): the record; of_model(): its key
 
 
 def monitor_of(trainer):
@@ -77,38 +88,36 @@ def layer_names(model):
     return out
 
 
-def unigram_entropy(task):
-    """Entropy (bits per token, eos included) of the training targets' unigram distribution, or None."""
-    try:
-        ds = task.dataset("train")
-    except (KeyError, AttributeError, Exception):  # noqa: BLE001 - no training split loaded: no unigram rule
-        return None
-    tgt = getattr(ds, "tgt", None)
-    if tgt is None:
-        return None
-    inner = tgt
-    while not hasattr(inner, "_bin_buffer") and hasattr(inner, "dataset"):
-        inner = inner.dataset
-    if hasattr(inner, "_bin_buffer") and inner is tgt:
-        tokens = np.frombuffer(inner._bin_buffer, dtype=inner._index.dtype)  # every sentence, eos included
-    else:
-        tokens = np.concatenate([tgt[i].numpy() for i in range(min(len(tgt), 200_000))])
-    counts = np.bincount(tokens.astype(np.int64))
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log2(p)).sum())
+def unigram_level(task, split="train"):
+    """The unigram level of the task's training targets (translation or language model), or None."""
+    return unigram.of_task(task, split)
+
+
+def cures(layer_type, half=False, clip_norm=None):
+    """The usual ways out of a divergence, for this layer type and precision."""
+    out = [OTHER_TYPE[layer_type]] if layer_type in OTHER_TYPE else []
+    out += ["a lower --lr", "a longer --warmup-updates"]
+    if clip_norm == 0:
+        out.append("--clip-norm 1.0")
+    if half:
+        out.append("--b2t-bf16 instead of --fp16")
+    return "try " + ", ".join(out[:-1]) + (", or " if len(out) > 1 else "") + out[-1]
 
 
 class LayerMonitor:
-    def __init__(self, model, on_divergence="stop", patience=None):
+    def __init__(self, model, on_divergence="stop", patience=None, layer_type=None):
         self.layers = layer_names(model)
         self.on_divergence = on_divergence
-        self.patience = 100 if patience is None else patience
+        self.patience = 100 if patience is None else patience  # 0: the loss is never judged
+        self.layer_type = layer_type  # b2t_fairseq.layer_types key, or None (mixed or unknown)
+        self.half, self.clip_norm = False, None  # the run's precision and clipping, for the cures
+        self.recent = collections.deque(maxlen=min(WINDOW, max(1, self.patience // 4)))
         self.active = False
         self.handles = []
         self.history = []     # [(update, {key: value})] at each logged update
         self.events = []      # [(update, ratio, layer name, quantity, value)] norms out of range
         self.unigram = None   # bits per token; computed on the first update
-        self.streak_start = None  # first update of the current run of losses above the unigram level
+        self.streak_start = None  # first update of the current run of losses not below the unigram level
         self.was_below = False    # the loss has been below the unigram level: a good state to keep
         self.pending = None
         self.diverged = None
@@ -145,9 +154,48 @@ class LayerMonitor:
                 self.act[j] = max(self.act[j].item(), t.detach().abs().max().double().item())
 
     def suspect(self):
-        """The loss is above the unigram level after warm-up, and was below it or a layer's norms jumped since."""
+        """The loss is not below the unigram level after warm-up, and was below it or a layer's norms jumped since."""
         return self.streak_start is not None and (
             self.was_below or any(e[0] >= self.streak_start for e in self.events))
+
+    def holds_back(self):
+        """Whether a save now is held back: only where the user let the loss be judged (patience > 0)."""
+        return self.on_divergence == "stop" and self.patience > 0 and self.suspect()
+
+    # --- the unigram rule -------------------------------------------------------------------------
+
+    def below(self):
+        """The recent training loss is clearly below the unigram level: the mean of the last losses is
+        below it by more than 3 standard errors of that mean (one batch's noise is not learning) and
+        more than 1% of the level (a run stalled at word frequencies learns a sliver more, not that)."""
+        xs = list(self.recent)
+        mean = sum(xs) / len(xs)
+        se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
+        return mean < self.unigram - max(3 * se, MARGIN * self.unigram)
+
+    def observe(self, update, loss, warmup):
+        """Judge one update's training loss; returns why the run diverged, or None."""
+        if loss is None:
+            return None
+        if not math.isfinite(loss):
+            return "the loss is not finite"
+        if not self.patience or self.unigram is None or not math.isfinite(self.unigram):
+            return None  # patience 0, or no level: never judged
+        self.recent.append(loss)
+        if self.below():
+            self.streak_start, self.was_below = None, True
+            return None
+        if update <= warmup:
+            self.streak_start = None
+            return None
+        if self.streak_start is None:
+            self.streak_start = update
+        if update - self.streak_start + 1 >= self.patience:
+            n = len(self.recent)
+            return (f"the training loss{f' (mean of {n} updates)' if n > 1 else ''} was not below the unigram "
+                    f"level of the training targets ({self.unigram:.2f} bits, less 1% or its noise) for "
+                    f"{self.patience} updates after warm-up")
+        return None
 
     # --- numbers ----------------------------------------------------------------------------------
 
@@ -172,9 +220,23 @@ class LayerMonitor:
         self.history.append((update, values))
         self.events.extend(out)
 
+    def episode_start(self):
+        """The first update of the divergence's own stretch: the unigram streak's start, else the first of
+        the logged updates, counted back from the last, at which some layer was out of range (a jump
+        followed by logged updates in range, as in warm-up, is another episode)."""
+        if self.streak_start is not None and any(e[0] >= self.streak_start for e in self.events):
+            return self.streak_start
+        out = {e[0] for e in self.events}
+        start = None
+        for update, _ in reversed(self.history):
+            if update not in out:
+                break
+            start = update
+        return start
+
     def first_out_of_range(self, since):
         """The earliest layer quantity out of range at or after update ``since``, as words, or None."""
-        found = [e for e in self.events if e[0] >= since]
+        found = [e for e in self.events if since is not None and e[0] >= since]
         if not found:
             return None
         first = min(e[0] for e in found)
@@ -184,14 +246,14 @@ class LayerMonitor:
         return f"{name}'s {QUANTITIES[q]} {how} at update {update}"
 
     def message(self, update, reason):
-        since = self.streak_start if self.streak_start is not None else 0
-        where = self.first_out_of_range(since) or self.first_out_of_range(0)
-        if where is None:
-            where = ("no layer's norms had left their range at the logged updates"
-                     + ("" if self.history else " (none logged yet: lower --log-interval to see them)"))
+        where = self.first_out_of_range(self.episode_start())
+        if where is None:  # the last logged update had every layer in range (an earlier jump is another episode)
+            where = (f"every layer's norms were in range at the last logged update ({self.history[-1][0]})"
+                     if self.history else "no layer's norms logged yet (lower --log-interval to see them)")
         kept = (f"checkpoint_last.pt (update {self.last_saved}) is kept" if self.last_saved is not None
                 else "the checkpoints saved before it are kept")
-        return f"training diverged at update {update} ({reason}): {where}; {kept}; {CURES}"
+        return (f"training diverged at update {update} ({reason}): {where}; {kept}; "
+                f"{cures(self.layer_type, self.half, self.clip_norm)}")
 
 
 def _tensors(*objs):
@@ -229,7 +291,11 @@ def _train_step(orig):
             return orig(self, samples, raise_oom)
         update = self.get_num_updates() + 1
         if mon.unigram is None:
-            mon.unigram = unigram_entropy(self.task) or math.inf
+            common = self.cfg.common
+            mon.half = bool(common.fp16 or common.memory_efficient_fp16 or getattr(common, "amp", False))
+            mon.clip_norm = getattr(self.cfg.optimization, "clip_norm", None)
+            level = unigram_level(self.task, self.cfg.dataset.train_subset) if mon.patience else None
+            mon.unigram = level or math.inf  # no level (or patience 0): the unigram rule is off
         mon.pending = None
         if update % max(1, self.cfg.common.log_interval) == 0:
             mon.start()
@@ -275,18 +341,7 @@ def _log(trainer, mon, update, out, scale):
 
 
 def _check_loss(trainer, mon, update, loss):
-    reason = None
-    if loss is not None and not math.isfinite(loss):
-        reason = "the loss is not finite"
-    elif loss is not None and update > _warmup(trainer) and loss > mon.unigram:
-        if mon.streak_start is None:
-            mon.streak_start = update
-        if mon.patience and update - mon.streak_start + 1 >= mon.patience:
-            reason = (f"the training loss stayed above the unigram level ({mon.unigram:.2f} bits) for "
-                      f"{mon.patience} updates after warm-up")
-    else:
-        mon.streak_start = None
-        mon.was_below = mon.was_below or (loss is not None and loss < mon.unigram)
+    reason = mon.observe(update, loss, _warmup(trainer))
     if reason is None or mon.diverged is not None:
         return
     msg = mon.message(update, reason)
@@ -327,17 +382,39 @@ def _save_checkpoint(orig):
     @functools.wraps(orig)
     def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
         mon = monitor_of(trainer)
-        if mon is not None and mon.on_divergence == "stop" and mon.suspect():
-            logger.warning(f"not saving a checkpoint at update {trainer.get_num_updates()}: the training loss has "
-                           f"been above the unigram level since update {mon.streak_start} (a divergence may be "
-                           "starting); the last saved checkpoint is kept")
-            return None
+        if mon is not None and not getattr(cfg, "no_save", False) and mon.holds_back():  # --no-save: nothing to hold
+            n = trainer.get_num_updates()
+            why = (f"the training loss has not been below the unigram level since update {mon.streak_start} "
+                   "(a divergence may be starting)")
+            if not run_ends(trainer, epoch_itr):
+                logger.warning(f"not saving a checkpoint at update {n}: {why}; the last saved checkpoint is kept")
+                return None
+            logger.warning(f"saving the run's final state at update {n} although {why}: a run's last save is "
+                           "never held back")
         result = orig(cfg, trainer, epoch_itr, val_loss)
         if mon is not None:
             mon.last_saved = trainer.get_num_updates()
         return result
     save_checkpoint.b2t_layer_monitor = True
     return save_checkpoint
+
+
+def run_ends(trainer, epoch_itr):
+    """Whether fairseq_cli/train.py stops training after this save (its own stopping rules): that save
+    is the run's last, and is never held back, or a finished run could never be saved."""
+    cfg = trainer.cfg
+    opt, n = cfg.optimization, trainer.get_num_updates()
+    if opt.max_update and n >= opt.max_update:
+        return True
+    if opt.stop_time_hours > 0 and trainer.cumulative_training_time() / 3600 > opt.stop_time_hours:
+        return True
+    end_of_epoch = bool(epoch_itr.end_of_epoch())
+    if end_of_epoch and opt.max_epoch and epoch_itr.epoch >= opt.max_epoch:
+        return True
+    if end_of_epoch and trainer.get_lr() <= opt.stop_min_lr:
+        return True
+    early = getattr(getattr(sys.modules.get("fairseq_cli.train"), "should_stop_early", None), "num_runs", 0)
+    return bool(cfg.checkpoint.patience > 0 and early >= cfg.checkpoint.patience)
 
 
 def install():

@@ -4,18 +4,23 @@ For every layer type x encoder-decoder depth (unequal ones too: ``12-3`` is 12 e
 decoder layers) x peak learning rate, one short b2t-train run on the Tatoeba En-De corpus (or any
 fairseq data-bin), then a map: one panel per layer type, depth down, learning rate across, each
 cell coloured by its final valid loss and crossed where the run diverged (a non-finite loss, or a
-final valid loss not below the unigram level: the model learned no more than word frequencies).
+final valid loss not below the unigram level while the training loss had stopped falling: the model
+learned no more than word frequencies). A cell whose valid loss is not yet below the unigram level but
+whose training loss is still falling is *under-trained* (more --max-update would tell), not diverged.
+The unigram level is b2t_fairseq/unigram.py's, measured on the valid targets.
 
 Each cell is keyed on every option that shapes it (layer type, depths, learning rate, sizes,
 schedule, batch, seed, precision, the data's digest); a finished cell's ``cell.json`` is reused
 by a later sweep with the same key, so a stopped sweep resumes where it stopped and a sweep with
-other options never reuses it. Cells run ``--jobs`` at a time, longest first.
+other options never reuses it. Cells run ``--jobs`` at a time, longest first; one sweep at a time
+writes to an ``--out`` (a lock on it: a second sweep there is refused).
 
 The default grid (width 64, 100 updates) is sized for a 2-core CPU; ``--large`` is the paper-like
 grid for a GPU (``--fp16``/``--bf16``).
 """
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -23,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from b2t_fairseq import layer_types
+from b2t_fairseq import layer_types, unigram
+from b2t_fairseq.errors import B2TError
 
 from ..commands import run_command
 from ..errors import ToolError
@@ -37,6 +43,7 @@ GRIDS = {
     "large": dict(types=",".join(layer_types.SHORTS), depths="6-6,12-12,18-18,36-36,12-3,18-1,40-6",
                   lrs="0.0005,0.001,0.002,0.003,0.005", dim=512, max_update=4000, warmup=1000, max_tokens=8192),
 }
+LOCK_NAME = ".b2t-stability.lock"
 # the Tatoeba data the sweep prepares (b2t_tools/demo/data.py): small vocabulary, a slice of train
 DATA = dict(vocab_size=2000, n_valid=300, n_test=100, max_train=40000, seed=1)
 
@@ -55,7 +62,7 @@ def get_parser():
                    "(default post_ln,pre_ln,b2t)")
     p.add_argument("--depths", help="comma list of ENC-DEC layer counts (default 6-6,18-18,12-3,18-1)")
     p.add_argument("--lrs", help="comma list of peak learning rates (default 0.002,0.004)")
-    p.add_argument("--dim", type=int, help="model width (FFN 4x, width/16 heads, at least 4; default 64)")
+    p.add_argument("--dim", type=int, help="model width (FFN 4x, width/16 heads, at least 2; default 64)")
     p.add_argument("--max-update", type=int, help="updates per cell (default 100)")
     p.add_argument("--warmup", type=int, help="warm-up updates (default 30)")
     p.add_argument("--max-tokens", type=int, help="tokens per batch (default 1024)")
@@ -67,13 +74,21 @@ def get_parser():
     return p
 
 
+EXAMPLES = {"--layer-types": "post_ln,b2t", "--depths": "6-6,18-18", "--lrs": "0.001,0.002"}
+
+
 def _list(text, flag, conv):
     try:
         items = [conv(x.strip()) for x in text.split(",") if x.strip()]
     except ValueError:
         items = []
     if not items:
-        raise ToolError(f"{flag} {text!r} is not a comma list of values; e.g. {flag} {GRIDS['default'][flag[2:]]}")
+        raise ToolError(f"{flag} {text!r} is not a comma list of values; e.g. {flag} {EXAMPLES[flag]}")
+    twice = next((x for i, x in enumerate(items) if x in items[:i]), None)
+    if twice is not None:  # two forks would run one cell into one folder at once
+        shown = f"{twice[0]}-{twice[1]}" if isinstance(twice, tuple) else f"{twice:g}" if isinstance(twice, float) \
+            else twice
+        raise ToolError(f"{flag} {text} names {shown} twice; name each value once")
     return items
 
 
@@ -85,34 +100,43 @@ def _depth(text):
     return enc, dec
 
 
+def _given(value, default):
+    """An option's value, the default only when the option was not given (0 or "" is the user's, and checked)."""
+    return default if value is None else value
+
+
 def resolve(args):
     g = dict(GRIDS["large" if args.large else "default"])
-    types = args.layer_types or g["types"]
-    types = ",".join(layer_types.SHORTS) if types == "all" else types
+    types = _given(args.layer_types, g["types"])
+    types = ",".join(layer_types.SHORTS) if types.strip() == "all" else types
     cfg = argparse.Namespace(
         out=Path(args.out), corpus=args.corpus, data_bin=args.data_bin, seed=args.seed,
         types=_list(types, "--layer-types", str),
-        depths=_list(args.depths or g["depths"], "--depths", _depth),
-        lrs=_list(args.lrs or g["lrs"], "--lrs", float),
-        dim=args.dim or g["dim"], max_update=args.max_update or g["max_update"],
-        warmup=args.warmup if args.warmup is not None else g["warmup"],
-        max_tokens=args.max_tokens or g["max_tokens"],
+        depths=_list(_given(args.depths, g["depths"]), "--depths", _depth),
+        lrs=_list(_given(args.lrs, g["lrs"]), "--lrs", float),
+        dim=_given(args.dim, g["dim"]), max_update=_given(args.max_update, g["max_update"]),
+        warmup=_given(args.warmup, g["warmup"]), max_tokens=_given(args.max_tokens, g["max_tokens"]),
         precision="fp16" if args.fp16 else "bf16" if args.bf16 else "cpu",
     )
+    if not str(args.out).strip():
+        raise ToolError("--out '' names no folder; pass a folder path (it is created if missing)")
     bad = [t for t in cfg.types if t not in layer_types.BY_SHORT]
     if bad:
         raise ToolError(f"--layer-types {bad[0]} is not a layer type; choose from {', '.join(layer_types.SHORTS)}, all")
     if any(not (math.isfinite(lr) and lr > 0) for lr in cfg.lrs):
         raise ToolError(f"--lrs {args.lrs} must be positive numbers; e.g. --lrs 0.001,0.002")
-    for flag, v in (("--dim", cfg.dim), ("--max-update", cfg.max_update), ("--max-tokens", cfg.max_tokens)):
+    for flag, v in (("--dim", cfg.dim), ("--max-update", cfg.max_update), ("--max-tokens", cfg.max_tokens),
+                    ("--jobs", args.jobs if args.jobs is not None else 1)):
         if v < 1:
-            raise ToolError(f"{flag} {v} must be at least 1")
+            raise ToolError(f"{flag} {v} must be at least 1; leave {flag} out for the default")
+    if cfg.warmup < 0:
+        raise ToolError(f"--warmup {cfg.warmup} must be 0 or more; leave --warmup out for the default")
     if cfg.dim < 8:
         raise ToolError(f"--dim {cfg.dim} is too narrow; use at least 8")
     cfg.heads = max(2, cfg.dim // 16)
     if cfg.dim % cfg.heads:
         raise ToolError(f"--dim {cfg.dim} is not divisible into {cfg.heads} attention heads; use a multiple of 16")
-    cfg.jobs = args.jobs or (1 if cfg.precision != "cpu" else max(1, os.cpu_count() or 1))
+    cfg.jobs = _given(args.jobs, 1 if cfg.precision != "cpu" else max(1, os.cpu_count() or 1))
     return cfg
 
 
@@ -135,29 +159,12 @@ def find_data(cfg):
 
 
 def unigram_level(data_bin):
-    """Cross-entropy (bits/token, eos included) of the valid targets under the add-one unigram model of the
-    train targets over the target dictionary: what a model that learned word frequencies only reaches."""
-    import numpy as np
-    from fairseq.data import data_utils
-
-    pairs = sorted(p.name.split(".")[1] for p in Path(data_bin).glob("train.*.bin"))
-    if not pairs:
-        raise ToolError(f"--data-bin {data_bin} has no train split (train.SRC-TGT.TGT.bin); binarize a train split")
-    pair = pairs[0]
-    tgt = pair.split("-")[1]
-
-    def tokens(split):
-        ds = data_utils.load_indexed_dataset(str(Path(data_bin) / f"{split}.{pair}.{tgt}"), None)
-        if ds is None:
-            raise ToolError(f"--data-bin {data_bin} has no {split} split for {pair}; binarize one")
-        return np.concatenate([ds[i].numpy() for i in range(len(ds))])
-
-    from fairseq.data import Dictionary
-
-    n = len(Dictionary.load(str(Path(data_bin) / f"dict.{tgt}.txt")))  # the model's output vocabulary
-    train, valid = tokens("train"), tokens("valid")
-    counts = np.bincount(train, minlength=n)[:n] + 1.0
-    return float(-np.log2(counts[valid] / counts.sum()).mean())
+    """The unigram level of the valid targets (b2t_fairseq/unigram.py: the one definition the monitor and
+    the demo use too): what a model that learned word frequencies only reaches."""
+    try:
+        return unigram.of_data_bin(data_bin, "valid")
+    except B2TError as e:
+        raise ToolError(f"--data-bin {e}") from None
 
 
 # --- cells -----------------------------------------------------------------------------------------
@@ -198,11 +205,19 @@ def train_command(cell, data_bin, cell_dir):
 
 def finished(cell, cfg):
     """The record of a finished cell with this key, or None."""
+    cell_dir = cfg.out / "cells" / cell["name"]
     try:
-        rec = json.loads((cfg.out / "cells" / cell["name"] / "cell.json").read_text())
+        rec = json.loads((cell_dir / "cell.json").read_text())
     except (OSError, ValueError):
         return None  # not run, stopped, or damaged: run it (again)
-    return rec if rec.get("key") == cell["key"] and "returncode" in rec else None
+    if rec.get("key") != cell["key"] or "returncode" not in rec:
+        return None
+    if "descending" not in rec:  # recorded before the under-trained state: read its log again
+        try:
+            rec.update(read_log((cell_dir / "train.log").read_text(errors="replace").splitlines()))
+        except OSError:
+            return None
+    return rec
 
 
 def _train_in_child(cell, argv, log_path, threads):
@@ -276,11 +291,13 @@ def record(cell, rc, seconds, cfg, unigram):
 
 
 def read_log(lines):
-    """Final train and valid losses, the last update, and the one-line error of a failed run."""
-    train, valid, error, updates = None, None, None, 0
+    """Final train and valid losses, the last update, whether the training loss was still falling at the
+    end, and the one-line error of a failed run."""
+    train, valid, error, updates, curve = None, None, None, 0, []
     for kind, rec in parse_json_log(lines):
         if kind == "train_inner":
             train, updates = rec, max(updates, int(float(rec["num_updates"])))
+            curve.append(rec.get("nll_loss", rec.get("loss")))
         elif kind == "valid":
             valid, updates = rec, max(updates, int(float(rec.get("valid_num_updates", 0))))
     for line in lines:
@@ -295,26 +312,68 @@ def read_log(lines):
         return v if math.isfinite(v) else None
 
     return dict(updates=updates, train_nll_loss=num(train, "nll_loss"), valid_nll_loss=num(valid, "valid_nll_loss"),
-                valid_loss=num(valid, "valid_loss"), error=error)
+                valid_loss=num(valid, "valid_loss"), error=error, descending=descending(curve))
+
+
+def descending(losses):
+    """The logged training losses were still falling at the end: the mean of the last third is below the
+    mean of the third before it by more than 1% (batch noise is not a trend), every loss finite."""
+    try:
+        xs = [float(x) for x in losses]
+    except (TypeError, ValueError):
+        return False
+    k = len(xs) // 3
+    if k < 1 or not all(math.isfinite(x) for x in xs):
+        return False
+    last, before = sum(xs[-k:]) / k, sum(xs[-2 * k:-k]) / k
+    return last < 0.99 * before
 
 
 def status(rec, unigram):
+    """ok (valid loss below the unigram level), under-trained (not below it yet, training loss still
+    falling), diverged (non-finite, or stuck at or above it), or failed (the run stopped on an error)."""
     if rec["error"] and "training diverged" in rec["error"]:
         return "diverged"
     if rec["returncode"] != 0:
         return "failed"
-    if rec["valid_nll_loss"] is None or rec["valid_nll_loss"] >= unigram:
-        return "diverged"
-    return "ok"
+    if rec["valid_nll_loss"] is not None and rec["valid_nll_loss"] < unigram:
+        return "ok"
+    return "under-trained" if rec["valid_nll_loss"] is not None and rec.get("descending") else "diverged"
+
+
+def open_out(out):
+    """Make --out and lock it for this sweep: two sweeps in one folder would run the same cells into the
+    same files at once. flock: the kernel drops it when the process ends, however it ends."""
+    if out.exists() and not out.is_dir():
+        raise ToolError(f"--out {out} is a file, not a folder; pass a folder path (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / LOCK_NAME, "a+")
+    except OSError as e:
+        raise ToolError(f"cannot use --out {out} ({e.strerror}); pass a folder you can write to") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ToolError(f"--out {out} is in use by another {PROG} sweep; wait for it to finish, or pass "
+                       "another --out") from None
+    return f
 
 
 # --- the sweep -------------------------------------------------------------------------------------
 
 def sweep(cfg):
+    lock = open_out(cfg.out)
+    try:
+        return _sweep(cfg)
+    finally:
+        lock.close()
+
+
+def _sweep(cfg):
     import fairseq_cli.train  # noqa: F401  (imported once here; every forked cell starts with it)
 
     t0 = time.time()
-    cfg.out.mkdir(parents=True, exist_ok=True)
     data_bin, digest, unigram = find_data(cfg)
     grid = cells(cfg, digest)
     done = {c["key"]: finished(c, cfg) for c in grid}
@@ -353,7 +412,9 @@ def sweep(cfg):
     draw_map(records, cfg, unigram, cfg.out / "stability.png")
     for t in cfg.types:
         row = [r for r in records if r["layer_type"] == t]
-        log(f"  {layer_types.BY_SHORT[t].label}: {sum(r['status'] == 'diverged' for r in row)}/{len(row)} diverged")
+        under = sum(r["status"] == "under-trained" for r in row)
+        log(f"  {layer_types.BY_SHORT[t].label}: {sum(r['status'] == 'diverged' for r in row)}/{len(row)} diverged"
+            + (f", {under} under-trained (still learning at the end: more --max-update)" if under else ""))
     log(f"map: {cfg.out / 'stability.png'}, cells: {cfg.out / 'stability.json'} ({seconds / 60:.1f} min)")
     return summary
 

@@ -7,6 +7,9 @@ from b2t_fairseq import layer_types
 
 from ..util import pyplot
 
+# status -> (mark before the loss, hatch, hatch colour); Okabe-Ito colours, told apart without colour too
+MARKS = {"diverged": ("x ", "//", "#D55E00"), "under-trained": ("~ ", "..", "#0072B2"), "failed": ("! ", "//", "grey")}
+
 
 def draw_map(records, cfg, unigram, path, title=None):
     """One panel per layer type: depth down, learning rate across, colour = final valid loss."""
@@ -42,12 +45,13 @@ def draw_map(records, cfg, unigram, path, title=None):
                 if v is not None:
                     grid[i, j] = v
                 bad = r["status"] != "ok"
-                ax.text(j, i, ("x " if bad else "") + (f"{v:.2f}" if v is not None else "n/a"), ha="center",
+                mark, hatch, edge = MARKS.get(r["status"], MARKS["failed"]) if bad else ("", None, None)
+                ax.text(j, i, mark + (f"{v:.2f}" if v is not None else "n/a"), ha="center",
                         va="center", fontsize=8, color="white" if v is None or norm(v) < 0.6 else "black",
                         fontweight="bold" if bad else "normal")
                 if bad:
-                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//",
-                                               edgecolor="#D55E00" if r["status"] == "diverged" else "grey", lw=0))
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch=hatch, edgecolor=edge,
+                                               lw=0))
         ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
         ax.set_facecolor("#bbbbbb")
         ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
@@ -62,7 +66,11 @@ def draw_map(records, cfg, unigram, path, title=None):
     cb.set_label("final valid loss (nll, bits/token)")
     cb.ax.axhline(unigram, color="#D55E00", lw=2.5)
     handles = [Patch(facecolor="none", edgecolor="#D55E00", hatch="//",
-                     label="x  diverged: non-finite loss, or final valid loss not below the unigram level"),
+                     label="x  diverged: non-finite loss, or final valid loss not below the unigram level "
+                           "and training loss no longer falling"),
+               Patch(facecolor="none", edgecolor="#0072B2", hatch="..",
+                     label="~  under-trained: not below the unigram level yet, training loss still falling "
+                           "(more --max-update would tell)"),
                Line2D([], [], color="#D55E00", lw=2.5,
                       label=f"unigram level on the colour bar: {unigram:.2f} bits/token (word frequencies only)"),
                Patch(facecolor="#bbbbbb", label="no valid loss (the run stopped)")]

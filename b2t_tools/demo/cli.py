@@ -15,8 +15,9 @@ Stopping the demo (Ctrl-C, kill, kill -9) stops its training processes too.
 
 A run is marked *diverged* when (a) training stopped on a non-finite loss or gradient or logged
 a NaN/inf loss, or (b) its final validation nll_loss (bits/token) is not below the unigram level:
-the cross-entropy of the validation targets under an add-one unigram model of the training
-targets, i.e. what a model reaches by learning word frequencies only.
+the cross-entropy of the validation targets under the add-one unigram model of the training
+targets over the dictionary (b2t_fairseq/unigram.py, as the monitor and b2t-stability), i.e. what a
+model reaches by learning word frequencies only.
 """
 
 import argparse
@@ -216,7 +217,10 @@ def _run(args):
     if cfg.max_tokens < longest:  # fairseq would stop on an assertion inside b2t-train
         raise ToolError(f"--max-tokens {cfg.max_tokens} is below the longest sentence of the corpus ({longest} "
                        f"tokens); pass --max-tokens {longest} or more")
-    unigram = lm.prepare(data_root) if cfg.task == "lm" else meta["unigram_valid_xent_bits"]
+    # the one unigram level (b2t_fairseq/unigram.py) of the valid targets; meta.json's own copy from an older
+    # demo (another definition) is replaced, so the report never shows a stale number
+    unigram = lm.prepare(data_root) if cfg.task == "lm" else data.unigram_level(data_root)
+    meta["unigram_valid_xent_bits"] = unigram
     jobs = [(a, d) for d in sorted(cfg.depths, reverse=True) for a in cfg.archs]  # longest runs first
     log(f"{len(jobs)} runs, {min(cfg.jobs, len(jobs))} at a time with {cfg.threads} thread(s) each; "
         f"report in {out}")

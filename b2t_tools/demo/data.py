@@ -11,7 +11,6 @@ no English sentence is in two splits. The joint sentencepiece model is learned o
 
 import collections
 import json
-import math
 import os
 import random
 import re
@@ -20,6 +19,8 @@ import sys
 import zipfile
 import zlib
 from pathlib import Path
+
+from b2t_fairseq.unigram import of_data_bin
 
 from ..download import fetch
 from ..errors import ToolError
@@ -222,24 +223,9 @@ def longest_sentence(sp):
     return most
 
 
-def unigram_xent_bits(sp, lang="de"):
-    """Cross-entropy (bits/token, eos counted) of valid.LANG under the add-one unigram model of train.LANG.
-
-    The level a model reaches by learning word frequencies only: a run whose valid nll_loss is not
-    below it has learned nothing from the source (the demo calls that diverged).
-    """
-    counts = collections.Counter()
-    with open(sp / f"train.{lang}", encoding="utf-8") as f:
-        for line in f:
-            counts.update(line.split() + ["</s>"])
-    total, vocab = sum(counts.values()), len(counts) + 1
-    bits, n = 0.0, 0
-    with open(sp / f"valid.{lang}", encoding="utf-8") as f:
-        for line in f:
-            for tok in line.split() + ["</s>"]:
-                bits -= math.log2((counts[tok] + 1) / (total + vocab))
-                n += 1
-    return bits / max(n, 1)
+def unigram_level(data_root):
+    """The demo's unigram level: b2t_fairseq/unigram.py's one definition, on the valid targets of its data-bin."""
+    return of_data_bin(data_root / "bin")
 
 
 def data_tag(digest, vocab_size, n_valid, n_test, max_train, seed):
@@ -285,6 +271,6 @@ def prepare(zip_path, cache_dir, *, vocab_size=4000, n_valid=1000, n_test=1000, 
     stages.run("bin", [root / "bin"], binarize, key={"after": prev})
     counts = {s: sum(1 for _ in open(root / "raw" / f"{s}.en", encoding="utf-8")) for s in SPLITS}
     meta = {"zip": str(zip_path), "zip_sha256_16": digest, "pairs": counts, "vocab_size": vocab_size,
-            "seed": seed, "unigram_valid_xent_bits": unigram_xent_bits(root / "spm")}
+            "seed": seed}
     write_json(meta_path, meta)
     return root

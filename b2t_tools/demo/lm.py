@@ -12,6 +12,7 @@ English validation text. Training, resuming, keys and gradient norms are the tra
 import sys
 
 from b2t_fairseq import recipe
+from b2t_fairseq.unigram import of_data_bin as unigram_level
 
 from ..errors import ToolError
 from ..util import atomic_write, describe_machine, log, machine, write_json
@@ -36,7 +37,7 @@ def prepare(data_root):
     if not (data_root / LM_BIN).exists():
         log("data: binarizing the English side for the language models (fairseq-preprocess --only-source)")
     data._step(data_root / LM_BIN, make)
-    return data.unigram_xent_bits(data_root / "spm", lang="en")
+    return unigram_level(data_root / LM_BIN)
 
 
 def optimizer_argv(cfg):

@@ -204,6 +204,10 @@ def do_run(arch, layers, data_root, out, cfg, unigram_bits):
         rec = _read_json(done, {})
         if rec.get("key") == key:
             log(f"{name}: finished earlier with the same options, reusing {done}")
+            if rec.get("unigram_bits") != unigram_bits and rec.get("curves"):
+                # judged against another unigram level (an older definition): judge it again, never stale
+                fresh = summarize(arch, layers, rec["curves"], 0.0, unigram_bits, cfg)
+                rec.update({k: fresh[k] for k in ("unigram_bits", "diverged", "diverged_why")})
             return rec
         log(f"{name}: {done} was made with other options; running again")
         done.unlink()

@@ -2,6 +2,7 @@
 quantities computed here from the model, and a diverging run stops with one line naming a layer."""
 
 import inspect
+import re
 
 import pytest
 import torch
@@ -102,7 +103,7 @@ def test_divergence_is_named_and_the_last_checkpoint_kept(tmp_path):
     p = run(["b2t-train", *common, "--lr", "10", "--max-update", "40", "--log-layer-norms",
              "--divergence-patience", "6"], check=False)
     assert p.returncode == 2, p.stderr[-3000:]
-    line = assert_one_line_error(p.stderr, "b2t-train", "training diverged at update", "layer", "--ln-position b2t")
+    line = assert_one_line_error(p.stderr, "b2t-train", "training diverged at update", "layer", "--layer-type b2t")
     assert any(f"{side} layer" in line for side in ("encoder", "decoder")), line
     last = torch.load(save / "checkpoint_last.pt", weights_only=False)  # loadable, and still the good state
     assert last["optimizer_history"][-1]["num_updates"] == 6
@@ -110,3 +111,24 @@ def test_divergence_is_named_and_the_last_checkpoint_kept(tmp_path):
     p = run(["b2t-train", *common, "--lr", "10", "--max-update", "12", "--log-layer-norms",
              "--divergence-patience", "6", "--on-divergence", "warn"], check=False)
     assert p.returncode == 0 and "training diverged at update" in p.stderr, p.stderr[-3000:]
+
+
+def test_the_last_save_is_never_held_back(tmp_path):
+    """A run whose loss left the unigram level near its end still saves its final state (it used to exit 0
+    with checkpoint_last.pt some updates short, and again on every re-run)."""
+    data = _one_batch_data(tmp_path)
+    save = tmp_path / "ck"
+    common = [data, "--arch", "transformer_post_ln_tiny", "--encoder-layers", "2", "--decoder-layers", "2",
+              "--share-all-embeddings", "--optimizer", "adam", "--dropout", "0", "--max-tokens", "100000",
+              "--required-batch-size-multiple", "1", "--seed", "1", "--num-workers", "0", "--no-progress-bar",
+              "--cpu", "--log-format", "json", "--log-interval", "1", "--save-dir", save, "--no-epoch-checkpoints"]
+    run(["b2t-train", *common, "--lr", "0.003", "--max-update", "6"])
+    # on at lr 10: the loss leaves the unigram level and the norms jump, so the saves after that are held
+    # back (patience 50 is never reached) -- but not the last one
+    p = run(["b2t-train", *common, "--lr", "10", "--max-update", "9", "--log-layer-norms",
+             "--divergence-patience", "50"])
+    last = torch.load(save / "checkpoint_last.pt", weights_only=False)
+    assert last["optimizer_history"][-1]["num_updates"] == 9
+    out = p.stderr + p.stdout
+    assert re.search(r"not saving a checkpoint at update [78]\b", out), out[-3000:]
+    assert "saving the run's final state at update 9" in out
