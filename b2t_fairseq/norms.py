@@ -15,14 +15,38 @@ Parameter names map one to one onto the sources: RMSNorm ``weight`` is the paper
 """
 
 import math
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from torch import nn
 
 from .errors import B2TConfigError
 
 NORMALIZERS = ("layernorm", "rmsnorm", "dyt")
 DYT_ALPHA_INIT = 0.5  # jiachenzhu/DyT: DynamicTanh(alpha_init_value=0.5), the default of its main code
+
+
+@dataclass
+class NormalizerOptions(FairseqDataclass):
+    """The normalizer axis' flags, as fairseq dataclass fields (None: the default)."""
+
+    normalizer: Optional[ChoiceEnum(NORMALIZERS)] = field(default=None, metadata={
+        "help": f"the normalizer in every norm place of the layer type: {', '.join(NORMALIZERS)} (default layernorm)"})
+    dyt_alpha_init: Optional[float] = field(default=None, metadata={
+        "help": f"DyT: the initial value of each DyT's alpha (default {DYT_ALPHA_INIT}, the source's)"})
+
+
+def normalizer_name(cfg) -> str:
+    """cfg.normalizer, or 'layernorm' when unset (absent or None)."""
+    return getattr(cfg, "normalizer", None) or "layernorm"
+
+
+def dyt_alpha_init(cfg):
+    """cfg.dyt_alpha_init, or the source's 0.5 when unset (absent or None)."""
+    value = getattr(cfg, "dyt_alpha_init", None)
+    return DYT_ALPHA_INIT if value is None else value
 
 
 class RMSNorm(nn.Module):
@@ -91,10 +115,10 @@ def is_layer_norm(module) -> bool:
 
 def check_normalizer_options(cfg):
     """Refuse an unknown normalizer or a DyT alpha init that is not a positive number (B2TConfigError)."""
-    name = getattr(cfg, "normalizer", "layernorm")
+    name = normalizer_name(cfg)
     if name not in NORMALIZERS:
         raise B2TConfigError(f"unknown --normalizer {name!r}; choose one of {', '.join(NORMALIZERS)}")
-    alpha = getattr(cfg, "dyt_alpha_init", DYT_ALPHA_INIT)
+    alpha = dyt_alpha_init(cfg)
     try:
         ok = math.isfinite(float(alpha)) and float(alpha) > 0
     except (TypeError, ValueError):
@@ -115,7 +139,7 @@ def make_normalizer(layer_norm, cfg):
     if name == "rmsnorm":
         new = RMSNorm(shape, eps=layer_norm.eps, elementwise_affine=affine)
     elif name == "dyt":
-        new = DyT(shape, alpha_init=float(getattr(cfg, "dyt_alpha_init", DYT_ALPHA_INIT)), elementwise_affine=affine)
+        new = DyT(shape, alpha_init=float(dyt_alpha_init(cfg)), elementwise_affine=affine)
     else:
         raise AssertionError(name)  # layernorm never reaches here
     ref = next(layer_norm.parameters(), None)

@@ -12,9 +12,11 @@ FFN(z) = fc2(act_dropout(act(fc1(z)))); Drop is the residual dropout (cfg.dropou
 """
 
 import math
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
+from fairseq.dataclass import FairseqDataclass
 from fairseq.modules import LayerNorm
 from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
@@ -25,6 +27,21 @@ from torch import Tensor
 from .errors import B2TConfigError
 
 MIXLN_POST_FRACTION = 0.25  # the Mix-LN paper's alpha; its scripts: 3 Post-LN of 12 layers, 6 of 24
+
+
+@dataclass
+class PlacementOptions(FairseqDataclass):
+    """The placements' own flags, as fairseq dataclass fields (None: the type's default)."""
+
+    mixln_post_fraction: Optional[float] = field(default=None, metadata={
+        "help": f"Mix-LN: the fraction of each stack's lowest layers that are Post-LN, floor(fraction * layers) "
+                f"(default {MIXLN_POST_FRACTION})"})
+
+
+def mixln_fraction(cfg) -> float:
+    """cfg.mixln_post_fraction, or the paper's 0.25 when unset (absent or None)."""
+    value = getattr(cfg, "mixln_post_fraction", None)
+    return MIXLN_POST_FRACTION if value is None else float(value)
 
 
 def mixln_post_layers(num_layers: int, fraction: float) -> int:
@@ -38,7 +55,9 @@ def mixln_post_layers(num_layers: int, fraction: float) -> int:
 
 def check_placement_options(args):
     """Refuse a Mix-LN fraction outside [0, 1] (B2TConfigError, one line)."""
-    fraction = getattr(args, "mixln_post_fraction", MIXLN_POST_FRACTION)
+    fraction = getattr(args, "mixln_post_fraction", None)
+    if fraction is None:
+        return
     try:
         ok = 0.0 <= float(fraction) <= 1.0
     except (TypeError, ValueError):
@@ -192,8 +211,9 @@ class MixLNEncoderLayer(TransformerEncoderLayerBase):
     def __init__(self, cfg, return_fc=False, *, layer_index):
         super().__init__(cfg, return_fc=return_fc)
         _check_index(layer_index, cfg.encoder.layers)
+        check_placement_options(cfg)
         self.layer_index = layer_index
-        n_post = mixln_post_layers(cfg.encoder.layers, getattr(cfg, "mixln_post_fraction", MIXLN_POST_FRACTION))
+        n_post = mixln_post_layers(cfg.encoder.layers, mixln_fraction(cfg))
         self.normalize_before = layer_index >= n_post
 
 
@@ -214,8 +234,9 @@ class MixLNDecoderLayer(TransformerDecoderLayerBase):
     def __init__(self, cfg, no_encoder_attn=False, add_bias_kv=False, add_zero_attn=False, *, layer_index):
         super().__init__(cfg, no_encoder_attn, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
         _check_index(layer_index, cfg.decoder.layers)
+        check_placement_options(cfg)
         self.layer_index = layer_index
-        n_post = mixln_post_layers(cfg.decoder.layers, getattr(cfg, "mixln_post_fraction", MIXLN_POST_FRACTION))
+        n_post = mixln_post_layers(cfg.decoder.layers, mixln_fraction(cfg))
         self.normalize_before = layer_index >= n_post
 
 
@@ -288,8 +309,8 @@ class LNSDecoderLayer(_DecoderLayerMixin, TransformerDecoderLayerBase):
         _no_prev_state("LayerNorm Scaling", prev_self_attn_state, prev_attn_state)
         need_attn = need_attn or need_head_weights
         s = self.lns_scale
-        h = x + self.dropout_module(
-            self._self_attn(s * self.self_attn_layer_norm(x), incremental_state, self_attn_mask, self_attn_padding_mask))
+        a = self._self_attn(s * self.self_attn_layer_norm(x), incremental_state, self_attn_mask, self_attn_padding_mask)
+        h = x + self.dropout_module(a)
 
         attn = None
         if self.encoder_attn is not None and encoder_out is not None:

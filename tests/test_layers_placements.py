@@ -231,11 +231,33 @@ def test_mixln_split_is_floor_of_fraction_times_depth(layers, fraction, post):
 
 # --- refusals -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", [1.5, -0.1, "half", None])
+@pytest.mark.parametrize("bad", [1.5, -0.1, "half", math.nan])
 def test_mixln_fraction_outside_0_1_is_refused_in_one_line(bad):
     with pytest.raises(B2TConfigError, match=r"^--mixln-post-fraction must be .*; use") as e:
         check_placement_options(type("Args", (), {"mixln_post_fraction": bad})())
     assert "\n" not in str(e.value)
+    with pytest.raises(B2TConfigError, match="--mixln-post-fraction"):  # the layer refuses it too
+        MixLNEncoderLayer(make_cfg(mixln_post_fraction=bad), layer_index=0)
+
+
+def test_an_unset_mixln_fraction_is_the_papers_quarter():
+    for value in (None, 0.25):  # None: the flag not given (the dataclass default)
+        cfg = make_cfg(mixln_post_fraction=value)
+        cfg.encoder.layers = 8
+        assert [MixLNEncoderLayer(cfg, layer_index=i).normalize_before for i in range(8)] == [False] * 2 + [True] * 6
+    check_placement_options(make_cfg(mixln_post_fraction=None))
+
+
+def test_the_placement_flag_comes_from_its_dataclass():
+    import argparse
+
+    from fairseq.dataclass.utils import gen_parser_from_dataclass
+
+    from b2t_fairseq.placements import PlacementOptions
+    parser = argparse.ArgumentParser()
+    gen_parser_from_dataclass(parser, PlacementOptions())
+    assert parser.parse_args([]).mixln_post_fraction is None
+    assert parser.parse_args(["--mixln-post-fraction", "0.5"]).mixln_post_fraction == 0.5
 
 
 @pytest.mark.parametrize("cls", [PeriLNDecoderLayer, LNSDecoderLayer])

@@ -182,3 +182,25 @@ def test_bad_normalizer_options_are_refused_in_one_line(extra, fragment):
         apply_normalizer(layer, cfg)
     assert fragment in str(e.value) and ";" in str(e.value) and "\n" not in str(e.value)
     assert sum(is_layer_norm(m) for m in layer.modules()) == 2  # nothing was replaced
+
+
+def test_unset_options_are_the_defaults():
+    cfg = cfg_for(normalizer=None, dyt_alpha_init=None)  # the flags not given (the dataclass defaults)
+    layer = TransformerEncoderLayerBase(cfg)
+    assert apply_normalizer(layer, cfg) == 0 and normalizer_of(layer) == "layernorm"
+    cfg.normalizer = "dyt"
+    apply_normalizer(layer, cfg)
+    assert layer.final_layer_norm.alpha.item() == 0.5
+
+
+def test_the_normalizer_flags_come_from_their_dataclass():
+    import argparse
+
+    from fairseq.dataclass.utils import gen_parser_from_dataclass
+
+    from b2t_fairseq.norms import NormalizerOptions
+    parser = argparse.ArgumentParser()
+    gen_parser_from_dataclass(parser, NormalizerOptions())
+    args = parser.parse_args(["--normalizer", "dyt", "--dyt-alpha-init", "0.8"])
+    assert (args.normalizer, args.dyt_alpha_init) == ("dyt", 0.8)
+    assert parser.parse_args([]).normalizer is None
