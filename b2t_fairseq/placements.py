@@ -72,16 +72,19 @@ def _check_index(layer_index, num_layers):
         raise ValueError(f"layer_index {layer_index} is outside a stack of {num_layers} layers")
 
 
+_FAIRSEQ_EXTRAS = (("attn_ln", "--scale-attn"), ("c_attn", "--scale-heads"), ("ffn_layernorm", "--scale-fc"),
+                   ("w_resid", "--scale-resids"))
+
+
 def _refuse_fairseq_extras(layer, cfg, label):
     """The explicit forwards below do not implement fairseq's cross_self_attention or NormFormer's
     extra scalings; refuse them rather than silently ignore them."""
-    extras = [n for n in ("attn_ln", "c_attn", "ffn_layernorm", "w_resid") if getattr(layer, n, None) is not None]
+    flags = [flag for attr, flag in _FAIRSEQ_EXTRAS if getattr(layer, attr, None) is not None]
     if getattr(cfg, "cross_self_attention", False):
-        extras.append("cross_self_attention")
-    if extras:
-        raise B2TConfigError(f"{label} layers do not implement fairseq's {', '.join(extras)}; "
-                             f"drop those flags (--scale-attn/--scale-fc/--scale-heads/--scale-resids/"
-                             f"--cross-self-attention)")
+        flags.append("--cross-self-attention")
+    if flags:
+        raise B2TConfigError(f"{label} layers do not implement fairseq's {' '.join(flags)}; "
+                             f"drop {'it' if len(flags) == 1 else 'them'} or choose another layer type")
 
 
 def _encoder_attn_mask(attn_mask, x):

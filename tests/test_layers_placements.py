@@ -263,7 +263,7 @@ def test_the_placement_flag_comes_from_its_dataclass():
 @pytest.mark.parametrize("cls", [PeriLNDecoderLayer, LNSDecoderLayer])
 @pytest.mark.parametrize("flag", ["scale_attn", "scale_fc", "scale_heads", "scale_resids", "cross_self_attention"])
 def test_explicit_forwards_refuse_fairseq_extras_they_do_not_implement(cls, flag):
-    with pytest.raises(B2TConfigError, match="do not implement fairseq's"):
+    with pytest.raises(B2TConfigError, match=f"do not implement fairseq's --{flag.replace('_', '-')}; drop it"):
         build(cls, make_cfg(**{flag: True}), 0)
 
 
