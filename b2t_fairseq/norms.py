@@ -15,27 +15,14 @@ Parameter names map one to one onto the sources: RMSNorm ``weight`` is the paper
 """
 
 import math
-from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from torch import nn
 
 from .errors import B2TConfigError
 
 NORMALIZERS = ("layernorm", "rmsnorm", "dyt")
 DYT_ALPHA_INIT = 0.5  # jiachenzhu/DyT: DynamicTanh(alpha_init_value=0.5), the default of its main code
-
-
-@dataclass
-class NormalizerOptions(FairseqDataclass):
-    """The normalizer axis' flags, as fairseq dataclass fields (None: the default)."""
-
-    normalizer: Optional[ChoiceEnum(NORMALIZERS)] = field(default=None, metadata={
-        "help": f"the normalizer in every norm place of the layer type: {', '.join(NORMALIZERS)} (default layernorm)"})
-    dyt_alpha_init: Optional[float] = field(default=None, metadata={
-        "help": f"DyT: the initial value of each DyT's alpha (default {DYT_ALPHA_INIT}, the source's)"})
 
 
 def normalizer_name(cfg) -> str:
@@ -114,8 +101,9 @@ def is_layer_norm(module) -> bool:
 
 
 def check_normalizer_options(cfg):
-    """Refuse an unknown normalizer or a DyT alpha init that is not a positive number (B2TConfigError)."""
-    name = normalizer_name(cfg)
+    """Refuse an unknown normalizer, a DyT alpha init that is not a positive number, and one given
+    without --normalizer dyt (B2TConfigError, one line). Returns the normalizer's name."""
+    name = str(normalizer_name(cfg))
     if name not in NORMALIZERS:
         raise B2TConfigError(f"unknown --normalizer {name!r}; choose one of {', '.join(NORMALIZERS)}")
     alpha = dyt_alpha_init(cfg)
@@ -126,6 +114,9 @@ def check_normalizer_options(cfg):
     if not ok:
         raise B2TConfigError(f"--dyt-alpha-init must be a positive number, got {alpha!r}; "
                              f"use e.g. the source's {DYT_ALPHA_INIT}")
+    if name != "dyt" and float(alpha) != DYT_ALPHA_INIT:  # the default is never a conflict (saved args hold it)
+        raise B2TConfigError(f"--dyt-alpha-init is an option of --normalizer dyt, not of {name}; "
+                             "drop it or use --normalizer dyt")
     return name
 
 

@@ -12,11 +12,9 @@ FFN(z) = fc2(act_dropout(act(fc1(z)))); Drop is the residual dropout (cfg.dropou
 """
 
 import math
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
-from fairseq.dataclass import FairseqDataclass
 from fairseq.modules import LayerNorm
 from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
@@ -27,15 +25,6 @@ from torch import Tensor
 from .errors import B2TConfigError
 
 MIXLN_POST_FRACTION = 0.25  # the Mix-LN paper's alpha; its scripts: 3 Post-LN of 12 layers, 6 of 24
-
-
-@dataclass
-class PlacementOptions(FairseqDataclass):
-    """The placements' own flags, as fairseq dataclass fields (None: the type's default)."""
-
-    mixln_post_fraction: Optional[float] = field(default=None, metadata={
-        "help": f"Mix-LN: the fraction of each stack's lowest layers that are Post-LN, floor(fraction * layers) "
-                f"(default {MIXLN_POST_FRACTION})"})
 
 
 def mixln_fraction(cfg) -> float:

@@ -248,18 +248,6 @@ def test_an_unset_mixln_fraction_is_the_papers_quarter():
     check_placement_options(make_cfg(mixln_post_fraction=None))
 
 
-def test_the_placement_flag_comes_from_its_dataclass():
-    import argparse
-
-    from fairseq.dataclass.utils import gen_parser_from_dataclass
-
-    from b2t_fairseq.placements import PlacementOptions
-    parser = argparse.ArgumentParser()
-    gen_parser_from_dataclass(parser, PlacementOptions())
-    assert parser.parse_args([]).mixln_post_fraction is None
-    assert parser.parse_args(["--mixln-post-fraction", "0.5"]).mixln_post_fraction == 0.5
-
-
 @pytest.mark.parametrize("cls", [PeriLNDecoderLayer, LNSDecoderLayer])
 @pytest.mark.parametrize("flag", ["scale_attn", "scale_fc", "scale_heads", "scale_resids", "cross_self_attention"])
 def test_explicit_forwards_refuse_fairseq_extras_they_do_not_implement(cls, flag):
