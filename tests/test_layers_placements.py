@@ -263,3 +263,32 @@ def test_layer_index_is_required_and_checked():
         MixLNDecoderLayer(cfg, layer_index=4)
     assert MixLNEncoderLayer.uses_layer_index and LNSDecoderLayer.uses_layer_index
     assert not PeriLNEncoderLayer.uses_layer_index
+
+
+# --- the types as models (the records) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,post", [("transformer_mix_ln", (1, 1)), ("transformer_mix_ln_18l", (4, 4))])
+def test_mixln_model_splits_each_stack_by_its_own_depth(toy_dicts, arch, post):
+    from helpers import parse
+
+    args = parse(toy_dicts, arch)
+    assert args.encoder_normalize_before and args.decoder_normalize_before  # the norm after each stack
+    from fairseq.models.transformer import TransformerConfig
+    cfg = TransformerConfig.from_namespace(args)
+    for side, cls in (("encoder", MixLNEncoderLayer), ("decoder", MixLNDecoderLayer)):
+        n = getattr(args, f"{side}_layers")
+        before = [cls(cfg, layer_index=i).normalize_before for i in range(n)]
+        assert before.count(False) == post[side == "decoder"] and before == sorted(before), side
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--arch", "transformer_post_ln_tiny", "--mixln-post-fraction", "0.5"],
+     "--mixln-post-fraction is an option of Mix-LN layers, not of Post-LN"),
+    (["--arch", "transformer_mix_ln_tiny", "--mixln-post-fraction", "2"], "--mixln-post-fraction must be a number"),
+    (["--arch", "transformer_lns_tiny", "--cross-self-attention"], "not supported with lns layers"),
+])
+def test_placement_flags_without_meaning_are_refused_when_parsed(toy_dicts, extra, fragment):
+    from helpers import parse
+
+    with pytest.raises(B2TConfigError, match=fragment):
+        parse(toy_dicts, extra[1], *extra[2:])

@@ -193,3 +193,44 @@ def test_unset_options_are_the_defaults():
     cfg.normalizer = "dyt"
     apply_normalizer(layer, cfg)
     assert layer.final_layer_norm.alpha.item() == 0.5
+
+
+# --- the axis in the models (--normalizer) -----------------------------------------------------------
+
+@pytest.mark.parametrize("normalizer", ["rmsnorm", "dyt"])
+def test_translation_model_swaps_every_norm_and_its_args_record_it(toy_dicts, normalizer):
+    from helpers import build as build_model
+
+    from b2t_fairseq import layer_types
+
+    plain, _, _ = build_model(toy_dicts, "transformer_peri_ln_tiny")
+    model, task, args = build_model(toy_dicts, "transformer_peri_ln_tiny", "--normalizer", normalizer)
+    assert args.normalizer == normalizer and layer_types.which(model).key == "peri"
+    assert normalizer_of(model.encoder) == normalizer_of(model.decoder) == normalizer
+    rename = {"rmsnorm": lambda n: [] if n.endswith("norm.bias") else [n],
+              "dyt": lambda n: [n[: -len("weight")] + "alpha", n] if n.endswith("norm.weight") else [n]}[normalizer]
+    assert list(model.state_dict()) == [m for n in plain.state_dict() for m in rename(n)]
+    src, lengths, prev = toy_batch(task)
+    assert torch.isfinite(model(src, lengths, prev)[0]).all()
+
+
+def test_lm_model_swaps_every_norm(lm_dict_dir):
+    from helpers import SIZES, build_lm
+
+    model, _, cfg = build_lm(lm_dict_dir, "transformer_lm_lns_tiny", *SIZES, "--normalizer", "dyt",
+                             "--dyt-alpha-init", "0.3")
+    assert str(cfg.normalizer) == "dyt" and cfg.dyt_alpha_init == 0.3
+    assert normalizer_of(model.decoder) == "dyt"
+    assert model.decoder.layer_norm.alpha.item() == pytest.approx(0.3)  # the stack's final norm too
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--normalizer", "rmsnorm", "--dyt-alpha-init", "0.8"], "--dyt-alpha-init is an option of --normalizer dyt"),
+    (["--dyt-alpha-init", "0.8"], "not of layernorm"),
+    (["--normalizer", "dyt", "--dyt-alpha-init", "-1"], "--dyt-alpha-init must be a positive number"),
+])
+def test_normalizer_flags_without_meaning_are_refused_when_parsed(toy_dicts, extra, fragment):
+    from helpers import parse
+
+    with pytest.raises(B2TConfigError, match=fragment):
+        parse(toy_dicts, "transformer_pre_ln_tiny", *extra)
