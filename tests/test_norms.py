@@ -234,3 +234,25 @@ def test_normalizer_flags_without_meaning_are_refused_when_parsed(toy_dicts, ext
 
     with pytest.raises(B2TConfigError, match=fragment):
         parse(toy_dicts, "transformer_pre_ln_tiny", *extra)
+
+
+def test_a_checkpoint_names_its_normalizer_and_loads_as_it(toy_dicts, tmp_path):
+    from fairseq import checkpoint_utils
+    from helpers import build as build_model
+
+    model, task, args = build_model(toy_dicts, "transformer_mix_ln_tiny", "--normalizer", "dyt", "--dyt-alpha-init", "0.9")
+    with torch.no_grad():  # trained-looking norms, so loading them is seen
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.add_(torch.rand_like(p))
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"args": args, "model": model.state_dict(), "extra_state": {}, "optimizer_history": [
+        {"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam", "lr_scheduler_state": {"best": None},
+         "num_updates": 0}]}, path)
+    assert torch.load(path, weights_only=False)["args"].normalizer == "dyt"
+    [loaded], _, _ = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides={"data": str(toy_dicts)})
+    assert normalizer_of(loaded.encoder) == normalizer_of(loaded.decoder) == "dyt"
+    model.eval(), loaded.eval()
+    batch = toy_batch(task)
+    with torch.no_grad():
+        assert torch.equal(model(*batch)[0], loaded(*batch)[0])
