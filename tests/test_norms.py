@@ -240,7 +240,8 @@ def test_a_checkpoint_names_its_normalizer_and_loads_as_it(toy_dicts, tmp_path):
     from fairseq import checkpoint_utils
     from helpers import build as build_model
 
-    model, task, args = build_model(toy_dicts, "transformer_mix_ln_tiny", "--normalizer", "dyt", "--dyt-alpha-init", "0.9")
+    model, task, args = build_model(toy_dicts, "transformer_mix_ln_tiny", "--normalizer", "dyt",
+                                    "--dyt-alpha-init", "0.9")
     with torch.no_grad():  # trained-looking norms, so loading them is seen
         for name, p in model.named_parameters():
             if "layer_norm" in name:
