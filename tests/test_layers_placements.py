@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from fairseq.models.transformer import TransformerConfig
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
-from helpers import reference_attention
+from helpers import parse, reference_attention
 
 from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.placements import (
@@ -269,11 +269,8 @@ def test_layer_index_is_required_and_checked():
 
 @pytest.mark.parametrize("arch,post", [("transformer_mix_ln", (1, 1)), ("transformer_mix_ln_18l", (4, 4))])
 def test_mixln_model_splits_each_stack_by_its_own_depth(toy_dicts, arch, post):
-    from helpers import parse
-
     args = parse(toy_dicts, arch)
     assert args.encoder_normalize_before and args.decoder_normalize_before  # the norm after each stack
-    from fairseq.models.transformer import TransformerConfig
     cfg = TransformerConfig.from_namespace(args)
     for side, cls in (("encoder", MixLNEncoderLayer), ("decoder", MixLNDecoderLayer)):
         n = getattr(args, f"{side}_layers")
@@ -288,7 +285,5 @@ def test_mixln_model_splits_each_stack_by_its_own_depth(toy_dicts, arch, post):
     (["--arch", "transformer_lns_tiny", "--cross-self-attention"], "not supported with lns layers"),
 ])
 def test_placement_flags_without_meaning_are_refused_when_parsed(toy_dicts, extra, fragment):
-    from helpers import parse
-
     with pytest.raises(B2TConfigError, match=fragment):
         parse(toy_dicts, extra[1], *extra[2:])

@@ -6,11 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from fairseq import checkpoint_utils
 from fairseq.models.transformer import TransformerConfig
 from fairseq.modules import LayerNorm
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
-from helpers import TINY, build, reference_attention, toy_batch
+from helpers import SIZES, TINY, build, build_lm, parse, reference_attention, toy_batch
 
+from b2t_fairseq import layer_types
 from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.norms import DyT, RMSNorm, apply_normalizer, is_layer_norm, normalizer_of
 
@@ -199,12 +201,8 @@ def test_unset_options_are_the_defaults():
 
 @pytest.mark.parametrize("normalizer", ["rmsnorm", "dyt"])
 def test_translation_model_swaps_every_norm_and_its_args_record_it(toy_dicts, normalizer):
-    from helpers import build as build_model
-
-    from b2t_fairseq import layer_types
-
-    plain, _, _ = build_model(toy_dicts, "transformer_peri_ln_tiny")
-    model, task, args = build_model(toy_dicts, "transformer_peri_ln_tiny", "--normalizer", normalizer)
+    plain, _, _ = build(toy_dicts, "transformer_peri_ln_tiny")
+    model, task, args = build(toy_dicts, "transformer_peri_ln_tiny", "--normalizer", normalizer)
     assert args.normalizer == normalizer and layer_types.which(model).key == "peri"
     assert normalizer_of(model.encoder) == normalizer_of(model.decoder) == normalizer
     rename = {"rmsnorm": lambda n: [] if n.endswith("norm.bias") else [n],
@@ -215,8 +213,6 @@ def test_translation_model_swaps_every_norm_and_its_args_record_it(toy_dicts, no
 
 
 def test_lm_model_swaps_every_norm(lm_dict_dir):
-    from helpers import SIZES, build_lm
-
     model, _, cfg = build_lm(lm_dict_dir, "transformer_lm_lns_tiny", *SIZES, "--normalizer", "dyt",
                              "--dyt-alpha-init", "0.3")
     assert str(cfg.normalizer) == "dyt" and cfg.dyt_alpha_init == 0.3
@@ -230,17 +226,12 @@ def test_lm_model_swaps_every_norm(lm_dict_dir):
     (["--normalizer", "dyt", "--dyt-alpha-init", "-1"], "--dyt-alpha-init must be a positive number"),
 ])
 def test_normalizer_flags_without_meaning_are_refused_when_parsed(toy_dicts, extra, fragment):
-    from helpers import parse
-
     with pytest.raises(B2TConfigError, match=fragment):
         parse(toy_dicts, "transformer_pre_ln_tiny", *extra)
 
 
 def test_a_checkpoint_names_its_normalizer_and_loads_as_it(toy_dicts, tmp_path):
-    from fairseq import checkpoint_utils
-    from helpers import build as build_model
-
-    model, task, args = build_model(toy_dicts, "transformer_mix_ln_tiny", "--normalizer", "dyt",
+    model, task, args = build(toy_dicts, "transformer_mix_ln_tiny", "--normalizer", "dyt",
                                     "--dyt-alpha-init", "0.9")
     with torch.no_grad():  # trained-looking norms, so loading them is seen
         for name, p in model.named_parameters():
