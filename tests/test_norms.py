@@ -248,3 +248,16 @@ def test_a_checkpoint_names_its_normalizer_and_loads_as_it(toy_dicts, tmp_path):
     batch = toy_batch(task)
     with torch.no_grad():
         assert torch.equal(model(*batch)[0], loaded(*batch)[0])
+
+
+@pytest.mark.parametrize("t", layer_types.LAYER_TYPES, ids=[t.key for t in layer_types.LAYER_TYPES])
+def test_every_layer_type_takes_every_normalizer_it_is_defined_with(toy_dicts, lm_dict_dir, t):
+    src_batch = None
+    for normalizer in (n for n in t.norms if n != "layernorm"):
+        model, task, _ = build(toy_dicts, t.family + "_tiny", "--normalizer", normalizer)
+        lm, lm_task, _ = build_lm(lm_dict_dir, t.lm_family + "_tiny", *SIZES, "--normalizer", normalizer)
+        for stack in (model.encoder, model.decoder, lm.decoder):
+            assert normalizer_of(stack) == normalizer, (t.key, normalizer)
+        src_batch = src_batch or toy_batch(task)
+        assert torch.isfinite(model(*src_batch)[0]).all()
+        assert torch.isfinite(lm(torch.arange(4, 12).view(1, 8))[0]).all()
