@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from fairseq.models.transformer import TransformerConfig
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
-from helpers import parse, reference_attention
+from helpers import SIZES, build_lm, parse, reference_attention
 
 from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.placements import (
@@ -287,3 +287,13 @@ def test_mixln_model_splits_each_stack_by_its_own_depth(toy_dicts, arch, post):
 def test_placement_flags_without_meaning_are_refused_when_parsed(toy_dicts, extra, fragment):
     with pytest.raises(B2TConfigError, match=fragment):
         parse(toy_dicts, extra[1], *extra[2:])
+
+
+@pytest.mark.parametrize("extra,post", [([], 2), (["--mixln-post-fraction", "0.5"], 4)])
+def test_mixln_lm_takes_its_fraction_through_the_hydra_config(lm_dict_dir, extra, post):
+    sizes = list(SIZES)
+    sizes[sizes.index("--decoder-layers") + 1] = "8"
+    model, _, cfg = build_lm(lm_dict_dir, "transformer_lm_mix_ln_tiny", *sizes, *extra)
+    assert cfg.mixln_post_fraction == (0.5 if extra else 0.25)
+    assert [layer.normalize_before for layer in model.decoder.layers] == [False] * post + [True] * (8 - post)
+    assert model.decoder.layer_norm is not None  # the norm after the stack
