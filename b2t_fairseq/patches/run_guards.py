@@ -134,7 +134,8 @@ def _one_line(previous):
         import atexit
         import logging
 
-        print(f"{_prog()}: error: {' '.join(msg.split())}", file=sys.stderr, flush=True)
+        # the process's own stderr: torch.distributed's excepthook, around this one, captures sys.stderr
+        print(f"{_prog()}: error: {' '.join(msg.split())}", file=sys.__stderr__ or sys.stderr, flush=True)
         atexit._run_exitfuncs()  # what an ordinary exit would run, then the status of a usage error
         logging.shutdown()
         sys.stdout.flush()
