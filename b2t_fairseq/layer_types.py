@@ -13,7 +13,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
-from . import layers, residual
+from . import layers, norms, placements, residual
 from .errors import B2TConfigError
 
 # fairseq forward options that only fairseq's own layers read: a type with its own forward would
@@ -98,6 +98,18 @@ LAYER_TYPES = (
               lm_layer=residual.ResiDualDecoderLayer, encoder_stack=residual.ResiDualEncoder,
               decoder_stack=residual.ResiDualDecoder, lm_stack=residual.ResiDualLMDecoder,
               takes=tuple(residual.OPTIONS), check=residual.check, init_doc="fairseq's (as microsoft/ResiDual)"),
+    # the placements (placements.py): each Pre-LN-like at the top, with fairseq's norm after each stack
+    LayerType("peri", "peri_ln", "Peri-LN", "#F0E442", normalize_before=True,
+              encoder_layer=placements.PeriLNEncoderLayer, decoder_layer=placements.PeriLNDecoderLayer,
+              lm_layer=placements.PeriLNDecoderLayer, init_doc="fairseq's; output norms start at weight 1, bias 0"),
+    LayerType("mixln", "mix_ln", "Mix-LN", "#000000", normalize_before=True,
+              encoder_layer=placements.MixLNEncoderLayer, decoder_layer=placements.MixLNDecoderLayer,
+              lm_layer=placements.MixLNDecoderLayer, takes=("mixln_post_fraction",),
+              check=placements.check_placement_options,
+              init_doc="fairseq's; the lowest floor(0.25 N) layers Post-LN, the rest Pre-LN"),
+    LayerType("lns", "lns", "LayerNorm Scaling", "#999999", normalize_before=True,
+              encoder_layer=placements.LNSEncoderLayer, decoder_layer=placements.LNSDecoderLayer,
+              lm_layer=placements.LNSDecoderLayer, init_doc="fairseq's; layer l's norm outputs x 1/sqrt(l)"),
 )
 
 BY_KEY = {t.key: t for t in LAYER_TYPES}
@@ -111,7 +123,7 @@ OWN_LAYERS = tuple(t.key for t in LAYER_TYPES if t.own_layers)
 # the options one type owns, with the value that means "not used" (checkpoints of earlier versions
 # saved every type's defaults, so a default is never a conflict), and the value each type starts from
 OPTION_DEFAULTS = {"deepnorm_reference": "paper", "admin_omega": "trainable", "admin_output_change_scale": "O(logn)",
-                   **residual.OPTIONS}
+                   **residual.OPTIONS, "mixln_post_fraction": placements.MIXLN_POST_FRACTION}
 
 # named architecture -> layer type, filled as the models register them (transformer_b2t.py,
 # transformer_lm_b2t.py): a run's saved args name the architecture before any flag is settled
@@ -165,7 +177,7 @@ def resolve(args, default="post"):
             owner = next(o for o in LAYER_TYPES if name in o.takes)
             raise B2TConfigError(f"{_flag(name)} is an option of {owner.label} layers, not of {t.label}; drop it "
                                  f"or use --layer-type {owner.key}")
-    normalizer = str(getattr(args, "normalizer", None) or "layernorm")
+    normalizer = norms.check_normalizer_options(args)  # unknown names, --dyt-alpha-init without dyt
     if normalizer not in t.norms:
         raise B2TConfigError(f"--normalizer {normalizer} is not defined for {t.label} layers; use one of "
                              f"{', '.join(t.norms)}")

@@ -11,12 +11,14 @@ from typing import Optional
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 from .layers import ADMIN_OUTPUT_CHANGE_SCALES, DEEPNORM_REFERENCES
+from .norms import DYT_ALPHA_INIT, NORMALIZERS
+from .placements import MIXLN_POST_FRACTION
 
 ADMIN_OMEGA_MODES = ("trainable", "fixed")
 
 # options whose values are ChoiceEnums in a Hydra config and plain strings on the command line
 CHOICE_FIELDS = ("deepnorm_reference", "admin_omega", "admin_output_change_scale",
-                 "on_divergence")
+                 "on_divergence", "normalizer")
 
 
 @dataclass
@@ -50,6 +52,16 @@ class LayerOptions(FairseqDataclass):
                 "up to its eps, the source's OPUS config uses 0.05)"})
     dec_res_input_norm_scale: Optional[float] = field(default=None, metadata={
         "help": "ResiDual: the same for the decoder (and the LM) (default 1)"})
+    mixln_post_fraction: Optional[float] = field(default=None, metadata={
+        "help": f"Mix-LN: the fraction of each stack's lowest layers that are Post-LN, floor(fraction x layers) "
+                f"(default {MIXLN_POST_FRACTION}, the paper's; the layers above are Pre-LN)"})
+    normalizer: Optional[ChoiceEnum(NORMALIZERS)] = field(default=None, metadata={
+        "help": "the normalizer in every norm place of the layer type: layernorm (default: fairseq's LayerNorm), "
+                "rmsnorm (x / sqrt(mean(x^2) + eps) * weight) or dyt (tanh(alpha x) * weight + bias); "
+                "each layer type lists those it is defined with"})
+    dyt_alpha_init: Optional[float] = field(default=None, metadata={
+        "help": f"with --normalizer dyt: the initial value of every DyT's scalar alpha (default {DYT_ALPHA_INIT}, "
+                f"the DyT code's)"})
     word_dropout_src: float = field(default=0.0, metadata={
         "help": "zero each source token embedding with probability P while training (translation)"})
     word_dropout_tgt: float = field(default=0.0, metadata={

@@ -19,7 +19,7 @@ from fairseq.models.transformer import TransformerConfig, TransformerModel
 from fairseq.models.transformer.transformer_legacy import transformer_wmt_en_de
 from omegaconf import OmegaConf
 
-from . import fast, layer_types, options, recipe, stacks
+from . import fast, layer_types, norms, options, recipe, stacks
 from .errors import B2TConfigError  # noqa: F401  (tests import it from here)
 
 LN_POSITIONS = layer_types.KEYS
@@ -51,6 +51,9 @@ class TransformerB2TModel(TransformerModel):
         model.b2t_layer_type = t.key
         layer_types.init_stack(t, model.encoder.layers, args, "encoder")
         layer_types.init_stack(t, model.decoder.layers, args, "decoder")
+        if norms.normalizer_name(args) != "layernorm":  # --normalizer: every LayerNorm of both stacks, same names
+            norms.apply_normalizer(model.encoder, args)
+            norms.apply_normalizer(model.decoder, args)
         if getattr(args, "b2t_fast", False):
             fast.use_fast_attention(model)
         model.b2t_bf16 = bool(getattr(args, "b2t_bf16", False))

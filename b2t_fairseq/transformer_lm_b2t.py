@@ -34,7 +34,7 @@ from fairseq.models.transformer_lm import (
 )
 from omegaconf import OmegaConf
 
-from . import layer_types, options, recipe, stacks
+from . import layer_types, norms, options, recipe, stacks
 from .errors import B2TConfigError
 
 MODEL = "transformer_lm_b2t"
@@ -91,6 +91,8 @@ class TransformerLMB2TModel(TransformerLanguageModel):
             model = super().build_model(args, task)
         model.b2t_layer_type = t.key
         layer_types.init_stack(t, model.decoder.layers, args, "lm")
+        if norms.normalizer_name(args) != "layernorm":  # --normalizer: every LayerNorm of the stack, same names
+            norms.apply_normalizer(model.decoder, args)
         if getattr(args, "log_layer_norms", False):
             from .patches import layer_monitor
 

@@ -21,10 +21,18 @@ EXPECTED = {  # arch: (ln_position, encoder layers, decoder layers, embed dim)
     "transformer_admin_tiny": ("admin", 2, 2, 64),
     "transformer_residual": ("residual", 6, 6, 512), "transformer_residual_18l": ("residual", 18, 18, 512),
     "transformer_residual_tiny": ("residual", 2, 2, 64),
+    "transformer_peri_ln": ("peri", 6, 6, 512), "transformer_peri_ln_18l": ("peri", 18, 18, 512),
+    "transformer_peri_ln_tiny": ("peri", 2, 2, 64),
+    "transformer_mix_ln": ("mixln", 6, 6, 512), "transformer_mix_ln_18l": ("mixln", 18, 18, 512),
+    "transformer_mix_ln_tiny": ("mixln", 2, 2, 64),
+    "transformer_lns": ("lns", 6, 6, 512), "transformer_lns_18l": ("lns", 18, 18, 512),
+    "transformer_lns_tiny": ("lns", 2, 2, 64),
 }
 LAYER_CLASS = {"b2t": "B2TEncoderLayer", "deepnorm": "DeepNormEncoderLayer", "admin": "AdminEncoderLayer",
-               "residual": "ResiDualEncoderLayer"}
-FINAL_NORM = ("pre", "residual")  # Pre-LN's final LayerNorm; ResiDual's norm of the dual stream where it joins
+               "residual": "ResiDualEncoderLayer",
+               "peri": "PeriLNEncoderLayer", "mixln": "MixLNEncoderLayer", "lns": "LNSEncoderLayer"}
+# Pre-LN's final LayerNorm; ResiDual's norm of the dual stream where it joins; the placements' stack norm
+FINAL_NORM = ("pre", "residual", "peri", "mixln", "lns")
 
 
 def test_all_architectures_are_registered():

@@ -114,8 +114,10 @@ def test_lm_contract(lm_dict_dir, tmp_path, t):
 
 
 def _other_type_overrides(other):
-    # the flags a command line would change to build another type from the same saved args
-    return {"ln_position": other.key, "residual_bottom_to_top": False, "b2t_rescale_init": False}
+    # the flags a command line would change to build another type from the same saved args (the
+    # normalize-before switches too: a Pre-LN-like type's saved args hold them on)
+    return {"ln_position": other.key, "residual_bottom_to_top": False, "b2t_rescale_init": False,
+            "encoder_normalize_before": other.normalize_before, "decoder_normalize_before": other.normalize_before}
 
 
 @pytest.mark.parametrize("t", [t for t in TYPES if t.own_layers], ids=[t.key for t in TYPES if t.own_layers])

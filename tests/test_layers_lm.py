@@ -70,7 +70,7 @@ def test_named_lm_archs_keep_their_layer_type(lm_dict_dir):
                 assert getattr(args, "ln_position", None) is None and layer_types.which(args).key == "b2t"
                 continue
             assert args.ln_position == t.key, arch
-            assert bool(args.decoder_normalize_before) == (t.key == "pre"), arch
+            assert bool(args.decoder_normalize_before) == t.normalize_before, arch
             assert args.decoder_layers == {"_16l": 16, "_gpt": 12, "_tiny": 2}.get(suffix, 6), arch
 
 

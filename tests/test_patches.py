@@ -131,6 +131,29 @@ def test_data_fit_relies_on_trainer_and_ensemble_loading(monkeypatch):
     assert _params(Trainer.state_dict) == ["self"]
 
 
+def test_run_guards_rely_on_where_every_training_entry_point_resumes(monkeypatch):
+    """patches/run_guards.py wraps checkpoint_utils.load_checkpoint, which fairseq_cli/train.py's main
+    (fairseq-train, fairseq-hydra-train and ours) calls as a module attribute, and reads these of the trainer."""
+    import fairseq_cli.train
+    from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
+    from fairseq.trainer import Trainer
+
+    monkeypatch.delenv(patches.STRICT_ENV, raising=False)
+    patches.enable_behaviour()
+    assert checkpoint_utils.load_checkpoint.b2t_run_guards
+    assert checkpoint_utils.load_model_ensemble_and_task.b2t_run_guards
+    assert _params(checkpoint_utils.load_checkpoint) == ["cfg", "trainer", "passthrough_args"]
+    assert "checkpoint_utils.load_checkpoint(" in inspect.getsource(fairseq_cli.train.main)
+    assert "from fairseq import checkpoint_utils" in inspect.getsource(fairseq_cli.train)
+    for name in ("checkpoint_suffix", "get_model", "device", "task", "cfg"):
+        assert hasattr(Trainer, name) or name in inspect.getsource(Trainer.__init__), name
+    src = inspect.getsource(inspect.unwrap(checkpoint_utils.load_checkpoint))  # the rule resume_target repeats
+    for key in ("restore_file", "continue_once", "finetune_from_model", "reset_dataloader", "checkpoint_last{}.pt"):
+        assert key in src, key
+    assert _params(distributed_utils.broadcast_object) == ["obj", "src_rank", "group", "dist_device"]
+
+
 def test_collective_timeout_relies_on_timeout_arguments():
     import torch.distributed as dist
 
@@ -145,7 +168,8 @@ from fairseq import checkpoint_utils
 from fairseq.trainer import Trainer
 print(getattr(Trainer.get_train_iterator, "b2t_exact_resume", False),
       getattr(checkpoint_utils.load_model_ensemble_and_task, "b2t_data_fit", False),
-      getattr(checkpoint_utils.load_checkpoint_to_cpu, "b2t_checkpoint_load", False))
+      getattr(checkpoint_utils.load_checkpoint_to_cpu, "b2t_checkpoint_load", False),
+      getattr(checkpoint_utils.load_checkpoint, "b2t_run_guards", False))
 """
 
 
@@ -157,8 +181,8 @@ def test_behaviour_changes_only_with_the_switch():
     plain = subprocess.run([sys.executable, "-c", BEHAVIOUR_PROBE], env=env, capture_output=True, text=True)
     strict = subprocess.run([sys.executable, "-c", BEHAVIOUR_PROBE], env={**env, patches.STRICT_ENV: "1"},
                             capture_output=True, text=True)
-    assert plain.stdout.split() == ["False", "False", "True"], plain.stderr[-2000:]
-    assert strict.stdout.split() == ["True", "True", "True"], strict.stderr[-2000:]
+    assert plain.stdout.split() == ["False", "False", "True", "False"], plain.stderr[-2000:]
+    assert strict.stdout.split() == ["True", "True", "True", "True"], strict.stderr[-2000:]
 
 
 def test_every_installer_is_idempotent():

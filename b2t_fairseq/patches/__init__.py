@@ -22,6 +22,7 @@ from . import (
     layer_type_guard,
     numpy_compat,
     remainder_batches,
+    run_guards,
     run_identity,
     torch_load,
 )
@@ -42,6 +43,8 @@ REPAIRS = [
 BEHAVIOUR = [
     data_fit.install,            # a checkpoint must fit its data (language pair, dictionaries)
     exact_resume.install,        # a run resumed after epoch 1 continues bit for bit
+    run_guards.install,          # every run: one writer per --save-dir, resumes only itself, a finished run
+                                 # stays finished; a checkpoint decodes only its own task kind
 ]
 
 

@@ -16,7 +16,7 @@ import logging
 import os
 import pickle
 
-from .. import authors, layer_types
+from .. import authors, layer_types, run_guards
 from ..checkpoint_io import find_damage
 from ..errors import CheckpointError
 from . import context
@@ -92,7 +92,8 @@ def _importing(upgrade):
         if isinstance(state.get("model"), dict):
             original = ctx.before_overrides if ctx is not None else {}
             stored = ctx.stored_type if ctx is not None else None
-            origin = context.Origin(where, stored or authors.layer_type_of_state(state), checkpoint_data(state, original))
+            origin = context.Origin(where, stored or authors.layer_type_of_state(state), checkpoint_data(state, original),
+                                    task=run_guards.task_of_checkpoint(state))
             state["model"] = context.attach(state["model"], origin)
             context.record(origin)
         return state

@@ -23,6 +23,7 @@ class Origin:
     where: str                 # "checkpoint PATH", for messages
     layer_type: Optional[str]  # layer_types key, None if unknown
     data: Any = None           # data_fit.checkpoint_data(state)
+    task: Optional[str] = None  # the fairseq task it was trained with (run_guards.task_of_checkpoint)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Loading:
     before_overrides: dict = field(default_factory=dict)  # its task's data/langs before fairseq's overrides
     seen: list = field(default_factory=list)  # Origin of every checkpoint read within this load
     stored_type: Optional[str] = None  # the layer type the file records, when overrides would hide it
+    checks: list = field(default_factory=list)  # called with each Origin read within this load (run_guards)
     parent: Optional["Loading"] = None
 
 
@@ -57,10 +59,13 @@ def loading(task=None, path=None):
 
 
 def record(origin):
-    """Note a checkpoint just read in every load around it (the ensemble check reads them)."""
+    """Note a checkpoint just read in every load around it (the ensemble check reads them), and run the
+    checks those loads registered (before fairseq builds a model for it)."""
     ctx = _current.get()
     while ctx is not None:
         ctx.seen.append(origin)
+        for check in ctx.checks:
+            check(origin)
         ctx = ctx.parent
 
 

@@ -17,7 +17,7 @@ import importlib.util
 import os
 import sys
 
-from b2t_fairseq import patches
+from b2t_fairseq import patches, run_guards
 from b2t_fairseq.fast import FAST_FLAG, translate_argv
 
 from ..errors import ToolError, is_one_line
@@ -119,62 +119,38 @@ def run_fairseq(main, argv=None, hydra=False, prog=None, setup=None):
             if done:
                 print(f"{prog}: {done}", file=sys.stderr)
                 return 0
-            claim_save_dir()  # write our pid in the lock only now: a finished run touches nothing
+            claim_save_dir(args, prog)  # write our pid in the lock only now: a finished run touches nothing
         if setup is not None:
             setup(args)
         return main()
 
+    held_before = run_guards.held()  # a sweep's forked cell keeps its parent's lock
     try:
         rc = run_command(prog, work)
-    finally:
-        while _held_locks:  # several commands may run in one process (tests, the wmt driver)
-            _held_locks.pop().close()
+    finally:  # several commands may run in one process (tests, the wmt driver); Hydra runs lock in the plugin
+        run_guards.release_locks(keep=held_before)
     if rc:
         raise SystemExit(rc)
     return rc
 
 
-LOCK_NAME = ".b2t-train.lock"
-_held_locks = []  # open lock files, held until the command returns (or the process ends)
+LOCK_NAME = run_guards.LOCK_NAME
 
 
 def lock_save_dir(args):
-    """Refuse a second b2t-train writing the same --save-dir (they would share NAME.tmp files and one would
-    resume from the other's checkpoint). flock: the kernel drops the lock when the process ends, however
-    it ends, so no stale lock is left. Only the process that writes checkpoints takes it (global rank 0
-    under torchrun; fairseq's own spawned workers never reach here)."""
-    import fcntl
-
+    """Refuse a second writer of the same --save-dir (they would share NAME.tmp files and one would resume
+    from the other's checkpoint): run_guards.lock_dir, the lock every training entry point takes (the
+    plugin takes it again, a no-op here, where fairseq resumes). Only the process that writes checkpoints
+    takes it (global rank 0 under torchrun; fairseq's own spawned workers inherit it)."""
     if getattr(args, "no_save", False) or os.environ.get("RANK", "0") != "0":
         return
-    save_dir = getattr(args, "save_dir", None) or "checkpoints"
-    os.makedirs(save_dir, exist_ok=True)
-    path = os.path.join(save_dir, LOCK_NAME)
-    try:
-        f = open(path, "a+")
-    except OSError as e:
-        raise ToolError(f"--save-dir {save_dir}: cannot open its lock file {path} ({e.strerror}); pass a folder "
-                        "that can be written") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = " ".join(f.read().split()) or "another process"
-        f.close()
-        raise ToolError(f"--save-dir {save_dir} is being written by another b2t-train ({holder}); wait for it to "
-                        "finish or stop it, or pass another --save-dir") from None
-    _held_locks.append(f)
+    run_guards.lock_dir(getattr(args, "save_dir", None) or "checkpoints", "--save-dir", "training run")
 
 
-def claim_save_dir():
-    """Write who holds the --save-dir lock into it (named by a second b2t-train refused)."""
-    import socket
-
-    for f in _held_locks:
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
+def claim_save_dir(args, prog=None):
+    """Write who holds the --save-dir lock into it (named by a second writer refused)."""
+    if not getattr(args, "no_save", False):
+        run_guards.claim(getattr(args, "save_dir", None) or "checkpoints", prog)
 
 
 def train(argv=None):

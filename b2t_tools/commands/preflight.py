@@ -13,15 +13,17 @@ describes: the same layer type (a Post-LN checkpoint would otherwise train on as
 load-time guard lets Post-LN weights start any type for fine-tuning) and the same data. Fine-tuning
 from another type is asked for with a --reset-* flag. It runs before ``finished_run``, so "the run is
 finished" never answers a folder of another run.
+
+Both are b2t_fairseq.run_guards' functions, which the plugin runs again for every training entry point
+where fairseq resumes (patches/run_guards.py); here they answer before fairseq builds a model.
+``check_checkpoint_task``: a decoding command's --path checkpoints must be of its task's kind.
 """
 
 import os
-import zipfile
 
-from b2t_fairseq import authors, layer_types
+from b2t_fairseq import layer_types, run_guards
 from b2t_fairseq.patches import data_fit
 
-from ..checkpoints import position, read_checkpoint
 from ..errors import ToolError
 
 RESETS = ("reset_optimizer", "reset_dataloader", "reset_meters", "reset_lr_scheduler", "finetune_from_model",
@@ -34,25 +36,17 @@ def check(args, prog):
     check_paths(args, prog)
     check_devices(args, prog)
     check_model_fits(args, prog)
+    check_checkpoint_task(args, prog)
 
 
 def resume_path(args):
     """The checkpoint fairseq-train would resume from (it may not exist): checkpoint_utils.load_checkpoint's rule."""
-    suffix = getattr(args, "checkpoint_suffix", "") or ""
-    restore = getattr(args, "restore_file", None) or "checkpoint_last.pt"
-    if restore == "checkpoint_last.pt":
-        return os.path.join(getattr(args, "save_dir", None) or "checkpoints", f"checkpoint_last{suffix}.pt")
-    return restore.replace(".pt", suffix + ".pt") if suffix else restore
+    return run_guards.resume_target(args, getattr(args, "checkpoint_suffix", "") or "")[0]
 
 
 def peek(path):
     """A checkpoint's dict with its tensors memory-mapped (cheap), or None if it cannot be read so."""
-    if not zipfile.is_zipfile(path):  # an old non-zip file cannot be memory-mapped: leave it to fairseq
-        return None
-    try:  # no CRC check here: fairseq's own load checks it moments later
-        return read_checkpoint(path, "", flag="--restore-file", mmap=True, verify=False)
-    except ToolError:  # unreadable here: fairseq's own load reports it properly
-        return None
+    return run_guards.read_header(path)
 
 
 def _command_data(args):
@@ -79,53 +73,36 @@ def _command_data(args):
 
 
 def check_resume(args):
-    """Refuse resuming a checkpoint of another layer type or other data (ToolError / B2TError)."""
-    if any(getattr(args, f, None) for f in RESETS if f.startswith("reset_")):
-        return  # fine-tuning on purpose: the weights may start another layer type
-    path = resume_path(args)
-    if not os.path.isfile(path):
-        return
-    state = peek(path)
+    """Refuse resuming a checkpoint of another layer type, task or data (B2TError): run_guards.check_same_run,
+    which the plugin runs again where fairseq resumes (patches/run_guards.py); here it answers before a
+    model is built."""
+    path, resets = run_guards.resume_target(args, getattr(args, "checkpoint_suffix", "") or "")
+    state = None if resets or not path else peek(path)
     if state is None:
         return
-    have, want = authors.layer_type_of_state(state), authors.layer_type_of_state({"args": args})
-    if have is not None and want is not None and have != want:
-        label = lambda k: layer_types.BY_KEY[k].label if k in layer_types.BY_KEY else k  # noqa: E731
-        raise ToolError(f"{path} holds a {label(have)} run but this command trains {label(want)}, so resuming would "
-                        f"train on as a mixed model; pass the flags of the run that wrote it, start afresh in another "
-                        f"--save-dir, or fine-tune from it on purpose with --reset-optimizer --reset-lr-scheduler "
-                        f"--reset-dataloader --reset-meters")
-    data = _command_data(args)
-    if data is not None:
-        data_fit.check_fits(data_fit.checkpoint_data(state), path, data)
+    want = run_guards.Run(layer_types.which(args).key, getattr(args, "task", None), _command_data(args))
+    run_guards.check_same_run(state, want, path)
+
+
+def check_checkpoint_task(args, prog):
+    """An LM checkpoint given to a translation command, or the reverse (B2TError): run_guards.check_task.
+    The plugin checks it again as fairseq loads (b2t-validate takes the checkpoint's task: only here)."""
+    path = getattr(args, "path", None)
+    if not path or not prog.endswith(("generate", "validate", "interactive", "eval-lm")):
+        return
+    for p in path.split(os.pathsep):
+        state = peek(p)
+        if state is not None:
+            run_guards.check_task(run_guards.task_of_checkpoint(state), getattr(args, "task", None),
+                                  f"checkpoint {p}", doing="runs")
 
 
 def finished_run(args):
     """The one-line note if b2t-train with these arguments would resume a finished run, else None."""
     if any(getattr(args, f, None) for f in RESETS):
         return None
-    max_update, max_epoch = getattr(args, "max_update", 0) or 0, getattr(args, "max_epoch", 0) or 0
-    if max_update <= 0 and max_epoch <= 0:
-        return None
     path = resume_path(args)
-    if not os.path.isfile(path):
-        return None
-    state = peek(path)
-    epoch, updates = position(state) if state is not None else (None, None)
-    try:
-        updates, epoch = int(updates), int(epoch)
-        in_epoch = int(state["extra_state"]["train_iterator"].get("iterations_in_epoch", 0))
-    except (TypeError, KeyError, ValueError, AttributeError):
-        return None
-    where = f"{path} (update {updates}, epoch {epoch if in_epoch else epoch - 1} done)" if not in_epoch \
-        else f"{path} (update {updates}, in epoch {epoch})"
-    if max_update > 0 and updates >= max_update:
-        return (f"the run is finished: {where} has reached --max-update {max_update}; nothing to train "
-                f"(fairseq would train one more update and overwrite it); raise --max-update to train on")
-    if max_epoch > 0 and epoch > max_epoch:
-        return (f"the run is finished: {where} has trained --max-epoch {max_epoch} epochs; nothing to train; "
-                "raise --max-epoch to train on")
-    return None
+    return run_guards.finished(peek(path), path, getattr(args, "max_update", 0), getattr(args, "max_epoch", 0))
 
 
 # --- flag values fairseq takes without complaint and then fails on (or trains wrongly with) ---------

@@ -18,7 +18,7 @@ GPUS = 2
 DATA = prepare.parse_args([]).dest  # b2t-lm-prepare's default output
 NOT_FLAGS = {"--save-dir"}  # written from the file name instead
 def settings():
-    """(architecture, layers) of every config: the five layer types at the recipe's two depths."""
+    """(architecture, layers) of every config: every layer type at the recipe's two depths."""
     return [(t.lm_family, n) for t in layer_types.LAYER_TYPES for n in recipe.LM_DEPTHS]
 
 

@@ -26,7 +26,7 @@ PROG = "b2t_tools.wmt.configs"
 DEPTHS = (6, 18)
 GPUS = 8
 def settings():
-    """(family, layers) of every config: the five layer types at 6 and 18 layers."""
+    """(family, layers) of every config: every layer type at 6 and 18 layers."""
     return [(family, n) for family in train.ARCH_FAMILIES for n in DEPTHS]
 
 
@@ -61,7 +61,7 @@ def header(family, layers):
              "not this file."]
     if not kind.in_paper:  # the B2T paper did not train this layer type: say whose recipe
         lines.insert(2, f"# {label} is not in the B2T paper: this is the paper's B2T recipe, unchanged, so that "
-                        "the five layer types differ in --ln-position only.")
+                        "the layer types differ in --ln-position only.")
     return lines
 
 
