@@ -63,27 +63,31 @@ def check_numbers(args):
         raise ToolError(f"--node-rank {args.node_rank} is negative; pass this node's rank, 0 for the first node")
 
 
+def _set(flag, value):
+    return f"{flag}{value}" if flag.endswith("=") else f"{flag} {value}"  # a Hydra key=, or a --flag
+
+
 def update_freq(tokens_per_update, world, max_tokens, max_tokens_flag="--max-tokens",
                 world_flags="GPUs x nodes", tokens_flag="--tokens-per-update"):
     """tokens_per_update / (world x max_tokens), refused in one line (with the fix) when it is not whole.
     The flag names are those of the command that asks (a launcher's, or a Hydra config's keys)."""
     if tokens_per_update < 1 or world < 1 or max_tokens < 1:  # check_numbers refuses these first
-        raise ToolError(f"cannot split {tokens_per_update} tokens per update into {world} process(es) x {max_tokens_flag} "
-                       f"{max_tokens}; all three must be positive")
+        raise ToolError(f"cannot split {tokens_per_update} tokens per update into {world} process(es) x "
+                       f"{_set(max_tokens_flag, max_tokens)}; all three must be positive")
     step = world * max_tokens
     if tokens_per_update % step:
         if tokens_per_update % world:  # no per-process batch fits: the process count itself is the problem
             below = max(d for d in range(1, world) if tokens_per_update % d == 0)
             above = next((d for d in range(world + 1, min(tokens_per_update, 4 * world) + 1) if tokens_per_update % d == 0), None)
             near = f"{below} or {above}" if above else str(below)
-            hint = (f"no {max_tokens_flag} fits {world} processes: use a number of {world_flags} that divides "
+            hint = (f"no {max_tokens_flag.rstrip('=')} fits {world} processes: use a number of {world_flags} that divides "
                     f"{tokens_per_update} (e.g. {near} processes), or change {tokens_flag}")
         else:
             per_proc = tokens_per_update // world
             fit = next(m for m in range(min(max_tokens, per_proc), 0, -1) if per_proc % m == 0)
-            hint = f"use {max_tokens_flag} {fit} (the largest value <= {max_tokens} that divides evenly)"
+            hint = f"use {_set(max_tokens_flag, fit)} (the largest value <= {max_tokens} that divides evenly)"
         raise ToolError(f"{tokens_per_update} tokens per update cannot be split into {world} process(es) x "
-                       f"{max_tokens_flag} {max_tokens} (= {step} tokens a step, ratio {tokens_per_update / step:.3g}); "
+                       f"{_set(max_tokens_flag, max_tokens)} (= {step} tokens a step, ratio {tokens_per_update / step:.3g}); "
                        f"{hint}")
     return tokens_per_update // step
 

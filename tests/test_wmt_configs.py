@@ -22,10 +22,22 @@ SECTION_NAME_FLAG = {"model": "--arch", "criterion": "--criterion", "optimizer":
 NOT_HYPERPARAMETERS = {"--save-dir", "--log-format", "--log-interval", "--log-file", "--task"}
 
 
+# the sizes the configs write (the architecture's; tests/test_hydra_configs.py) where the command line names none
+SIZE_FLAGS = {f"--{side}-{k}" for side in ("encoder", "decoder") for k in ("layers", "embed-dim", "ffn-embed-dim",
+                                                                          "attention-heads", "input-dim", "output-dim")}
+
+
 def yaml_flags(path):
-    """A hydra config as {fairseq flag: value} (True for switches)."""
+    """A hydra config as {fairseq flag: value} (True for switches), interpolations resolved, Hydra's node left out."""
+    from omegaconf import OmegaConf
+
+    from b2t_tools import hydra_configs
+
+    hydra_configs.register_resolvers()
+    cfg = OmegaConf.load(path)
+    cfg.pop("hydra")
     flags = {}
-    for section, body in yaml.safe_load(Path(path).read_text()).items():
+    for section, body in OmegaConf.to_container(cfg, resolve=True).items():
         for key, value in body.items():
             if key == "_name":
                 flags[SECTION_NAME_FLAG[section]] = str(value)
@@ -112,7 +124,7 @@ def test_config_agrees_with_train_sh(arch, layers, capsys):
     assert recipe.main([arch, str(layers), "--gpus", "8", "--max-tokens", "3584", "--dry-run"]) == 0
     cli = {k: v for k, v in dry_run_flags(capsys.readouterr().out).items() if k not in NOT_HYPERPARAMETERS}
     cfg = {k: v for k, v in yaml_flags(REPO / "configs" / f"{arch}_{layers}l.yaml").items()
-           if k not in NOT_HYPERPARAMETERS}
+           if k not in NOT_HYPERPARAMETERS | SIZE_FLAGS}
     assert set(cfg) == set(cli), f"only in yaml: {set(cfg) - set(cli)}; only in train.sh: {set(cli) - set(cfg)}"
     diff = {k: (cfg[k], cli[k]) for k in cfg if not _same(cfg[k], cli[k])}
     assert not diff, f"configs/{arch}_{layers}l.yaml and train.sh disagree (yaml, train.sh): {diff}"
@@ -160,14 +172,23 @@ def test_hydra_config_builds_b2t_layers(hydra_run):
     assert models[0].encoder.cfg.word_dropout_src == 0.1  # the 18-layer config's word dropout survives
 
 
-def test_b2t_hydra_train_takes_the_same_overrides(toy_data_bin, tmp_path):
-    """The console command puts its plugin override after hydra's own flags."""
-    p = run(["b2t-hydra-train", "--config-dir", REPO / "configs", "--config-name", "transformer_b2t_6l",
-             f"task.data={toy_data_bin}", "model._name=transformer_b2t_tiny", "common.fp16=false", "common.cpu=true",
-             "distributed_training.distributed_world_size=1", "optimization.update_freq=[1]",
-             "optimization.max_update=1", "dataset.max_tokens=512", f"checkpoint.save_dir={tmp_path}",
-             "checkpoint.no_epoch_checkpoints=true"], cwd=tmp_path)
-    assert "B2TEncoderLayer" in p.stdout + p.stderr and (tmp_path / "checkpoint_last.pt").exists()
+def test_b2t_hydra_train_takes_the_same_overrides_and_the_same_command_resumes(toy_data_bin, tmp_path):
+    """The console command puts its plugin override after hydra's own flags; run again, the same command reads
+    its checkpoint_last.pt in the config's own (relative) save_dir, not a fresh outputs/DATE/TIME folder."""
+    def train(updates):
+        return run(["b2t-hydra-train", "--config-dir", REPO / "configs", "--config-name", "transformer_b2t_6l",
+                    f"task.data={toy_data_bin}", "model._name=transformer_b2t_tiny", "common.fp16=false",
+                    "common.cpu=true", "distributed_training.distributed_world_size=1", "optimization.update_freq=[1]",
+                    f"optimization.max_update={updates}", "dataset.max_tokens=512",
+                    "checkpoint.no_epoch_checkpoints=true"], cwd=tmp_path)
+
+    p = train(1)
+    save = tmp_path / "checkpoints" / "wmt16_en_de" / "transformer_b2t_6l"
+    assert "B2TEncoderLayer" in p.stdout + p.stderr and (save / "checkpoint_last.pt").exists()
+    p = train(2)
+    assert "Loaded checkpoint" in p.stdout + p.stderr and "@ 1 updates" in p.stdout + p.stderr
+    assert torch.load(save / "checkpoint_last.pt", weights_only=True)["optimizer_history"][-1]["num_updates"] == 2
+    assert not (tmp_path / "outputs").exists() and (save / ".hydra" / "config.yaml").is_file()
 
 
 @pytest.mark.parametrize("config,tiny,layer", [("transformer_admin_18l", "transformer_admin_tiny", "AdminEncoderLayer")])
