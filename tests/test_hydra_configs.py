@@ -116,3 +116,16 @@ def test_hydra_errors_are_one_line(argv, fragments, capsys, tmp_path, monkeypatc
     assert e.value.code == 2
     assert_one_line_error(capsys.readouterr().err, "b2t-hydra-train", *fragments)
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow  # a child process: e2e
+def test_plain_fairseq_hydra_train_resolves_the_gpu_count(tmp_path):
+    """Hydra imports hydra_plugins/b2t_fairseq_resolvers at start-up: plain fairseq-hydra-train resolves
+    ${b2t_update_freq:...} without the plugin's command."""
+    from helpers import run
+
+    p = run(["fairseq-hydra-train", "--config-dir", REPO / "configs", "--config-name", "transformer_b2t_6l",
+             "distributed_training.distributed_world_size=2", "--cfg", "job", "--resolve"], cwd=tmp_path)
+    import yaml
+
+    assert yaml.safe_load(p.stdout)["optimization"]["update_freq"] == [64]
