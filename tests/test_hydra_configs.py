@@ -129,3 +129,16 @@ def test_plain_fairseq_hydra_train_resolves_the_gpu_count(tmp_path):
     import yaml
 
     assert yaml.safe_load(p.stdout)["optimization"]["update_freq"] == [64]
+
+
+def test_b2t_hydra_train_resolves_the_gpu_count_with_overrides_before_hydra_flags(capsys, tmp_path, monkeypatch):
+    """`KEY=VALUE --cfg job` (the plugin's user_dir comes last) reads as Hydra would read it with the flags first."""
+    import yaml
+
+    from b2t_tools.commands import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.hydra_train(["--config-dir", str(REPO / "configs"), "--config-name", "lm_b2t_6l",
+                            "distributed_training.distributed_world_size=4", "--cfg", "job", "--resolve"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["optimization"]["update_freq"] == [8] and cfg["distributed_training"]["distributed_world_size"] == 4

@@ -25,17 +25,18 @@ def _parse(argv):
                         "as KEY=VALUE after them")
 
     parser.error = error
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before Hydra's flags (b2t-train's habit)
 
 
 def check_config(args):
     """The named config must exist: fairseq would otherwise train from its own defaults under that name."""
     from fairseq_cli import hydra_train
 
-    if args.help or args.hydra_help or args.info or not args.config_name:
-        return
-    fairseq_dir = os.path.join(os.path.dirname(hydra_train.__file__), "..", "fairseq", "config")
-    folders = [f for f in (args.config_dir, args.config_path, fairseq_dir) if f]
+    if args.help or args.hydra_help or args.info or not args.config_name or "://" in (args.config_path or ""):
+        return  # a pkg:// or file:// search path: Hydra's to read
+    app_dir = os.path.dirname(hydra_train.__file__)  # a relative --config-path is relative to fairseq's hydra_train.py
+    folders = [f for f in (args.config_dir, args.config_path and os.path.join(app_dir, args.config_path),
+                           os.path.join(app_dir, "..", "fairseq", "config")) if f]
     if args.config_dir and not os.path.isdir(args.config_dir):
         raise ToolError(f"--config-dir {args.config_dir} is not a folder; pass the folder that holds the configs "
                         "(this repository's configs/)")
@@ -93,6 +94,8 @@ def main():
 
     args = _parse(sys.argv[1:])
     check_config(args)
+    overrides = set(args.overrides)  # Hydra's own parser wants them last: `KEY=V --cfg job` would be refused
+    sys.argv = sys.argv[:1] + [a for a in sys.argv[1:] if a not in overrides] + list(args.overrides)
     register_resolvers()
     before, stderr = os.environ.get("HYDRA_FULL_ERROR"), sys.stderr
     sys.stderr = _WithoutHydraJobLine(stderr)
