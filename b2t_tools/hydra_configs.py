@@ -8,7 +8,8 @@ What a config takes as an override, without Hydra's ``+`` (every key is in the f
   interpolation ``${b2t_update_freq:TOKENS,WORLD,MAX_TOKENS}`` (registered by :func:`register_resolvers`), so it
   follows N and ``dataset.max_tokens`` and keeps the recipe's tokens per update, or refuses in one line;
 - the sizes: ``model.encoder_layers``, ``model.encoder_embed_dim``, ... (translation: the decoder's follow the
-  encoder's by interpolation unless set too), ``model.decoder_layers``, ``model.decoder_embed_dim``, ... (LMs);
+  encoder's by interpolation unless set too), ``model.decoder_layers``, ``model.decoder_embed_dim``, ... (LMs).
+  They are the architecture's own, written out; they win over the defaults of another ``model._name``;
 - where the run lives: ``hydra.run.dir`` is ``.`` as in fairseq's own config.yaml, so a relative
   ``checkpoint.save_dir`` is the same folder on every run and the same command resumes it; Hydra's record of
   the run goes to ``SAVE_DIR/.hydra``.

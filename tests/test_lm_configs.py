@@ -92,7 +92,9 @@ def test_lm_config_trains_through_hydra(tmp_path):
          "--destdir", tmp_path / "bin", "--workers", "1"])
     save = tmp_path / "ck"
     p = run(["b2t-hydra-train", "--config-dir", REPO / "configs", "--config-name", "lm_b2t_16l",
-             f"task.data={tmp_path / 'bin'}", "model._name=transformer_lm_b2t_tiny", "common.fp16=false",
+             f"task.data={tmp_path / 'bin'}", "model._name=transformer_lm_b2t_tiny",
+             *[f"model.{k}={core_recipe.LM_TINY[k]}" for k in ("decoder_embed_dim", "decoder_ffn_embed_dim",
+                                                               "decoder_attention_heads")], "common.fp16=false",
              "common.cpu=true", "distributed_training.distributed_world_size=1", "optimization.update_freq=[1]",
              "optimization.max_update=1", "task.tokens_per_sample=32", "dataset.max_tokens=64",
              f"checkpoint.save_dir={save}", "checkpoint.no_epoch_checkpoints=true"], cwd=tmp_path)

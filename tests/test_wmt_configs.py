@@ -27,6 +27,11 @@ SIZE_FLAGS = {f"--{side}-{k}" for side in ("encoder", "decoder") for k in ("laye
                                                                           "attention-heads", "input-dim", "output-dim")}
 
 
+# the configs write the sizes (they win over model._name's defaults): a tiny model names them as overrides
+TINY_SIZES = [f"model.encoder_{k}={core_recipe.TINY[k]}" for k in ("layers", "embed_dim", "ffn_embed_dim",
+                                                                  "attention_heads")]
+
+
 def yaml_flags(path):
     """A hydra config as {fairseq flag: value} (True for switches), interpolations resolved, Hydra's node left out."""
     from omegaconf import OmegaConf
@@ -144,7 +149,7 @@ def hydra_run(toy_data_bin, tmp_path_factory):
     save = tmp_path_factory.mktemp("hydra")
     p = run(["fairseq-hydra-train", "--config-dir", REPO / "configs", "--config-name", "transformer_b2t_18l",
              f"common.user_dir={REPO / 'b2t_fairseq'}", f"task.data={toy_data_bin}",
-             "model._name=transformer_b2t_tiny", "common.fp16=false", "common.cpu=true",
+             "model._name=transformer_b2t_tiny", *TINY_SIZES, "common.fp16=false", "common.cpu=true",
              "distributed_training.distributed_world_size=1", "optimization.update_freq=[1]",
              "optimization.max_update=3", "dataset.max_tokens=512", f"checkpoint.save_dir={save}",
              "checkpoint.no_epoch_checkpoints=true", "common.log_interval=1"], cwd=save)
@@ -157,6 +162,8 @@ def test_hydra_config_trains_on_toy_data(hydra_run):
     state = torch.load(save / "checkpoint_last.pt", weights_only=True)
     model_cfg = state["cfg"]["model"]
     assert model_cfg["_name"] == "transformer_b2t_tiny" and model_cfg["ln_position"] == "b2t"
+    # the size overrides (no +) reach the model, the decoder's by the config's interpolation
+    assert model_cfg["encoder_layers"] == model_cfg["decoder_layers"] == 2 and model_cfg["decoder_embed_dim"] == 64
     assert state["cfg"]["optimization"]["max_update"] == 3 and state["cfg"]["criterion"]["label_smoothing"] == 0.1
 
 
@@ -177,7 +184,7 @@ def test_b2t_hydra_train_takes_the_same_overrides_and_the_same_command_resumes(t
     its checkpoint_last.pt in the config's own (relative) save_dir, not a fresh outputs/DATE/TIME folder."""
     def train(updates):
         return run(["b2t-hydra-train", "--config-dir", REPO / "configs", "--config-name", "transformer_b2t_6l",
-                    f"task.data={toy_data_bin}", "model._name=transformer_b2t_tiny", "common.fp16=false",
+                    f"task.data={toy_data_bin}", "model._name=transformer_b2t_tiny", *TINY_SIZES, "common.fp16=false",
                     "common.cpu=true", "distributed_training.distributed_world_size=1", "optimization.update_freq=[1]",
                     f"optimization.max_update={updates}", "dataset.max_tokens=512",
                     "checkpoint.no_epoch_checkpoints=true"], cwd=tmp_path)
@@ -195,7 +202,7 @@ def test_b2t_hydra_train_takes_the_same_overrides_and_the_same_command_resumes(t
 def test_new_layer_type_config_trains_through_hydra(config, tiny, layer, toy_data_bin, tmp_path):
     """A DeepNorm/Admin config goes through b2t-hydra-train like the paper's three (one update, tiny width)."""
     p = run(["b2t-hydra-train", "--config-dir", REPO / "configs", "--config-name", config,
-             f"task.data={toy_data_bin}", f"model._name={tiny}", "common.fp16=false", "common.cpu=true",
+             f"task.data={toy_data_bin}", f"model._name={tiny}", *TINY_SIZES, "common.fp16=false", "common.cpu=true",
              "distributed_training.distributed_world_size=1", "optimization.update_freq=[1]",
              "optimization.max_update=1", "dataset.max_tokens=512", f"checkpoint.save_dir={tmp_path}",
              "checkpoint.no_epoch_checkpoints=true"], cwd=tmp_path)
