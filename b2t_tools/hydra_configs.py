@@ -2,7 +2,20 @@
 fairseq's sections, the one table from a fairseq flag to its Hydra key, and how a config is written.
 
 Every flag a recipe passes must be in FLAG_KEYS: a new flag fails the generator until it is given a key.
+
+What a config takes as an override, without Hydra's ``+`` (every key is in the file):
+- the GPU count: ``distributed_training.distributed_world_size=N``; ``optimization.update_freq`` is the
+  interpolation ``${b2t_update_freq:TOKENS,WORLD,MAX_TOKENS}`` (registered by :func:`register_resolvers`), so it
+  follows N and ``dataset.max_tokens`` and keeps the recipe's tokens per update, or refuses in one line;
+- the sizes: ``model.encoder_layers``, ``model.encoder_embed_dim``, ... (translation: the decoder's follow the
+  encoder's by interpolation unless set too), ``model.decoder_layers``, ``model.decoder_embed_dim``, ... (LMs).
+  They are the architecture's own, written out; they win over the defaults of another ``model._name``;
+- where the run lives: ``hydra.run.dir`` is ``.`` as in fairseq's own config.yaml, so a relative
+  ``checkpoint.save_dir`` is the same folder on every run and the same command resumes it; Hydra's record of
+  the run goes to ``SAVE_DIR/.hydra``.
 """
+
+from . import launch
 
 SECTIONS = ("common", "checkpoint", "task", "dataset", "distributed_training", "criterion", "optimization",
             "optimizer", "lr_scheduler", "model")
@@ -73,9 +86,42 @@ def sections(flags, preset, unknown):
     return out
 
 
+RESOLVER = "b2t_update_freq"
+# fairseq's own setting (fairseq/config/config.yaml): Hydra runs in the current folder, not outputs/DATE/TIME
+HYDRA = ["hydra:", "  run:", "    dir: .", "  output_subdir: ${checkpoint.save_dir}/.hydra"]
+
+
+def update_freq_value(tokens_per_update):
+    """optimization.update_freq's value: the update_freq that keeps tokens_per_update on any GPU count."""
+    return (f"['${{{RESOLVER}:{tokens_per_update},${{distributed_training.distributed_world_size}},"
+            "${dataset.max_tokens}}']")
+
+
+def _update_freq(tokens_per_update, world, max_tokens):
+    return launch.update_freq(int(tokens_per_update), int(world), int(max_tokens),
+                              max_tokens_flag="dataset.max_tokens=", world_flags="GPUs",
+                              tokens_flag="the config's tokens per update in optimization.update_freq")
+
+
+def register_resolvers():
+    """Make ${b2t_update_freq:...} resolvable (b2t-hydra-train and the tests call it before Hydra composes)."""
+    from omegaconf import OmegaConf
+
+    if hasattr(OmegaConf, "register_new_resolver"):  # omegaconf >= 2.1
+        if not OmegaConf.has_resolver(RESOLVER):
+            OmegaConf.register_new_resolver(RESOLVER, _update_freq)
+    elif OmegaConf.get_resolver(RESOLVER) is None:  # omegaconf 2.0 (fairseq 0.12.2's): arguments come as text
+        OmegaConf.register_resolver(RESOLVER, _update_freq)
+
+
+def sizes(values, follow=()):
+    """{key: YAML text} for size keys: values {key: number}, follow {key: key it interpolates}."""
+    return {k: str(v) for k, v in values.items()} | {k: f"${{model.{src}}}" for k, src in dict(follow).items()}
+
+
 def render(header, body):
     lines = list(header)
     for section, keys in body.items():
         lines.append(f"{section}:")
         lines += [f"  {k}: {v}" for k, v in keys.items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + HYDRA) + "\n"

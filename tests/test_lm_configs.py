@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 from helpers import REPO, assert_one_line_error, run
-from test_wmt_configs import _same, dry_run_flags, yaml_flags
+from test_wmt_configs import SIZE_FLAGS, _same, dry_run_flags, yaml_flags
 
 from b2t_fairseq import layer_types
 from b2t_fairseq import recipe as core_recipe
@@ -41,7 +41,8 @@ def test_lm_config_agrees_with_b2t_lm_train(arch, layers, tmp_path, capsys):
     assert lm_train.main([str(tmp_path), "--arch", arch, "--layers", str(layers), "--gpus", "2", "--dry-run"]) == 0
     words = capsys.readouterr().out.split()
     cli = {k: v for k, v in dry_run_flags(" ".join(words[2:])).items() if k not in NOT_HYPERPARAMETERS}
-    cfg = {k: v for k, v in yaml_flags(config(arch, layers)).items() if k not in NOT_HYPERPARAMETERS}
+    cfg = {k: v for k, v in yaml_flags(config(arch, layers)).items()
+           if k not in NOT_HYPERPARAMETERS | (SIZE_FLAGS - {"--decoder-layers"})}
     assert set(cfg) == set(cli), f"only in yaml: {set(cfg) - set(cli)}; only in b2t-lm-train: {set(cli) - set(cfg)}"
     diff = {k: (cfg[k], cli[k]) for k in cfg if not _same(cfg[k], cli[k])}
     assert not diff, f"{config(arch, layers).name} and b2t-lm-train disagree (yaml, b2t-lm-train): {diff}"
@@ -91,7 +92,9 @@ def test_lm_config_trains_through_hydra(tmp_path):
          "--destdir", tmp_path / "bin", "--workers", "1"])
     save = tmp_path / "ck"
     p = run(["b2t-hydra-train", "--config-dir", REPO / "configs", "--config-name", "lm_b2t_16l",
-             f"task.data={tmp_path / 'bin'}", "model._name=transformer_lm_b2t_tiny", "common.fp16=false",
+             f"task.data={tmp_path / 'bin'}", "model._name=transformer_lm_b2t_tiny",
+             *[f"model.{k}={core_recipe.LM_TINY[k]}" for k in ("decoder_embed_dim", "decoder_ffn_embed_dim",
+                                                               "decoder_attention_heads")], "common.fp16=false",
              "common.cpu=true", "distributed_training.distributed_world_size=1", "optimization.update_freq=[1]",
              "optimization.max_update=1", "task.tokens_per_sample=32", "dataset.max_tokens=64",
              f"checkpoint.save_dir={save}", "checkpoint.no_epoch_checkpoints=true"], cwd=tmp_path)

@@ -153,12 +153,46 @@ def test_train_command_is_the_recipe(tmp_path, layers):
 
 def test_train_refuses_bad_setups_in_one_line(tmp_path, capsys):
     (tmp_path / "dict.txt").write_text("a 1\n")
-    for argv, needle in ((["--arch", "transformer_lm_b2t", "--max-tokens", "3000"], "does not divide"),
-                         (["--arch", "transformer_lm_b2t", "--layers", "0"], "at least 1")):
+    for argv, needle in ((["--arch", "transformer_lm_b2t", "--max-tokens", "3000"], "use --max-tokens 2048"),
+                         (["--arch", "transformer_lm_b2t", "--layers", "0"], "at least 1"),
+                         (["--arch", "transformer_lm_b2t", "--gpus", "2", "--nodes", "2", "--node-rank", "2"],
+                          "--node-rank 2 does not exist")):
         assert lm_train.main([str(tmp_path), *argv, "--dry-run"]) == 2
         assert_one_line_error(capsys.readouterr().err, "b2t-lm-train", needle)
     assert lm_train.main([str(tmp_path / "nothing"), "--arch", "transformer_lm_b2t"]) == 2
     assert_one_line_error(capsys.readouterr().err, "b2t-lm-train", "b2t-lm-prepare")
+
+
+def test_train_hint_for_a_gpu_count_that_cannot_keep_the_tokens_per_update(capsys):
+    """65,536 tokens an update over 3 GPUs: no --max-tokens can fit, so the fix is the GPU count (or the target)."""
+    assert lm_train.main(["data", "--arch", "transformer_lm_b2t", "--gpus", "3", "--dry-run"]) == 2
+    line = assert_one_line_error(capsys.readouterr().err, "b2t-lm-train", "no --max-tokens fits 3 processes",
+                                 "e.g. 2 or 4 processes", "--tokens-per-update")
+    assert "e.g. 2048" not in line  # the old hint: a --max-tokens, when none divides 65,536 over 3 GPUs
+    assert lm_train.main(["data", "--arch", "transformer_lm_b2t", "--gpus", "3", "--tokens-per-update", str(3 * 2048 * 10),
+                          "--dry-run"]) == 0
+    assert "--update-freq 10 " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["--gpus", "8", "--nodes", "4", "--launcher", "slurm"],
+     ["srun --nodes 4 --ntasks-per-node 8 --gpus-per-node 8 ", "--distributed-world-size 32", "--update-freq 1 ",
+      "--distributed-port 29500", "--fp16"]),
+    (["--gpus", "4", "--nodes", "2", "--node-rank", "1", "--master-addr", "h0"],
+     ["torch.distributed.run --nnodes 2 --node_rank 1 --master_addr h0", "--nproc_per_node 4",
+      "-m b2t_tools.commands.torchrun_train", "--distributed-world-size 8", "--update-freq 4 "]),
+    (["--gpus", "1"], ["b2t-train data-not-here --arch", "--update-freq 32 ", "--fp16"]),
+    (["--cpu", "--cpu-procs", "2", "--max-tokens", "512"],
+     ["--standalone --nproc_per_node 2", "--cpu", "--distributed-backend gloo", "--update-freq 64 "]),
+])
+def test_train_launches_like_train_sh_and_dry_run_needs_no_data(capsys, argv, want):
+    """Nodes, SLURM and CPU processes: the WMT launcher's (b2t_tools/launch.py); --dry-run without the data."""
+    assert lm_train.main(["data-not-here", "--arch", "transformer_lm_b2t", *argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for w in want:
+        assert w in out, (w, out)
+    if "--cpu" in argv:
+        assert "--fp16" not in out
 
 
 def test_evaluate_writes_the_table_beside_the_published_number(tmp_path):

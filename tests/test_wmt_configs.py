@@ -22,10 +22,27 @@ SECTION_NAME_FLAG = {"model": "--arch", "criterion": "--criterion", "optimizer":
 NOT_HYPERPARAMETERS = {"--save-dir", "--log-format", "--log-interval", "--log-file", "--task"}
 
 
+# the sizes the configs write (the architecture's; tests/test_hydra_configs.py) where the command line names none
+SIZE_FLAGS = {f"--{side}-{k}" for side in ("encoder", "decoder") for k in ("layers", "embed-dim", "ffn-embed-dim",
+                                                                          "attention-heads", "input-dim", "output-dim")}
+
+
+# the configs write the sizes (they win over model._name's defaults): a tiny model names them as overrides
+TINY_SIZES = [f"model.encoder_{k}={core_recipe.TINY[k]}" for k in ("layers", "embed_dim", "ffn_embed_dim",
+                                                                  "attention_heads")]
+
+
 def yaml_flags(path):
-    """A hydra config as {fairseq flag: value} (True for switches)."""
+    """A hydra config as {fairseq flag: value} (True for switches), interpolations resolved, Hydra's node left out."""
+    from omegaconf import OmegaConf
+
+    from b2t_tools import hydra_configs
+
+    hydra_configs.register_resolvers()
+    cfg = OmegaConf.load(path)
+    cfg.pop("hydra")
     flags = {}
-    for section, body in yaml.safe_load(Path(path).read_text()).items():
+    for section, body in OmegaConf.to_container(cfg, resolve=True).items():
         for key, value in body.items():
             if key == "_name":
                 flags[SECTION_NAME_FLAG[section]] = str(value)
@@ -112,7 +129,7 @@ def test_config_agrees_with_train_sh(arch, layers, capsys):
     assert recipe.main([arch, str(layers), "--gpus", "8", "--max-tokens", "3584", "--dry-run"]) == 0
     cli = {k: v for k, v in dry_run_flags(capsys.readouterr().out).items() if k not in NOT_HYPERPARAMETERS}
     cfg = {k: v for k, v in yaml_flags(REPO / "configs" / f"{arch}_{layers}l.yaml").items()
-           if k not in NOT_HYPERPARAMETERS}
+           if k not in NOT_HYPERPARAMETERS | SIZE_FLAGS}
     assert set(cfg) == set(cli), f"only in yaml: {set(cfg) - set(cli)}; only in train.sh: {set(cli) - set(cfg)}"
     diff = {k: (cfg[k], cli[k]) for k in cfg if not _same(cfg[k], cli[k])}
     assert not diff, f"configs/{arch}_{layers}l.yaml and train.sh disagree (yaml, train.sh): {diff}"
@@ -132,7 +149,7 @@ def hydra_run(toy_data_bin, tmp_path_factory):
     save = tmp_path_factory.mktemp("hydra")
     p = run(["fairseq-hydra-train", "--config-dir", REPO / "configs", "--config-name", "transformer_b2t_18l",
              f"common.user_dir={REPO / 'b2t_fairseq'}", f"task.data={toy_data_bin}",
-             "model._name=transformer_b2t_tiny", "common.fp16=false", "common.cpu=true",
+             "model._name=transformer_b2t_tiny", *TINY_SIZES, "common.fp16=false", "common.cpu=true",
              "distributed_training.distributed_world_size=1", "optimization.update_freq=[1]",
              "optimization.max_update=3", "dataset.max_tokens=512", f"checkpoint.save_dir={save}",
              "checkpoint.no_epoch_checkpoints=true", "common.log_interval=1"], cwd=save)
@@ -145,6 +162,8 @@ def test_hydra_config_trains_on_toy_data(hydra_run):
     state = torch.load(save / "checkpoint_last.pt", weights_only=True)
     model_cfg = state["cfg"]["model"]
     assert model_cfg["_name"] == "transformer_b2t_tiny" and model_cfg["ln_position"] == "b2t"
+    # the size overrides (no +) reach the model, the decoder's by the config's interpolation
+    assert model_cfg["encoder_layers"] == model_cfg["decoder_layers"] == 2 and model_cfg["decoder_embed_dim"] == 64
     assert state["cfg"]["optimization"]["max_update"] == 3 and state["cfg"]["criterion"]["label_smoothing"] == 0.1
 
 
@@ -160,21 +179,30 @@ def test_hydra_config_builds_b2t_layers(hydra_run):
     assert models[0].encoder.cfg.word_dropout_src == 0.1  # the 18-layer config's word dropout survives
 
 
-def test_b2t_hydra_train_takes_the_same_overrides(toy_data_bin, tmp_path):
-    """The console command puts its plugin override after hydra's own flags."""
-    p = run(["b2t-hydra-train", "--config-dir", REPO / "configs", "--config-name", "transformer_b2t_6l",
-             f"task.data={toy_data_bin}", "model._name=transformer_b2t_tiny", "common.fp16=false", "common.cpu=true",
-             "distributed_training.distributed_world_size=1", "optimization.update_freq=[1]",
-             "optimization.max_update=1", "dataset.max_tokens=512", f"checkpoint.save_dir={tmp_path}",
-             "checkpoint.no_epoch_checkpoints=true"], cwd=tmp_path)
-    assert "B2TEncoderLayer" in p.stdout + p.stderr and (tmp_path / "checkpoint_last.pt").exists()
+def test_b2t_hydra_train_takes_the_same_overrides_and_the_same_command_resumes(toy_data_bin, tmp_path):
+    """The console command puts its plugin override after hydra's own flags; run again, the same command reads
+    its checkpoint_last.pt in the config's own (relative) save_dir, not a fresh outputs/DATE/TIME folder."""
+    def train(updates):
+        return run(["b2t-hydra-train", "--config-dir", REPO / "configs", "--config-name", "transformer_b2t_6l",
+                    f"task.data={toy_data_bin}", "model._name=transformer_b2t_tiny", *TINY_SIZES, "common.fp16=false",
+                    "common.cpu=true", "distributed_training.distributed_world_size=1", "optimization.update_freq=[1]",
+                    f"optimization.max_update={updates}", "dataset.max_tokens=512",
+                    "checkpoint.no_epoch_checkpoints=true"], cwd=tmp_path)
+
+    p = train(1)
+    save = tmp_path / "checkpoints" / "wmt16_en_de" / "transformer_b2t_6l"
+    assert "B2TEncoderLayer" in p.stdout + p.stderr and (save / "checkpoint_last.pt").exists()
+    p = train(2)
+    assert "Loaded checkpoint" in p.stdout + p.stderr and "@ 1 updates" in p.stdout + p.stderr
+    assert torch.load(save / "checkpoint_last.pt", weights_only=True)["optimizer_history"][-1]["num_updates"] == 2
+    assert not (tmp_path / "outputs").exists() and (save / ".hydra" / "config.yaml").is_file()
 
 
 @pytest.mark.parametrize("config,tiny,layer", [("transformer_admin_18l", "transformer_admin_tiny", "AdminEncoderLayer")])
 def test_new_layer_type_config_trains_through_hydra(config, tiny, layer, toy_data_bin, tmp_path):
     """A DeepNorm/Admin config goes through b2t-hydra-train like the paper's three (one update, tiny width)."""
     p = run(["b2t-hydra-train", "--config-dir", REPO / "configs", "--config-name", config,
-             f"task.data={toy_data_bin}", f"model._name={tiny}", "common.fp16=false", "common.cpu=true",
+             f"task.data={toy_data_bin}", f"model._name={tiny}", *TINY_SIZES, "common.fp16=false", "common.cpu=true",
              "distributed_training.distributed_world_size=1", "optimization.update_freq=[1]",
              "optimization.max_update=1", "dataset.max_tokens=512", f"checkpoint.save_dir={tmp_path}",
              "checkpoint.no_epoch_checkpoints=true"], cwd=tmp_path)

@@ -3,6 +3,7 @@
 import pytest
 from helpers import REPO, run
 
+from b2t_tools import launch
 from b2t_tools.wmt import train as recipe
 
 TRAIN_SH = REPO / "scripts" / "train.sh"
@@ -71,9 +72,9 @@ def test_launchers(capsys):
 
 def test_gpu_count_from_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
-    assert recipe.visible_gpus() == 4
+    assert launch.visible_gpus() == 4
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert recipe.visible_gpus() == 0
+    assert launch.visible_gpus() == 0
 
 
 def test_missing_data_and_finished_run_are_refused(tmp_path, capsys, toy_data_bin):

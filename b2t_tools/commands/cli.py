@@ -189,9 +189,9 @@ def eval_lm(argv=None):
 
 
 def hydra_train(argv=None):
-    from fairseq_cli.hydra_train import cli_main
+    from .hydra_train import main  # the configs' resolver, and Hydra's errors as one line (hydra_train.py)
 
-    return run_fairseq(cli_main, argv, hydra=True, prog="b2t-hydra-train")
+    return run_fairseq(main, argv, hydra=True, prog="b2t-hydra-train")
 
 
 COMMANDS = {"train": train, "generate": generate, "interactive": interactive, "validate": validate,
