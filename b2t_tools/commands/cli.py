@@ -17,12 +17,16 @@ import importlib.util
 import os
 import sys
 
-from b2t_fairseq import patches
-from b2t_fairseq.fast import FAST_FLAG, translate_argv
+from ..util import quiet_fairseq_warnings
 
-from ..errors import ToolError, is_one_line
-from ..util import has_flag, wants_help
-from . import authors_argv, preflight, run_command
+quiet_fairseq_warnings()  # before fairseq is imported: some fire at import (util.FAIRSEQ_WARNINGS)
+
+from b2t_fairseq import patches  # noqa: E402
+from b2t_fairseq.fast import FAST_FLAG, translate_argv  # noqa: E402
+
+from ..errors import ToolError, is_one_line  # noqa: E402
+from ..util import fairseq_logging, flag_value, has_flag, wants_help  # noqa: E402
+from . import authors_argv, preflight, run_command  # noqa: E402
 
 # the plugin's folder, found without importing it (fairseq imports it from --user-dir)
 PLUGIN_DIR = importlib.util.find_spec("b2t_fairseq").submodule_search_locations[0]
@@ -69,6 +73,17 @@ def parse_args(prog, argv):
     from fairseq import options
 
     parser = getattr(options, PARSERS[prog])()
+    _errors_as_one_line(parser, prog)
+    try:
+        return options.parse_args_and_arch(parser, argv)
+    except ValueError as e:  # fairseq's own checks while parsing ("Cannot combine --fp16 and --tpu ...")
+        if is_one_line(e):
+            raise
+        raise ToolError(f"{e}; fix the flags") from None
+
+
+def _errors_as_one_line(parser, prog):
+    """argparse's complaints (a usage block plus an error) raised as one ToolError line."""
 
     def error(message):
         if "(choose from" in message and message.count(",") > 12:  # every registered architecture: hundreds
@@ -84,12 +99,24 @@ def parse_args(prog, argv):
         raise ToolError(f"{message}; {fix}")
 
     parser.error = error  # argparse reports every bad value through it
-    try:
-        return options.parse_args_and_arch(parser, argv)
-    except ValueError as e:  # fairseq's own checks while parsing ("Cannot combine --fp16 and --tpu ...")
-        if is_one_line(e):
-            raise
-        raise ToolError(f"{e}; fix the flags") from None
+
+
+def print_help(prog, argv):
+    """fairseq's --help, with the model flags of the --arch given (fairseq adds them only after a first
+    parse, which --help would end: fairseq-train --arch X --help shows none). The first parse here skips
+    --help; the second, with the architecture's flags added, prints the help and exits."""
+    from fairseq import options
+
+    parser = getattr(options, PARSERS[prog])()
+    first = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        parser.parse_known_args = first  # from now on (parse_args) --help is seen
+        return first([a for a in args if a not in ("-h", "--help")], namespace)
+
+    parser.parse_known_args = parse_known_args
+    _errors_as_one_line(parser, prog)
+    options.parse_args_and_arch(parser, argv)
 
 
 def run_fairseq(main, argv=None, hydra=False, prog=None, setup=None):
@@ -101,8 +128,14 @@ def run_fairseq(main, argv=None, hydra=False, prog=None, setup=None):
     prog = prog or os.path.basename(sys.argv[0])
     patches.enable_behaviour()
 
+    # where fairseq's own command logs, in its format (util.fairseq_logging); fairseq-generate sets its own
+    fairseq_logging(None if prog == "b2t-generate" else sys.stdout)
+
     def work():
         nonlocal argv
+        if wants_help(argv) and prog == "b2t-train" and (flag_value(argv, "--arch") or flag_value(argv, "-a")):
+            sys.argv = [prog] + _with_user_dir(argv)
+            return print_help(prog, _with_user_dir(argv))
         if hydra or wants_help(argv):  # hydra reads its own overrides; --help is fairseq's to print
             sys.argv = [prog] + _with_user_dir(argv, hydra=hydra)
             return main()
