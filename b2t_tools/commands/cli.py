@@ -27,6 +27,7 @@ from b2t_fairseq.fast import FAST_FLAG, translate_argv  # noqa: E402
 from ..errors import ToolError, is_one_line  # noqa: E402
 from ..util import fairseq_logging, flag_value, has_flag, wants_help  # noqa: E402
 from . import authors_argv, preflight, run_command  # noqa: E402
+from . import preflight_setup  # noqa: E402
 
 # the plugin's folder, found without importing it (fairseq imports it from --user-dir)
 PLUGIN_DIR = importlib.util.find_spec("b2t_fairseq").submodule_search_locations[0]
@@ -144,10 +145,18 @@ def run_fairseq(main, argv=None, hydra=False, prog=None, setup=None):
         argv = _with_user_dir(translate_argv(argv))  # --b2t-fast: --optimizer adam -> b2t_adam (fast.py)
         sys.argv = [prog] + argv  # fairseq's parser factories read --user-dir from sys.argv itself
         args = parse_args(prog, argv)
+        bf16 = preflight_setup.bf16_argv(args, argv, prog)  # fairseq's --bf16 means a TPU (preflight_setup.py)
+        if bf16 is not None:
+            print(f"{prog}: note: --bf16 runs as the plugin's --b2t-bf16 (bf16 autocast, fp32 weights; fairseq's "
+                  "--bf16 is for TPUs)", file=sys.stderr)
+            argv = bf16
+            sys.argv = [prog] + argv
+            args = parse_args(prog, argv)
         preflight.check(args, prog)
         if prog == "b2t-train":
             lock_save_dir(args)  # one writer per --save-dir, before reading its checkpoints
             preflight.check_resume(args)  # another layer type or other data (preflight.py)
+            preflight.check_resume_setup(args)  # another schedule or Admin omega (preflight.py)
             done = preflight.finished_run(args)  # fairseq would train one more update (preflight.py)
             if done:
                 print(f"{prog}: {done}", file=sys.stderr)
