@@ -76,6 +76,7 @@ def cases(toy_data_bin, tmp_path_factory):
                                             "--context-window", "32"], None),
         ("sentence_over_positions", "generate", [d, "--path", ck, *gen, "--max-source-positions", "4"], None),
         ("sentence_over_max_tokens", "generate", [d, "--path", ck, "--max-tokens", "5", "--cpu"], None),
+        ("train_sentence_over_max_tokens", "train", train("--max-tokens", "8", "--no-save"), None),
         # dictionaries and checkpoints
         ("empty_dict", "train", train("--no-save", data=str(tmp / "empty_dict")), None),
         ("lm_empty_dict", "train", lm_train("--no-save", data=str(tmp / "lm_empty_dict")), None),
@@ -114,6 +115,7 @@ def error(cases, name, prog, *words):
     ("context_window_full", "b2t-eval-lm", ["--context-window 32 must be below --tokens-per-sample 32"]),
     ("sentence_over_positions", "b2t-generate", ["longer than the model takes", "--skip-invalid-size-inputs-valid-test"]),
     ("sentence_over_max_tokens", "b2t-generate", ["longer than --max-tokens 5", "raise --max-tokens"]),
+    ("train_sentence_over_max_tokens", "b2t-train", ["longer than --max-tokens 8", "raise --max-tokens"]),
     ("empty_dict", "b2t-train", ["dict.de.txt is empty", "fairseq-preprocess"]),
     ("lm_empty_dict", "b2t-train", ["dict.txt is empty"]),
     ("fork_truncated", "b2t-generate", ["fork_truncated.pt is truncated or damaged", "--path"]),
