@@ -6,6 +6,7 @@ PYTHONPATH of the training process only (see KILL_HOOK): after update N, or in t
 writing a checkpoint file.
 """
 
+import os
 import re
 import signal
 
@@ -76,7 +77,8 @@ def kill_hook(tmp_path_factory):
 def train(data, save_dir, max_update, kill=None, hook=None, check=True):
     env = {}
     if kill:
-        env = {"PYTHONPATH": str(hook), "B2T_TEST_KILL_AT": str(kill[0]), "B2T_TEST_KILL_IN": kill[1]}
+        path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))  # the hook, then the code under test
+        env = {"PYTHONPATH": path, "B2T_TEST_KILL_AT": str(kill[0]), "B2T_TEST_KILL_IN": kill[1]}
     return run(["b2t-train", data, *TRAIN, "--max-update", max_update, "--save-dir", save_dir], check=check, env=env)
 
 
