@@ -7,7 +7,9 @@ by fairseq's own parser for that command (``parse_args``), after the authors' fl
 (authors_argv.py); the checks of preflight.py run on what it read. Known failures (bad flags, missing
 data, broken checkpoints, an fp16 collapse: see explain.py) are printed as one line, not a traceback.
 Importing the plugin repairs fairseq; these commands also enable its behaviour changes (exact resume,
-the checkpoint-must-fit-its-data check: b2t_fairseq/patches/__init__.py).
+the checkpoint-must-fit-its-data check: b2t_fairseq/patches/__init__.py). They log as fairseq's own
+commands do (fairseq's format, on stdout: util.fairseq_logging), without the deprecation warnings fairseq
+itself triggers (util.FAIRSEQ_WARNINGS); ``b2t-train --arch X --help`` lists X's model flags.
 
 Without the console scripts: ``python -m b2t_tools.commands.cli {train,generate,interactive,validate,
 eval-lm,hydra-train} ARGS``.

@@ -12,7 +12,10 @@ says so in one line and exits 0 without starting fairseq.
 describes: the same layer type (a Post-LN checkpoint would otherwise train on as B2T, since the
 load-time guard lets Post-LN weights start any type for fine-tuning) and the same data. Fine-tuning
 from another type is asked for with a --reset-* flag. It runs before ``finished_run``, so "the run is
-finished" never answers a folder of another run.
+finished" never answers a folder of another run. ``check_resume_setup(args)``: the same --lr-scheduler
+and (Admin) --admin-omega as the checkpoint, which fairseq cannot load otherwise.
+The checks of the setup that need no checkpoint of the run (task and model kinds, blocks, dictionaries,
+--bf16) are in preflight_setup.py.
 """
 
 import os
