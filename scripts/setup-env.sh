@@ -11,7 +11,7 @@
 # An environment that already has fairseq and torch (e.g. upstream fairseq 0.12.2 on Python 3.8-3.10)
 # does not need this script: `pip install -e .` there (see results/tested-versions.md).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "${B2T_REPO:-$(dirname "$0")/..}"  # test-matrix.sh runs a copy of this script
 VENV=${1:-${B2T_VENV:-.venv}}
 PY=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}

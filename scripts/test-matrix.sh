@@ -10,7 +10,7 @@
 #   TORCH_SPEC      default torch==2.13.0; e.g. "torch" for the newest, or
 #                   "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 # Env: MATRIX_DIR (default /tmp/b2t-matrix: venvs and logs, never in the repository),
-#      STAGES (default "install unit train lm"), PYTEST_ARGS (extra, e.g. "-n 2").
+#      FRESH (default 1: a new venv; 0: resume), STAGES (default "install unit train lm"), PYTEST_ARGS (extra, e.g. "-n 2").
 # Prints one line per stage, "ROW | stage | ok/FAILED | detail", and appends them to $MATRIX_DIR/rows.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,10 +44,10 @@ pip() { "$V/bin/python" -m pip --disable-pip-version-check "$@"; }
 step() { echo "+ $*" >>"$LOG"; "$@" >>"$LOG" 2>&1; }
 
 install_row() {
-  rm -rf "$V"
+  [ "${FRESH:-1}" = 1 ] && rm -rf "$V"  # FRESH=0: resume an interrupted install (each step skips what is there)
   case "$FAIRSEQ_SPEC" in
     fairseq-fixed*)  # the fresh route, exactly as the README gives it
-      PYTHON=$PYBIN TORCH_SPEC=$TORCH_SPEC FAIRSEQ_SPEC=$FAIRSEQ_SPEC step bash "$B2T_MATRIX_COPY/setup-env.sh" "$V" || return 1 ;;
+      PYTHON=$PYBIN TORCH_SPEC=$TORCH_SPEC FAIRSEQ_SPEC=$FAIRSEQ_SPEC B2T_REPO=$REPO step bash "$B2T_MATRIX_COPY/setup-env.sh" "$V" || return 1 ;;
     *)  # an existing fairseq environment, made first as its user would, then the plugin into it
       step "$PYBIN" -m venv "$V" || return 1
       # fairseq 0.12.2 needs omegaconf 2.0, whose metadata pip >= 24.1 refuses

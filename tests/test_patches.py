@@ -211,3 +211,21 @@ def test_numpy_compat_relies_on_fairseqs_numpy_names():
         for attr in needed:
             assert f"np.{attr}" in source, (name, attr)  # fairseq still uses the removed name
             assert getattr(module.np, attr) is not None  # and the plugin's np has it
+
+
+def test_encoder_fast_path_relies_on_this_fairseq_code():
+    """patches/encoder_fast_path.py: on a fairseq with the fused path (upstream 0.12.2) both forwards take it
+    only when ``load_to_BT`` is set, which only the layer's state-dict loader sets; elsewhere it is absent."""
+    from fairseq.models.transformer import transformer_encoder
+    from fairseq.modules import transformer_layer
+
+    from b2t_fairseq.patches import encoder_fast_path
+
+    layer_src = inspect.getsource(transformer_layer.TransformerEncoderLayerBase)
+    encoder_src = inspect.getsource(transformer_encoder)
+    if encoder_fast_path.has_fast_path(transformer_layer.TransformerEncoderLayerBase):
+        assert "and self.load_to_BT" in layer_src and "and layer.load_to_BT" in encoder_src
+        assert layer_src.count("self.load_to_BT = True") == 1
+        assert transformer_layer.TransformerEncoderLayerBase._load_from_state_dict.b2t_no_fast_path
+    else:  # fairseq-fixed: no fused path, nothing patched
+        assert "load_to_BT" not in layer_src and "_transformer_encoder_layer_fwd" not in encoder_src
