@@ -20,7 +20,7 @@ setup(
     # fairseq, `import b2t_fairseq` says so in one line. `pip install b2t-fairseq[fixed]` brings both.
     install_requires=[
         "sacrebleu>=2.0", "sentencepiece",          # b2t-demo, b2t-wmt-evaluate
-        "sacremoses", "subword-nmt", "regex",       # b2t-wmt-prepare
+        "sacremoses>=0.1,<0.2", "subword-nmt", "regex",  # b2t-wmt-prepare (0.2 dropped the nonbreaking-prefix files it reads)
         "matplotlib",                               # b2t-demo, b2t-grad-norms plots
     ],
     extras_require={

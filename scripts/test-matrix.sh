@@ -71,7 +71,7 @@ unit_row() {
   # shellcheck disable=SC2086
   "$V/bin/python" -m pytest -q -m "not e2e" -p no:cacheprovider ${PYTEST_ARGS:--n 1} >>"$LOG" 2>&1
   local rc=$?
-  tail -1 "$LOG"
+  grep -E "[0-9]+ (passed|failed)" "$LOG" | tail -1
   return $rc
 }
 
