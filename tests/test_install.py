@@ -56,3 +56,15 @@ def test_setup_env_refuses_an_old_python_in_one_line(tmp_path):
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("setup-env.sh: error: Python 3.9.18 is older"), p.stderr
     assert not (tmp_path / "venv").exists()  # refused before anything was made
+
+
+def test_export_refuses_bad_input_in_one_line(tmp_path):
+    from helpers import assert_one_line_error, run
+
+    for argv, fragment in ((["/nonexistent.pt", tmp_path / "o.pt"], "does not exist"),
+                           ([tmp_path / "same.pt", tmp_path / "same.pt"], "would overwrite the plugin checkpoint")):
+        (tmp_path / "same.pt").write_bytes(b"x")
+        p = run([sys.executable, "-m", "b2t_tools.commands.export", *argv], check=False, cwd=REPO)
+        assert p.returncode == 2
+        assert_one_line_error(p.stderr, "b2t-export", fragment)
+        assert not (tmp_path / "o.pt").exists()

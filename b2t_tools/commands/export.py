@@ -14,12 +14,13 @@ line (run them with the plugin: ``--user-dir b2t_fairseq`` or ``from_pretrained(
 
 import argparse
 import copy
+import os
 import sys
 
 from ..checkpoints import read_checkpoint, write_checkpoint
 from ..errors import ToolError
+from ..util import check_writable
 from . import run_command
-from .import_checkpoint import check_output
 
 PROG = "b2t-export"
 EXPORTABLE = ("post", "pre")
@@ -160,6 +161,15 @@ def check_weights_only(state, src):
         found = str(e).split("Unsupported global: ")[-1].split(" was not")[0][:200]
         raise ToolError(f"{src} holds an object stock fairseq cannot load ({found}); please report it, with the "
                         "command that trained the checkpoint") from None
+
+
+def check_output(src, dst):
+    """OUT.pt may not be IN.pt (the plugin checkpoint would be lost) and must be writable: checked before reading."""
+    same = os.path.isfile(src) and os.path.isfile(dst) and os.path.samefile(src, dst)
+    if same or os.path.realpath(src) == os.path.realpath(dst):
+        raise ToolError(f"OUT.pt {dst} is IN.pt: the export would overwrite the plugin checkpoint; write the "
+                        "stock checkpoint to another file")
+    check_writable(dst, "OUT.pt")
 
 
 def export_file(src, dst):
