@@ -7,7 +7,12 @@ import sys
 
 import pytest
 import torch
+from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
 from helpers import REPO, run, toy_train_argv
+
+from b2t_fairseq.patches.encoder_fast_path import has_fast_path
+
+STOCK_FAST_PATH = has_fast_path(TransformerEncoderLayerBase)  # upstream fairseq 0.12.2
 
 # Loads a checkpoint with fairseq's own loader and prints its outputs on fixed inputs (json). "stock":
 # the plugin cannot be imported; "plugin": it is imported first, as --user-dir would.
@@ -78,6 +83,14 @@ def test_exported_translation_model_runs_in_stock_fairseq(tmp_path, toy_data_bin
     ckpt = train_mt(tmp_path, toy_data_bin, ln)
     p = export(ckpt, tmp_path / "stock.pt")
     assert "arch transformer," in p.stdout
+    if ln == "post" and STOCK_FAST_PATH:
+        # without the plugin's repair, upstream 0.12.2 runs any loaded Post-LN encoder through torch's fused
+        # path, which fails on a padded batch (fairseq issues #4858, #4899): fairseq's bug, not the export's
+        (tmp_path / "child.py").write_text(CHILD)
+        p = run([sys.executable, tmp_path / "child.py", "stock", tmp_path / "stock.pt", toy_data_bin, "mt"],
+                check=False, cwd=tmp_path, env={"PYTHONPATH": ""})
+        assert p.returncode != 0 and "_transformer_encoder_layer_fwd" in p.stderr
+        pytest.xfail("stock fairseq 0.12.2 cannot run a loaded Post-LN encoder on padded batches (#4858, #4899)")
     stock = child(tmp_path, "stock", tmp_path / "stock.pt", toy_data_bin, "mt")
     plugin = child(tmp_path, "plugin", ckpt, toy_data_bin, "mt")
     assert stock["plugin_modules"] == [] and plugin["plugin_modules"], (stock, plugin["plugin_modules"])
@@ -126,7 +139,12 @@ def test_b2t_checkpoint_is_refused_in_one_line_and_loads_through_the_hub(tmp_pat
                                            data_name_or_path=str(toy_data_bin), user_dir=str(REPO / "b2t_fairseq"))
     assert of_model(hub.models[0]) == "b2t"
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
+    # fairseq 0.12.2 only: a never-initialized position buffer, and the fused path's copies of each encoder
+    # layer's weights, which its loader rebuilds from q/k/v and fc1/fc2 (unused: patches/encoder_fast_path.py)
+    fused_copies = {f"{w}_{t}" for w in ("in_proj", "out_proj", "fc1", "fc2") for t in ("weight", "bias")}
     for k, v in hub.models[0].state_dict().items():
-        assert torch.equal(v, saved[k]), k
+        if not (k.endswith("._float_tensor") or (k.startswith("encoder.layers.") and k.count(".") == 3
+                                                  and k.rsplit(".", 1)[1] in fused_copies)):
+            assert torch.equal(v, saved[k]), k
     words = hub.translate("the cat sees a dog", beam=2).split()
     assert words and set(words) <= set(hub.tgt_dict.symbols)
