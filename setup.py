@@ -11,7 +11,11 @@ setup(
     version=VERSION,
     description="B2T connection (Takase et al., Findings of ACL 2023) for fairseq: Post-LN, Pre-LN and B2T "
                 "transformers, WMT En-De recipes, demo and benchmarks",
-    packages=find_packages(include=["b2t_fairseq", "b2t_fairseq.*", "b2t_tools", "b2t_tools.*"]),
+    # hydra_plugins/ is Hydra's namespace for plugins it imports at start-up: the configs' resolver for
+    # plain fairseq-hydra-train (b2t-hydra-train registers it itself)
+    packages=find_packages(include=["b2t_fairseq", "b2t_fairseq.*", "b2t_tools", "b2t_tools.*"])
+    + ["hydra_plugins.b2t_fairseq_resolvers"],
+    license="MIT",
     # 3.8-3.10 for upstream fairseq 0.12.2; the pinned fresh route (scripts/setup-env.sh) needs >= 3.11
     python_requires=">=3.8",
     # fairseq and torch are NOT required: a user's environment already has a fairseq (upstream 0.12.2 or
