@@ -11,16 +11,27 @@ setup(
     version=VERSION,
     description="B2T connection (Takase et al., Findings of ACL 2023) for fairseq: Post-LN, Pre-LN and B2T "
                 "transformers, WMT En-De recipes, demo and benchmarks",
-    packages=find_packages(include=["b2t_fairseq", "b2t_fairseq.*", "b2t_tools", "b2t_tools.*"]),
-    python_requires=">=3.9",
-    # torch and fairseq-fixed are installed first by scripts/setup-env.sh (order matters: see README)
+    # hydra_plugins/ is Hydra's namespace for plugins it imports at start-up: the configs' resolver for
+    # plain fairseq-hydra-train (b2t-hydra-train registers it itself)
+    packages=find_packages(include=["b2t_fairseq", "b2t_fairseq.*", "b2t_tools", "b2t_tools.*"])
+    + ["hydra_plugins.b2t_fairseq_resolvers"],
+    license="MIT",
+    # 3.8-3.10 for upstream fairseq 0.12.2; the pinned fresh route (scripts/setup-env.sh) needs >= 3.11
+    python_requires=">=3.8",
+    # fairseq and torch are NOT required: a user's environment already has a fairseq (upstream 0.12.2 or
+    # fairseq-fixed) and a torch built for its CUDA. Requiring either would install fairseq-fixed over
+    # upstream fairseq (two distributions owning fairseq/) or replace the cluster's torch. Without a
+    # fairseq, `import b2t_fairseq` says so in one line. `pip install b2t-fairseq[fixed]` brings both.
     install_requires=[
-        "fairseq-fixed>=0.12.3", "torch>=2.0",
         "sacrebleu>=2.0", "sentencepiece",          # b2t-demo, b2t-wmt-evaluate
-        "sacremoses", "subword-nmt", "regex",       # b2t-wmt-prepare
+        "sacremoses>=0.1,<0.2", "subword-nmt", "regex",  # b2t-wmt-prepare (0.2 dropped the nonbreaking-prefix files it reads)
         "matplotlib",                               # b2t-demo, b2t-grad-norms plots
     ],
-    extras_require={"test": ["pytest>=8"], "tensorboard": ["tensorboardX"]},
+    extras_require={
+        "fixed": ["fairseq-fixed>=0.12.3", "torch>=2.0"],  # a fresh environment (see scripts/setup-env.sh)
+        "test": ["pytest>=8"],
+        "tensorboard": ["tensorboardX"],
+    },
     entry_points={
         "console_scripts": [
             "b2t-train = b2t_tools.commands.cli:train",
@@ -36,6 +47,7 @@ setup(
             "b2t-bench = b2t_tools.analysis.bench:main",
             "b2t-stability = b2t_tools.analysis.stability:main",
             "b2t-import-checkpoint = b2t_tools.commands.import_checkpoint:main",
+            "b2t-export = b2t_tools.commands.export:main",
             "b2t-wmt-prepare = b2t_tools.wmt.prepare:main",
             "b2t-wmt-train = b2t_tools.wmt.train:main",
             "b2t-wmt-evaluate = b2t_tools.wmt.evaluate:main",

@@ -8,7 +8,7 @@ only in the console commands or with ``B2T_FAIRSEQ_STRICT=1``. Nothing else happ
 the console commands and tools live in the sibling package ``b2t_tools``, which the plugin never imports.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from . import patches  # noqa: E402
 

@@ -25,3 +25,7 @@ class CheckpointError(B2TError):
     def __init__(self, path, reason, kind="corrupt"):
         self.path, self.reason, self.kind = path, reason, kind
         super().__init__(f"checkpoint {path} cannot be read ({reason})")
+
+
+class FairseqMissing(B2TError, ImportError):
+    """No fairseq is importable: the plugin does not install one (it would replace the user's)."""

@@ -200,3 +200,61 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# --- logging and warnings as fairseq's own commands have them ---------------------------------
+
+FAIRSEQ_LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"  # fairseq_cli/train.py's
+
+# Warnings that fairseq itself triggers in every run: deprecations (its Hydra 1.0 calls, torch's old amp and
+# jit API) and its pin_memory=True on a machine without a GPU. (category, message regex, module regex);
+# only these are silenced, any other warning still shows.
+FAIRSEQ_WARNINGS = (
+    (UserWarning, r"hydra\.experimental\.(initialize|compose)\(\) is no longer experimental", r"hydra\.experimental\."),
+    (UserWarning, r"\s*The version_base parameter is not specified", ""),
+    (UserWarning, r"In '[^']*': Usage of deprecated keyword in package header", r"hydra\.core\.default_element"),
+    (UserWarning, r"\s*'[^']*' is validated against ConfigStore schema with the same name", ""),
+    (UserWarning, r"\s*The strict flag in the compose API is deprecated", r"hydra\.compose"),
+    (FutureWarning, r"`torch\.cuda\.amp\.(autocast|GradScaler)\(args\.\.\.\)` is deprecated", r"fairseq\."),
+    (UserWarning, r"Support for mismatched key_padding_mask and attn_mask is deprecated", r"torch\.nn\.functional"),
+    (DeprecationWarning, r"`torch\.jit\.script` is deprecated", r"torch\.jit\."),
+    (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found", r"torch\.utils\.data\."),
+)
+
+
+def quiet_fairseq_warnings():
+    """Silence exactly FAIRSEQ_WARNINGS (by category, message and module); nothing else."""
+    import warnings
+
+    for category, message, module in FAIRSEQ_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+class _DropPluginReimport:
+    """fairseq logs "--user-dir=... has already been imported." when our command imported the plugin
+    before fairseq's parser did: true and harmless, and fairseq-train --user-dir does not print it."""
+
+    def filter(self, record):
+        return "has already been imported." not in record.getMessage()
+
+
+_drop_plugin_reimport = _DropPluginReimport()
+
+
+def fairseq_logging(stream):
+    """Root logging as fairseq's entry points set it: FAIRSEQ_LOG_FORMAT to ``stream`` (stdout), at
+    $LOGLEVEL (INFO). It replaces what was there: importing fairseq's models runs a
+    ``logging.basicConfig(level=DEBUG)`` (wav2vec2_classification.py) that would otherwise win, sending
+    everything to stderr as "INFO:name:...". ``stream=None`` only clears it, for an entry point that
+    configures logging itself later (fairseq-generate logs into its --results-path file)."""
+    import logging
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    logging.getLogger("fairseq.utils").addFilter(_drop_plugin_reimport)  # added once (same object)
+    level = os.environ.get("LOGLEVEL", "INFO").upper()
+    if stream is None:
+        root.setLevel(logging.WARNING)  # logging's default, until the entry point sets its own
+        return
+    logging.basicConfig(format=FAIRSEQ_LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S", level=level, stream=stream)

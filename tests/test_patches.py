@@ -45,8 +45,14 @@ def test_exact_resume_relies_on_this_fairseq_code(monkeypatch):
     from fairseq.tasks.fairseq_task import FairseqTask
     from fairseq.trainer import Trainer
 
+    from b2t_fairseq.patches import exact_resume
+
     monkeypatch.delenv(patches.STRICT_ENV, raising=False)  # restored after: other tests' subprocesses
     patches.enable_behaviour()
+    src = inspect.getsource(FairseqTask.get_batch_iterator)
+    if not exact_resume.needed():  # upstream 0.12.2: batches seeded without the epoch, exact already
+        assert "numpy_seed(seed)" in src and not getattr(Trainer.get_train_iterator, "b2t_exact_resume", False)
+        return
     assert Trainer.get_train_iterator.b2t_exact_resume
     params = list(inspect.signature(Trainer.get_train_iterator.__wrapped__).parameters)
     assert params == ["self", "epoch", "combine", "load_dataset", "data_selector", "shard_batch_itr",
@@ -235,3 +241,21 @@ def test_numpy_compat_relies_on_fairseqs_numpy_names():
         for attr in needed:
             assert f"np.{attr}" in source, (name, attr)  # fairseq still uses the removed name
             assert getattr(module.np, attr) is not None  # and the plugin's np has it
+
+
+def test_encoder_fast_path_relies_on_this_fairseq_code():
+    """patches/encoder_fast_path.py: on a fairseq with the fused path (upstream 0.12.2) both forwards take it
+    only when ``load_to_BT`` is set, which only the layer's state-dict loader sets; elsewhere it is absent."""
+    from fairseq.models.transformer import transformer_encoder
+    from fairseq.modules import transformer_layer
+
+    from b2t_fairseq.patches import encoder_fast_path
+
+    layer_src = inspect.getsource(transformer_layer.TransformerEncoderLayerBase)
+    encoder_src = inspect.getsource(transformer_encoder)
+    if encoder_fast_path.has_fast_path(transformer_layer.TransformerEncoderLayerBase):
+        assert "and self.load_to_BT" in layer_src and "and layer.load_to_BT" in encoder_src
+        assert layer_src.count("self.load_to_BT = True") == 1
+        assert transformer_layer.TransformerEncoderLayerBase._load_from_state_dict.b2t_no_fast_path
+    else:  # fairseq-fixed: no fused path, nothing patched
+        assert "load_to_BT" not in layer_src and "_transformer_encoder_layer_fwd" not in encoder_src

@@ -13,11 +13,27 @@ plain ``fairseq-train --user-dir`` runs with the environment variable ``B2T_FAIR
 
 import os
 
-from . import (
+
+def require_fairseq():
+    """One line, not a chain of ImportErrors, when this environment has no fairseq (setup.py requires none)."""
+    try:
+        import fairseq  # noqa: F401
+    except ImportError as e:
+        from ..errors import FairseqMissing
+
+        raise FairseqMissing(f"b2t_fairseq needs fairseq and none is importable here ({e}); install one: "
+                             "pip install 'b2t-fairseq[fixed]' (fairseq-fixed), or "
+                             "pip install fairseq==0.12.2 (Python 3.8-3.10, pip < 24.1)") from None
+
+
+require_fairseq()  # before the patch modules, which import fairseq
+
+from . import (  # noqa: E402
     atomic_checkpoints,
     checkpoint_load,
     data_files,
     data_fit,
+    encoder_fast_path,
     exact_resume,
     layer_type_guard,
     numpy_compat,
@@ -38,6 +54,7 @@ REPAIRS = [
     data_files.install,          # damaged .bin/.idx/dict files one line
     numpy_compat.install,        # np.compat.long and friends, removed in numpy 2 (language modelling, buckets)
     run_identity.install,        # every checkpoint names its training run (averages never mix runs)
+    encoder_fast_path.install,   # fairseq 0.12.2: a loaded encoder runs our layers, not torch's fused Post-LN
 ]
 
 BEHAVIOUR = [

@@ -7,7 +7,9 @@ by fairseq's own parser for that command (``parse_args``), after the authors' fl
 (authors_argv.py); the checks of preflight.py run on what it read. Known failures (bad flags, missing
 data, broken checkpoints, an fp16 collapse: see explain.py) are printed as one line, not a traceback.
 Importing the plugin repairs fairseq; these commands also enable its behaviour changes (exact resume,
-the checkpoint-must-fit-its-data check: b2t_fairseq/patches/__init__.py).
+the checkpoint-must-fit-its-data check: b2t_fairseq/patches/__init__.py). They log as fairseq's own
+commands do (fairseq's format, on stdout: util.fairseq_logging), without the deprecation warnings fairseq
+itself triggers (util.FAIRSEQ_WARNINGS); ``b2t-train --arch X --help`` lists X's model flags.
 
 Without the console scripts: ``python -m b2t_tools.commands.cli {train,generate,interactive,validate,
 eval-lm,hydra-train} ARGS``.
@@ -17,12 +19,17 @@ import importlib.util
 import os
 import sys
 
-from b2t_fairseq import patches, run_guards
-from b2t_fairseq.fast import FAST_FLAG, translate_argv
+from ..util import quiet_fairseq_warnings
 
-from ..errors import ToolError, is_one_line
-from ..util import has_flag, wants_help
-from . import authors_argv, preflight, run_command
+quiet_fairseq_warnings()  # before fairseq is imported: some fire at import (util.FAIRSEQ_WARNINGS)
+
+from b2t_fairseq import patches, run_guards  # noqa: E402
+from b2t_fairseq.fast import FAST_FLAG, translate_argv  # noqa: E402
+
+from ..errors import ToolError, is_one_line  # noqa: E402
+from ..util import fairseq_logging, flag_value, has_flag, wants_help  # noqa: E402
+from . import authors_argv, preflight, run_command  # noqa: E402
+from . import preflight_setup  # noqa: E402
 
 # the plugin's folder, found without importing it (fairseq imports it from --user-dir)
 PLUGIN_DIR = importlib.util.find_spec("b2t_fairseq").submodule_search_locations[0]
@@ -69,6 +76,17 @@ def parse_args(prog, argv):
     from fairseq import options
 
     parser = getattr(options, PARSERS[prog])()
+    _errors_as_one_line(parser, prog)
+    try:
+        return options.parse_args_and_arch(parser, argv)
+    except ValueError as e:  # fairseq's own checks while parsing ("Cannot combine --fp16 and --tpu ...")
+        if is_one_line(e):
+            raise
+        raise ToolError(f"{e}; fix the flags") from None
+
+
+def _errors_as_one_line(parser, prog):
+    """argparse's complaints (a usage block plus an error) raised as one ToolError line."""
 
     def error(message):
         if "(choose from" in message and message.count(",") > 12:  # every registered architecture: hundreds
@@ -84,12 +102,24 @@ def parse_args(prog, argv):
         raise ToolError(f"{message}; {fix}")
 
     parser.error = error  # argparse reports every bad value through it
-    try:
-        return options.parse_args_and_arch(parser, argv)
-    except ValueError as e:  # fairseq's own checks while parsing ("Cannot combine --fp16 and --tpu ...")
-        if is_one_line(e):
-            raise
-        raise ToolError(f"{e}; fix the flags") from None
+
+
+def print_help(prog, argv):
+    """fairseq's --help, with the model flags of the --arch given (fairseq adds them only after a first
+    parse, which --help would end: fairseq-train --arch X --help shows none). The first parse here skips
+    --help; the second, with the architecture's flags added, prints the help and exits."""
+    from fairseq import options
+
+    parser = getattr(options, PARSERS[prog])()
+    first = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        parser.parse_known_args = first  # from now on (parse_args) --help is seen
+        return first([a for a in args if a not in ("-h", "--help")], namespace)
+
+    parser.parse_known_args = parse_known_args
+    _errors_as_one_line(parser, prog)
+    options.parse_args_and_arch(parser, argv)
 
 
 def run_fairseq(main, argv=None, hydra=False, prog=None, setup=None):
@@ -101,8 +131,14 @@ def run_fairseq(main, argv=None, hydra=False, prog=None, setup=None):
     prog = prog or os.path.basename(sys.argv[0])
     patches.enable_behaviour()
 
+    # where fairseq's own command logs, in its format (util.fairseq_logging); fairseq-generate sets its own
+    fairseq_logging(None if prog == "b2t-generate" else sys.stdout)
+
     def work():
         nonlocal argv
+        if wants_help(argv) and prog == "b2t-train" and (flag_value(argv, "--arch") or flag_value(argv, "-a")):
+            sys.argv = [prog] + _with_user_dir(argv)
+            return print_help(prog, _with_user_dir(argv))
         if hydra or wants_help(argv):  # hydra reads its own overrides; --help is fairseq's to print
             sys.argv = [prog] + _with_user_dir(argv, hydra=hydra)
             return main()
@@ -111,10 +147,18 @@ def run_fairseq(main, argv=None, hydra=False, prog=None, setup=None):
         argv = _with_user_dir(translate_argv(argv))  # --b2t-fast: --optimizer adam -> b2t_adam (fast.py)
         sys.argv = [prog] + argv  # fairseq's parser factories read --user-dir from sys.argv itself
         args = parse_args(prog, argv)
+        bf16 = preflight_setup.bf16_argv(args, argv, prog)  # fairseq's --bf16 means a TPU (preflight_setup.py)
+        if bf16 is not None:
+            print(f"{prog}: note: --bf16 runs as the plugin's --b2t-bf16 (bf16 autocast, fp32 weights; fairseq's "
+                  "--bf16 is for TPUs)", file=sys.stderr)
+            argv = bf16
+            sys.argv = [prog] + argv
+            args = parse_args(prog, argv)
         preflight.check(args, prog)
         if prog == "b2t-train":
             lock_save_dir(args)  # one writer per --save-dir, before reading its checkpoints
             preflight.check_resume(args)  # another layer type or other data (preflight.py)
+            preflight.check_resume_setup(args)  # another schedule or Admin omega (preflight.py)
             done = preflight.finished_run(args)  # fairseq would train one more update (preflight.py)
             if done:
                 print(f"{prog}: {done}", file=sys.stderr)

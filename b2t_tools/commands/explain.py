@@ -140,6 +140,54 @@ def _explain_out_of_memory(e, prog):
     return f"out of memory: the {where} cannot hold what these flags ask for{size}; lower {lower}"
 
 
+def _explain_sizes(e):
+    """fairseq's refusals of a sentence that does not fit the model's positions or a batch."""
+    msg = str(e)
+    m = re.match(r"Size of sample #(\d+) is invalid \(=(.*)\) since max_positions=(.*), skip this example", msg)
+    if m:
+        nums = lambda text: ", ".join(re.findall(r"\d+", text.replace("int32", "").replace("int64", "")))  # noqa: E731
+        return (f"sentence #{m.group(1)} is longer than the model takes (lengths {nums(m.group(2))}; the model's "
+                f"positions {nums(m.group(3))}); skip such sentences with --skip-invalid-size-inputs-valid-test, or "
+                "raise --max-source-positions/--max-target-positions where the model allows it")
+    m = re.search(r"should not exceed max_tokens=(\d+)|exceeds max_tokens limit of (\d+)", msg)
+    if m:
+        limit = m.group(1) or m.group(2)
+        return (f"a sentence is longer than --max-tokens {limit} (a batch holds whole sentences); raise --max-tokens "
+                "to at least the longest sentence, or batch by --batch-size instead")
+    return None
+
+
+def _explain_damaged_checkpoint(e, prog):
+    """torch.load of a truncated or damaged file: the old pickled format (torch < 1.6, the authors'
+    fairseq-0.9 checkpoints) fails in torch's legacy reader, which the plugin's checks of zip files miss."""
+    import pickle
+
+    for cause in _chain(e):
+        msg = str(cause)
+        if isinstance(cause, (EOFError, pickle.UnpicklingError)) or (isinstance(cause, RuntimeError) and (
+                "unexpected EOF" in msg or "might be corrupted" in msg)):
+            break
+    else:
+        return None
+    path = None
+    tb = e.__traceback__
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        if tb.tb_frame.f_code.co_name in ("load_checkpoint_to_cpu", "load_model_ensemble_and_task"):
+            path = local.get("path") or local.get("filename") or path
+        tb = tb.tb_next
+    if path is None:
+        return None  # not fairseq loading a checkpoint
+    why = (msg.splitlines() or [type(cause).__name__])[0][:200] or type(cause).__name__
+    if prog.endswith("train"):
+        folder = os.path.dirname(str(path)) or "."
+        fix = (f"resume from an intact one with --restore-file {folder}/checkpoint_best.pt (or an epoch checkpoint), "
+               "or move the broken file away to start afresh")
+    else:
+        fix = "download or copy it again (compare its size or checksum with the source), or pass another with --path"
+    return f"checkpoint {path} is truncated or damaged ({why}); {fix}"
+
+
 def _chain(e):
     seen = set()
     while e is not None and id(e) not in seen:
@@ -164,6 +212,12 @@ def explain(e, prog):
     if isinstance(e, AssertionError) and str(e).startswith("min_len cannot be larger than max_len"):
         return ("the longest output allowed (--max-len-a times the source length plus --max-len-b) is below "
                 "--min-len; raise --max-len-a/--max-len-b (the defaults are 0 and 200) or lower --min-len")
+    sizes = _explain_sizes(e) if type(e) in (Exception, AssertionError) else None
+    if sizes:
+        return sizes
+    damaged = _explain_damaged_checkpoint(e, prog)
+    if damaged:
+        return damaged
     for cause in _chain(e):
         if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
             msg = _explain_os_error(cause, prog)

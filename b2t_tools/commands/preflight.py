@@ -17,6 +17,9 @@ finished" never answers a folder of another run.
 Both are b2t_fairseq.run_guards' functions, which the plugin runs again for every training entry point
 where fairseq resumes (patches/run_guards.py); here they answer before fairseq builds a model.
 ``check_checkpoint_task``: a decoding command's --path checkpoints must be of its task's kind.
+``check_resume_setup(args)``: the same --lr-scheduler and (Admin) --admin-omega as the checkpoint,
+which fairseq cannot load otherwise. The checks of the setup that need no checkpoint of the run (task
+and model kinds, blocks, dictionaries, --bf16) are in preflight_setup.py.
 """
 
 import os
@@ -25,6 +28,7 @@ from b2t_fairseq import layer_types, run_guards
 from b2t_fairseq.patches import data_fit
 
 from ..errors import ToolError
+from . import preflight_setup as setup
 
 RESETS = ("reset_optimizer", "reset_dataloader", "reset_meters", "reset_lr_scheduler", "finetune_from_model",
           "continue_once")
@@ -37,6 +41,7 @@ def check(args, prog):
     check_devices(args, prog)
     check_model_fits(args, prog)
     check_checkpoint_task(args, prog)
+    setup.check(args, prog)
 
 
 def resume_path(args):
@@ -97,6 +102,40 @@ def check_checkpoint_task(args, prog):
                                   f"checkpoint {p}", doing="runs")
 
 
+def _saved(state, section, key):
+    """A value the checkpoint's run was started with: its cfg section (a dict, or the legacy models'
+    Namespace) or its old-style args; None if not recorded."""
+    cfg = state.get("cfg")
+    part = cfg.get(section) if isinstance(cfg, dict) else None
+    for source in (part, state.get("args")):
+        value = source.get(key) if isinstance(source, dict) else getattr(source, key, None)
+        if value is not None:
+            return value
+    return None
+
+
+def check_resume_setup(args):
+    """Refuse resuming with a learning-rate schedule or Admin shortcuts other than the checkpoint's:
+    fairseq loads the saved schedule's state into the new one (KeyError: 'best') and the saved Adam
+    state into parameters of another shape (trainable omegas against fixed buffers), with a traceback."""
+    path = resume_path(args)
+    state = peek(path) if os.path.isfile(path) else None
+    if not isinstance(state, dict):
+        return
+    have = _saved(state, "lr_scheduler", "_name") or _saved(state, "lr_scheduler", "lr_scheduler")
+    want = getattr(args, "lr_scheduler", None)
+    if have and want and have != want and not getattr(args, "reset_lr_scheduler", False):
+        raise ToolError(f"{path} was trained with --lr-scheduler {have}, and this command asks for --lr-scheduler "
+                        f"{want}; pass --lr-scheduler {have} to resume it, or add --reset-lr-scheduler to start the "
+                        f"{want} schedule from this checkpoint")
+    have, want = _saved(state, "model", "admin_omega"), getattr(args, "admin_omega", None)
+    if have and want and have != want and getattr(args, "ln_position", None) == "admin" \
+            and not getattr(args, "reset_optimizer", False):
+        raise ToolError(f"{path} was trained with --admin-omega {have}, and this command asks for --admin-omega {want} "
+                        f"(other parameters: the saved optimizer state does not fit); pass --admin-omega {have} to "
+                        "resume it, or start afresh in another --save-dir")
+
+
 def finished_run(args):
     """The one-line note if b2t-train with these arguments would resume a finished run, else None."""
     if any(getattr(args, f, None) for f in RESETS):
@@ -140,6 +179,7 @@ AT_LEAST = {
                             "--disable-validation"),
     "--max-source-positions": (1, True, "the longest source sentence the model takes", "the default is 1024"),
     "--max-target-positions": (1, True, "the longest target sentence the model takes", "the default is 1024"),
+    "--tokens-per-sample": (1, True, "the tokens in a language model's block", "e.g. --tokens-per-sample 512"),
     "--clip-norm": (0, False, "the gradient norm clipping threshold (0: no clipping)", "the paper uses 0.1 "
                     "for deep models"),
 }
@@ -257,15 +297,18 @@ def start_lr(args):
 
 
 def check_devices(args, prog):
-    """--fp16 on a machine (or with --cpu) without CUDA: a traceback in training, slow garbage in decoding."""
+    """--fp16, --memory-efficient-fp16 and --amp on a machine (or with --cpu) without CUDA: a traceback in
+    training, slow garbage in decoding, or (--amp, --memory-efficient-fp16) fp32 that the user did not ask for."""
     import torch
 
-    if not getattr(args, "fp16", False) or getattr(args, "memory_efficient_fp16", False):
-        return  # --memory-efficient-fp16 runs on the CPU too (fairseq sets --fp16 with it)
+    asked = [f for f in ("amp", "memory_efficient_fp16", "fp16") if getattr(args, f, False)]
+    if not asked:
+        return
+    flag = "--" + asked[0].replace("_", "-")  # fairseq sets --fp16 with --memory-efficient-fp16: name the one given
     why = "--cpu is given" if getattr(args, "cpu", False) else "torch sees no CUDA GPU here" \
         if not torch.cuda.is_available() else None
     if why:
-        raise ToolError(f"--fp16 needs a CUDA GPU and {why}; drop --fp16 to run in fp32 on the CPU")
+        raise ToolError(f"{flag} needs a CUDA GPU and {why}; drop {flag} to run in fp32 on the CPU")
 
 
 def check_model_fits(args, prog):

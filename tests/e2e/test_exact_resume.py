@@ -6,6 +6,7 @@ PYTHONPATH of the training process only (see KILL_HOOK): after update N, or in t
 writing a checkpoint file.
 """
 
+import os
 import re
 import signal
 
@@ -76,7 +77,8 @@ def kill_hook(tmp_path_factory):
 def train(data, save_dir, max_update, kill=None, hook=None, check=True):
     env = {}
     if kill:
-        env = {"PYTHONPATH": str(hook), "B2T_TEST_KILL_AT": str(kill[0]), "B2T_TEST_KILL_IN": kill[1]}
+        path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))  # the hook, then the code under test
+        env = {"PYTHONPATH": path, "B2T_TEST_KILL_AT": str(kill[0]), "B2T_TEST_KILL_IN": kill[1]}
     return run(["b2t-train", data, *TRAIN, "--max-update", max_update, "--save-dir", save_dir], check=check, env=env)
 
 
@@ -108,12 +110,12 @@ def test_sigkill_mid_epoch_then_same_command_resumes_exactly(toy_data_bin, tmp_p
     killed = train(toy_data_bin, tmp_path / "run", 30, kill=(13, "step"), hook=kill_hook, check=False)
     assert_killed(killed)
     # killed right after update 13 (before fairseq logs it): epoch 1 has 16 updates, the last checkpoint is at 10
-    assert max(losses(killed.stderr)) == 12
+    assert max(losses(killed.stdout)) == 12
     resumed = train(toy_data_bin, tmp_path / "run", 30)
 
-    _, epoch, update = loaded_from(resumed.stderr)
+    _, epoch, update = loaded_from(resumed.stdout)
     assert (epoch, update) == (1, 10)
-    ref, got = losses(whole.stderr), losses(resumed.stderr)
+    ref, got = losses(whole.stdout), losses(resumed.stdout)
     assert sorted(got) == list(range(11, 31))  # mid-epoch: continues at update 11, not at an epoch start
     worst = max(abs(got[u] - ref[u]) for u in got)
     assert worst <= 1e-3, f"losses after resume differ by up to {worst} (log precision 1e-3)"
@@ -131,8 +133,8 @@ def test_kill_while_copying_checkpoint_last_keeps_previous_one(toy_data_bin, tmp
     state = load(save / "checkpoint_last.pt")  # without the atomic copy: a half file that cannot load
     assert state["extra_state"]["train_iterator"]["iterations_in_epoch"] == 5
     resumed = train(toy_data_bin, save, 12)
-    assert loaded_from(resumed.stderr)[2] == 5
-    assert sorted(losses(resumed.stderr)) == list(range(6, 13))
+    assert loaded_from(resumed.stdout)[2] == 5
+    assert sorted(losses(resumed.stdout)) == list(range(6, 13))
 
 
 def test_kill_while_saving_checkpoint_keeps_previous_ones(toy_data_bin, tmp_path, kill_hook):
@@ -154,9 +156,9 @@ def test_sigkill_in_a_later_epoch_resumes_bit_for_bit(toy_data_bin, tmp_path, ki
     killed = train(toy_data_bin, tmp_path / "run", 36, kill=(kill_at, "step"), hook=kill_hook, check=False)
     assert_killed(killed)
     resumed = train(toy_data_bin, tmp_path / "run", 36)
-    _, epoch, update = loaded_from(resumed.stderr)
+    _, epoch, update = loaded_from(resumed.stdout)
     assert (epoch, update) == resumed_at
-    ref, got = losses(whole[0].stderr), losses(resumed.stderr)
+    ref, got = losses(whole[0].stdout), losses(resumed.stdout)
     assert sorted(got) == list(range(update + 1, 37))
     assert {u: got[u] for u in got} == {u: ref[u] for u in got}
     a, b = load(whole[1] / "checkpoint_last.pt")["model"], load(tmp_path / "run/checkpoint_last.pt")["model"]

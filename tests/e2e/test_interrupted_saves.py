@@ -56,7 +56,8 @@ def _run(tmp_path, entry, argv, prog, interrupt):
     if interrupt:
         env["DRIVER_SLOW_SAVE"] = "1"
     p = subprocess.Popen([sys.executable, str(driver), entry, *map(str, argv)], env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=sigint_default)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,  # fairseq logs to stdout
+                         preexec_fn=sigint_default)
     lines = []
     if interrupt:
         for line in p.stderr:
