@@ -153,7 +153,7 @@ def runs(data, tmp_path_factory):
 
 
 def _pts(folder):
-    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.name != run_guards.LOCK_NAME}
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file() and p.name != run_guards.LOCK_NAME}
 
 
 def _updates(save):
