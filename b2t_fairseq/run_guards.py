@@ -98,7 +98,9 @@ def check_task(have, want, where, doing="trains"):
     hk, wk = task_kind(have), task_kind(want)
     if hk is None or wk is None or hk == wk:
         return
-    other = "b2t-eval-lm or --task language_modeling" if hk == "language model" else "--task translation"
+    # a translation checkpoint is scored by b2t-generate or b2t-validate (eval-lm has no --task translation)
+    other = "b2t-eval-lm or --task language_modeling" if hk == "language model" else \
+        "b2t-generate or b2t-validate (--task translation)"
     raise B2TError(f"{where} holds a {hk} (task {have}) but this command {doing} a {wk} (task {want}), so its "
                    f"weights would run as another kind of model; pass a {wk} checkpoint, or use {other} for it")
 

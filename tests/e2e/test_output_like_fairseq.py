@@ -8,6 +8,7 @@ import subprocess
 import warnings
 
 from helpers import BIN, run, toy_train_argv
+from b2t_fairseq import layer_types
 
 FAIRSEQ_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \| INFO \| train_inner \| epoch 001:")
 WARNING = re.compile(r"(Deprecation|User|Future)Warning|deprecation_warning")
@@ -29,7 +30,8 @@ def test_train_logs_to_stdout_in_fairseq_format(toy_data_bin, tmp_path):
 
 def test_help_with_an_arch_shows_its_flags_and_no_warnings():
     p = run(["b2t-train", "--arch", "transformer_post_ln_tiny", "--help"])
-    assert "--ln-position {post,pre,b2t,deepnorm,admin}" in p.stdout and "--encoder-layers" in p.stdout
+    choices = "{" + ",".join(layer_types.KEYS) + "}"  # every record's key, as argparse lists them
+    assert f"--ln-position {choices}, --layer-type {choices}" in p.stdout and "--encoder-layers" in p.stdout
     assert not WARNING.search(p.stderr + p.stdout), p.stderr[-3000:]
     lm = run(["b2t-train", "--arch", "transformer_lm_post_ln_tiny", "--task", "language_modeling", "--help"])
     assert "--ln-position" in lm.stdout and "--tokens-per-sample" in lm.stdout
