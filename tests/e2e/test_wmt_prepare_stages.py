@@ -63,9 +63,11 @@ def test_changed_options_rerun_their_stage_and_the_later_ones(built, capsys, mon
 
     def fake_binarize(google, dest, workers, merges, nwords, *_):  # fairseq-preprocess is tested above; here: when
         calls.append((merges, nwords))
+        tmp = prepare.DEST.begin(dest, {})  # as the real one: built beside, recorded, renamed onto --dest
         for name in ("dict.en.txt", "dict.de.txt", "train.en-de.en.bin", "subsets.json"):
-            (dest / name).write_text(f"{merges} {nwords}\n")
-        (dest / f"bpe.{merges}").write_text("")
+            (tmp / name).write_text(f"{merges} {nwords}\n")
+        (tmp / f"bpe.{merges}").write_text("")
+        prepare.DEST.commit(tmp, dest)
 
     monkeypatch.setattr(prepare, "binarize", fake_binarize)
     train_lines = len((g / "train.tok.clean.en").read_text().splitlines())
