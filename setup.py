@@ -12,7 +12,10 @@ setup(
     description="B2T connection (Takase et al., Findings of ACL 2023) for fairseq: Post-LN, Pre-LN and B2T "
                 "transformers, WMT En-De recipes, demo and benchmarks",
     # hydra_plugins/ is Hydra's namespace for plugins it imports at start-up: the configs' resolver for
-    # plain fairseq-hydra-train (b2t-hydra-train registers it itself)
+    # plain fairseq-hydra-train (b2t-hydra-train registers it itself). package_dir "" = "." makes an
+    # editable install a plain path entry: Hydra lists hydra_plugins/ with pkgutil, which sees nothing
+    # through setuptools' import-hook finder, so the resolver would be missing from `pip install -e .`.
+    package_dir={"": "."},
     packages=find_packages(include=["b2t_fairseq", "b2t_fairseq.*", "b2t_tools", "b2t_tools.*"])
     + ["hydra_plugins.b2t_fairseq_resolvers"],
     license="MIT",
