@@ -100,6 +100,17 @@ def build(data_bin, arch, *extra, seed=1):
     return model, task, args
 
 
+def transformer_config():
+    """A TransformerConfig with an encoder and a decoder of its own. fairseq's defaults are the classes
+    EncDecBaseConfig and DecoderConfig themselves (``field(default=EncDecBaseConfig)``), so setting
+    ``cfg.encoder.x`` on a plain ``TransformerConfig()`` would change every later one in the process."""
+    from fairseq.models.transformer.transformer_config import DecoderConfig, EncDecBaseConfig, TransformerConfig
+
+    cfg = TransformerConfig()
+    cfg.encoder, cfg.decoder = EncDecBaseConfig(), DecoderConfig()
+    return cfg
+
+
 def toy_batch(task, bsz=4, src_len=7, tgt_len=6, seed=0):
     """Random token ids from the task's dictionary, with some left padding on the source."""
     g = torch.Generator().manual_seed(seed)

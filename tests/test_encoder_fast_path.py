@@ -7,7 +7,7 @@ state-dict loader that sets ``load_to_BT``, the flag both forwards require) is s
 import pytest
 import torch
 from fairseq.modules import transformer_layer
-from helpers import build, toy_batch
+from helpers import build, toy_batch, transformer_config
 
 from b2t_fairseq.layer_types import KEYS
 from b2t_fairseq.patches import encoder_fast_path
@@ -62,8 +62,6 @@ def test_only_a_fairseq_with_the_fast_path_is_patched():
 
 
 def _tiny_cfg():
-    from fairseq.models.transformer import TransformerConfig
-
-    cfg = TransformerConfig()
+    cfg = transformer_config()
     cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, cfg.encoder.attention_heads = 8, 16, 2
     return cfg

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from fairseq.models.transformer import TransformerConfig
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
-from helpers import SIZES, build_lm, parse, reference_attention
+from helpers import SIZES, build_lm, parse, reference_attention, transformer_config
 
 from b2t_fairseq.errors import B2TConfigError
 from b2t_fairseq.placements import (
@@ -36,7 +36,7 @@ CASES = [("peri", 0), ("mixln", 0), ("mixln", 1), ("mixln", 3), ("lns", 0), ("ln
 
 
 def make_cfg(dropout=0.0, **extra):
-    cfg = TransformerConfig()
+    cfg = transformer_config()
     for side in (cfg.encoder, cfg.decoder):
         side.embed_dim, side.ffn_embed_dim, side.attention_heads, side.layers = D, FFN_DIM, HEADS, LAYERS
     cfg.dropout = cfg.attention_dropout = cfg.activation_dropout = dropout

@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fairseq import checkpoint_utils
-from fairseq.models.transformer import TransformerConfig
 from fairseq.modules import LayerNorm
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
-from helpers import SIZES, TINY, build, build_lm, parse, reference_attention, toy_batch
+from helpers import SIZES, TINY, build, build_lm, parse, reference_attention, toy_batch, transformer_config
 
 from b2t_fairseq import layer_types
 from b2t_fairseq.errors import B2TConfigError
@@ -20,7 +19,7 @@ D = 32
 
 
 def cfg_for(normalizer="layernorm", **extra):
-    cfg = TransformerConfig()
+    cfg = transformer_config()
     for side in (cfg.encoder, cfg.decoder):
         side.embed_dim, side.ffn_embed_dim, side.attention_heads, side.layers = D, 64, 4, 2
     cfg.dropout = cfg.attention_dropout = 0.0

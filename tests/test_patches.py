@@ -259,3 +259,15 @@ def test_encoder_fast_path_relies_on_this_fairseq_code():
         assert transformer_layer.TransformerEncoderLayerBase._load_from_state_dict.b2t_no_fast_path
     else:  # fairseq-fixed: no fused path, nothing patched
         assert "load_to_BT" not in layer_src and "_transformer_encoder_layer_fwd" not in encoder_src
+
+
+def test_broadcast_load_relies_on_fairseqs_slow_broadcast():
+    from fairseq.distributed import utils as distributed_utils
+
+    assert distributed_utils._broadcast_object_slow.b2t_trusted_receive
+    assert _params(distributed_utils._broadcast_object_slow) == ["obj", "src_rank", "group", "dist_device"]
+    # looked up as a module global by broadcast_object, so replacing it takes effect
+    assert "_broadcast_object_slow(" in inspect.getsource(distributed_utils.broadcast_object)
+    src = inspect.getsource(inspect.unwrap(distributed_utils._broadcast_object_slow))
+    # the receiver reads what the sender wrote: a length, then torch.save's bytes
+    assert "torch.save(obj, buffer)" in src and "broadcast(length, src=src_rank, group=group)" in src

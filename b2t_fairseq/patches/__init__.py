@@ -30,6 +30,7 @@ require_fairseq()  # before the patch modules, which import fairseq
 
 from . import (  # noqa: E402
     atomic_checkpoints,
+    broadcast_load,
     checkpoint_load,
     data_files,
     data_fit,
@@ -55,6 +56,7 @@ REPAIRS = [
     numpy_compat.install,        # np.compat.long and friends, removed in numpy 2 (language modelling, buckets)
     run_identity.install,        # every checkpoint names its training run (averages never mix runs)
     encoder_fast_path.install,   # fairseq 0.12.2: a loaded encoder runs our layers, not torch's fused Post-LN
+    broadcast_load.install,      # ranks > 0 of a multi-worker run receive the resumed checkpoint under torch >= 2.6
 ]
 
 BEHAVIOUR = [

@@ -100,3 +100,24 @@ def test_hung_worker_fails_the_job_after_heartbeat_timeout(toy_data_bin, tmp_pat
     assert "Timed out waiting 15000ms" in out, out[-4000:]
     assert after_hang < LIMIT_S
     print(f"job failed {after_hang:.1f} s after the hang (exit {code})")
+
+
+def test_two_workers_resume_their_run(toy_data_bin, tmp_path):
+    """Rerunning the command after a stop resumes on every worker. Rank 0 reads checkpoint_last.pt and
+    broadcasts it; under torch >= 2.6 rank 1 refused the run's DictConfig in it before the repair
+    b2t_fairseq/patches/broadcast_load.py, so a multi-worker run could never resume."""
+    def job(max_update):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "b2t_tools.commands.torchrun_train", str(toy_data_bin),
+               *toy_train_argv("--max-update", max_update, "--save-dir", tmp_path / "ck", "--disable-validation")]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                           timeout=LIMIT_S)
+        assert p.returncode == 0, p.stdout[-4000:]
+        return p.stdout
+
+    job(3)
+    out = job(6)
+    assert "@ 3 updates)" in out, out[-4000:]  # fairseq's "Loaded checkpoint ... (epoch E @ 3 updates)"
+    assert '"num_updates": "4"' in out and '"num_updates": "6"' in out, out[-4000:]
+    assert '"num_updates": "1"' not in out, out[-4000:]
