@@ -2,6 +2,7 @@
 building models in-process, fairseq log parsing, the one-line error contract."""
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -277,12 +278,24 @@ DROPOUT = ["--dropout", "0.1", "--attention-dropout", "0.1", "--activation-dropo
 NO_DROPOUT = ["--dropout", "0", "--attention-dropout", "0"]
 
 
+_CONVERTED = {}
+
+
+def to_omegaconf(args):
+    """fairseq's convert_namespace_to_omegaconf, composed once per distinct args in this process and
+    copied after: Hydra's compose costs ~0.4 s a call, and most builds repeat one (another seed)."""
+    key = repr(sorted(vars(args).items()))
+    if key not in _CONVERTED:
+        _CONVERTED[key] = convert_namespace_to_omegaconf(args)
+    return copy.deepcopy(_CONVERTED[key])
+
+
 def build_lm(data, arch, *extra, seed=1):
     """As fairseq-train builds it: argv -> args -> Hydra config (transformer_lm is a dataclass model)."""
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [str(data), "--task", "language_modeling", "--arch", arch,
                                                 "--cpu", "--tokens-per-sample", "16", *extra])
-    cfg = convert_namespace_to_omegaconf(args)
+    cfg = to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
     torch.manual_seed(seed)
     return task.build_model(cfg.model), task, cfg.model

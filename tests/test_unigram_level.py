@@ -45,6 +45,7 @@ def test_monitor_demo_and_map_share_one_level(toy_data_bin, tmp_path):
     assert train < valid  # why each judges its own split: a stalled run's training loss sits below `valid`
 
 
+@pytest.mark.slow  # runs fairseq-preprocess: an e2e test
 def test_the_monitor_finds_the_level_of_a_language_model(tmp_path):
     from helpers import build_lm
 
