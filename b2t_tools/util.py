@@ -241,6 +241,17 @@ class _DropPluginReimport:
 _drop_plugin_reimport = _DropPluginReimport()
 
 
+class _CurrentStdout:
+    """Writes to whatever ``sys.stdout`` is when a record is logged, not the object it was at set-up:
+    a command called in-process (tests, notebooks) must not keep logging into a stream since closed."""
+
+    def write(self, text):
+        return sys.stdout.write(text)
+
+    def flush(self):
+        sys.stdout.flush()
+
+
 def fairseq_logging(stream):
     """Root logging as fairseq's entry points set it: FAIRSEQ_LOG_FORMAT to ``stream`` (stdout), at
     $LOGLEVEL (INFO). It replaces what was there: importing fairseq's models runs a
@@ -257,4 +268,6 @@ def fairseq_logging(stream):
     if stream is None:
         root.setLevel(logging.WARNING)  # logging's default, until the entry point sets its own
         return
+    if stream is sys.stdout:
+        stream = _CurrentStdout()
     logging.basicConfig(format=FAIRSEQ_LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S", level=level, stream=stream)
