@@ -116,6 +116,9 @@ def test_small_sweep_draws_and_resumes(toy_data_bin, tmp_path):
             "--max-tokens", "500", "--jobs", "2"]
     p = run(argv)
     assert "4 cells (0 done before)" in p.stdout + p.stderr
+    # logged as fairseq logs (its data lines on stdout, its format), no DEBUG chatter of other libraries
+    assert " | INFO | fairseq.data.data_utils | loaded " in p.stdout, p.stdout[-3000:]
+    assert "DEBUG" not in p.stdout + p.stderr, (p.stdout + p.stderr)[-3000:]
     summary = json.loads((out / "stability.json").read_text())
     assert (out / "stability.png").stat().st_size > 10_000
     cells = summary["cells"]

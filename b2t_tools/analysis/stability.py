@@ -33,7 +33,7 @@ from b2t_fairseq.errors import B2TError
 
 from ..commands import run_command
 from ..errors import ToolError
-from ..util import file_digest, json_digest, log, machine, parse_json_log, write_json
+from ..util import fairseq_logging, file_digest, json_digest, log, machine, parse_json_log, write_json
 from .stability_map import draw_map
 
 PROG = "b2t-stability"
@@ -419,7 +419,18 @@ def _sweep(cfg):
     return summary
 
 
+def _logging_like_fairseq():
+    """fairseq's lines (the data it loads) as fairseq prints them, on stdout; no DEBUG chatter of
+    matplotlib's under the DEBUG root level that importing fairseq's models leaves."""
+    import logging
+
+    fairseq_logging(sys.stdout)
+    for name in ("matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv=None):
+    _logging_like_fairseq()
     return run_command(PROG, lambda a: sweep(resolve(get_parser().parse_args(a))),
                        sys.argv[1:] if argv is None else argv)
 
