@@ -119,6 +119,41 @@ def check_same_run(state, want, where):
         data_fit.check_fits(have.data, where, want.data)
 
 
+def saved_setting(state, section, key):
+    """A value the checkpoint's run was started with: its cfg section (a dict, or the legacy models'
+    Namespace) or its old-style args; None if not recorded."""
+    cfg = state.get("cfg")
+    part = cfg.get(section) if isinstance(cfg, dict) else None
+    for source in (part, state.get("args")):
+        value = source.get(key) if isinstance(source, dict) else getattr(source, key, None)
+        if value is not None:
+            return value
+    return None
+
+
+def check_same_setup(state, where, lr_scheduler, admin_omega=None, reset_lr_scheduler=False,
+                     reset_optimizer=False):
+    """Raise a B2TError if resuming ``state`` with another --lr-scheduler, or an Admin run with another
+    --admin-omega (``admin_omega``: None unless the command trains Admin; its default if not given). fairseq would load the saved
+    schedule's state into the new one (KeyError: 'best') and the saved Adam state into parameters of
+    another shape (trainable omegas against fixed buffers): a traceback after the model is built."""
+    have = saved_setting(state, "lr_scheduler", "_name") or saved_setting(state, "lr_scheduler", "lr_scheduler")
+    if have and lr_scheduler and have != lr_scheduler and not reset_lr_scheduler:
+        raise B2TError(f"{where} was trained with --lr-scheduler {have}, and this command asks for --lr-scheduler "
+                       f"{lr_scheduler}; pass --lr-scheduler {have} to resume it, or add --reset-lr-scheduler to "
+                       f"start the {lr_scheduler} schedule from this checkpoint")
+    if admin_omega is None or run_of_checkpoint(state).layer_type != "admin":
+        return
+    from .layer_types import OPTION_DEFAULTS  # an omega not given is the default one
+
+    have = saved_setting(state, "model", "admin_omega") or OPTION_DEFAULTS["admin_omega"]
+    admin_omega = str(admin_omega)
+    if have != admin_omega and not reset_optimizer:
+        raise B2TError(f"{where} was trained with --admin-omega {have}, and this command asks for --admin-omega "
+                       f"{admin_omega} (other parameters: the saved optimizer state does not fit); pass "
+                       f"--admin-omega {have} to resume it, or start afresh in another --save-dir")
+
+
 # --- where a run resumes from, and whether it is finished --------------------------------------
 
 def resume_target(ckpt, suffix=""):

@@ -6,7 +6,8 @@ b2t-hydra-train, b2t-stability's cells) resumes through ``checkpoint_utils.load_
 trainer, ...)``, looked up as a module attribute: before it reads anything, the writer (global rank
 0) takes the --save-dir lock; the checkpoint it would resume from must be of the run the built model
 and task describe (layer type, task, data); a finished run says so in one line and exits 0. Rank 0
-decides and the other ranks follow its answer, so all refuse or exit together.
+decides and the other ranks follow its answer, so all refuse or exit together. A resume with another
+--lr-scheduler or (Admin) --admin-omega is refused in one line where fairseq fails loading the saved state.
 Decoding: ``checkpoint_utils.load_model_ensemble_and_task(filenames, arg_overrides, task, ...)``
 (fairseq-generate, -interactive, -eval-lm and ours) refuses a checkpoint of another task kind than
 the command's (an LM checkpoint decoding a translation test set), before a model is built for it.
@@ -44,10 +45,16 @@ def decide(ckpt_cfg, trainer):
         state = run_guards.read_header(path) if path else None
         if state is None:
             return None
+        t = layer_types.which(trainer.get_model())
         if not resets:
-            t = layer_types.which(trainer.get_model())
             want = run_guards.Run(t.key if t is not None else None, cfg.task._name, task_data(trainer.task))
             run_guards.check_same_run(state, want, path)
+        # another schedule or Admin omega: fairseq would fail on loading the saved state, with a traceback
+        admin_omega = None
+        if t is not None and t.key == "admin":
+            admin_omega = getattr(cfg.model, "admin_omega", None) or layer_types.OPTION_DEFAULTS["admin_omega"]
+        run_guards.check_same_setup(state, path, getattr(cfg.lr_scheduler, "_name", None), admin_omega,
+                                    ckpt_cfg.reset_lr_scheduler, ckpt_cfg.reset_optimizer)
         if resets or ckpt_cfg.finetune_from_model is not None or getattr(ckpt_cfg, "continue_once", None):
             return None
         note = run_guards.finished(state, path, cfg.optimization.max_update, cfg.optimization.max_epoch)

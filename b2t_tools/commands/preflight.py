@@ -102,38 +102,18 @@ def check_checkpoint_task(args, prog):
                                   f"checkpoint {p}", doing="runs")
 
 
-def _saved(state, section, key):
-    """A value the checkpoint's run was started with: its cfg section (a dict, or the legacy models'
-    Namespace) or its old-style args; None if not recorded."""
-    cfg = state.get("cfg")
-    part = cfg.get(section) if isinstance(cfg, dict) else None
-    for source in (part, state.get("args")):
-        value = source.get(key) if isinstance(source, dict) else getattr(source, key, None)
-        if value is not None:
-            return value
-    return None
-
-
 def check_resume_setup(args):
-    """Refuse resuming with a learning-rate schedule or Admin shortcuts other than the checkpoint's:
-    fairseq loads the saved schedule's state into the new one (KeyError: 'best') and the saved Adam
-    state into parameters of another shape (trainable omegas against fixed buffers), with a traceback."""
+    """Refuse resuming with a learning-rate schedule or Admin shortcuts other than the checkpoint's (B2TError):
+    run_guards.check_same_setup, which every training entry point also runs where fairseq resumes."""
     path = resume_path(args)
     state = peek(path) if os.path.isfile(path) else None
     if not isinstance(state, dict):
         return
-    have = _saved(state, "lr_scheduler", "_name") or _saved(state, "lr_scheduler", "lr_scheduler")
-    want = getattr(args, "lr_scheduler", None)
-    if have and want and have != want and not getattr(args, "reset_lr_scheduler", False):
-        raise ToolError(f"{path} was trained with --lr-scheduler {have}, and this command asks for --lr-scheduler "
-                        f"{want}; pass --lr-scheduler {have} to resume it, or add --reset-lr-scheduler to start the "
-                        f"{want} schedule from this checkpoint")
-    have, want = _saved(state, "model", "admin_omega"), getattr(args, "admin_omega", None)
-    if have and want and have != want and getattr(args, "ln_position", None) == "admin" \
-            and not getattr(args, "reset_optimizer", False):
-        raise ToolError(f"{path} was trained with --admin-omega {have}, and this command asks for --admin-omega {want} "
-                        f"(other parameters: the saved optimizer state does not fit); pass --admin-omega {have} to "
-                        "resume it, or start afresh in another --save-dir")
+    admin = getattr(args, "ln_position", None) == "admin"
+    run_guards.check_same_setup(state, path, getattr(args, "lr_scheduler", None),
+                                (getattr(args, "admin_omega", None) or layer_types.OPTION_DEFAULTS["admin_omega"])
+                                if admin else None,
+                                getattr(args, "reset_lr_scheduler", False), getattr(args, "reset_optimizer", False))
 
 
 def finished_run(args):

@@ -3,8 +3,8 @@
 Entry points: b2t-train (translation), b2t-train with the LM's own architecture name (transformer_lm_b2t),
 b2t-hydra-train, plain fairseq-train with the plugin in strict mode (translation, and a Post-LN LM).
 (b2t-lm-train is b2t-train with the recipe's flags; b2t-stability's cells are b2t-train in a fork.)
-Guards: the same run resumes and trains on; another layer type, another task, other data are refused
-with nothing written; a finished run exits 0 without training; a second writer is refused by the lock;
+Guards: the same run resumes and trains on; another layer type, another task, other data, another
+learning-rate schedule are refused with nothing written; a finished run exits 0 without training; a second writer is refused by the lock;
 the final save is there. One 2-update run per entry point, reused by its cases (copied where a case
 could write); everything in this process (starting fairseq costs seconds a process) but one case that
 checks what plain fairseq-train prints.
@@ -79,8 +79,8 @@ class Entry:
     def __init__(self, name, kind, arch, other_arch, call, argv):
         self.name, self.kind, self.arch, self.other_arch, self.call, self._argv = name, kind, arch, other_arch, call, argv
 
-    def run(self, data, save, max_update, arch=None, other_data=False):
-        return self.call(self._argv(self, data, save, arch or self.arch, max_update, other_data))
+    def run(self, data, save, max_update, arch=None, other_data=False, extra=()):
+        return self.call([*self._argv(self, data, save, arch or self.arch, max_update, other_data), *extra])
 
 
 def _flags(entry, data, save, arch, max_update, other_data):
@@ -246,6 +246,24 @@ def test_other_data_is_refused(runs, data, name, capsys):
     else:  # a dictionary of other words
         rc = entry.run(data["lm-other"], save, 3)
         _refused(entry, capsys, rc, "was trained with another", "dictionary")
+    assert _pts(save) == before
+
+
+# the 2-update runs use fairseq's default schedule (fixed), b2t-hydra-train its config's (inverse_sqrt,
+# whose warmup_init_lr the fixed schedule has no key for)
+OTHER_SCHEDULE = {"b2t-hydra-train": ["lr_scheduler._name=fixed", "~lr_scheduler.warmup_init_lr"]}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_another_lr_scheduler_is_refused(runs, data, name, capsys):
+    """fairseq would load the saved schedule's state into the new one: KeyError 'best', a traceback."""
+    entry = ENTRIES[name]
+    save = runs(name)
+    before = _pts(save)
+    capsys.readouterr()
+    extra = OTHER_SCHEDULE.get(name, ["--lr-scheduler", "inverse_sqrt", "--warmup-updates", "2"])
+    rc = entry.run(data[entry.kind], save, 3, extra=extra)
+    _refused(entry, capsys, rc, "was trained with --lr-scheduler", "--reset-lr-scheduler")
     assert _pts(save) == before
 
 
