@@ -4,7 +4,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import TATOEBA_ZIP, run, write_toy_corpus, write_toy_dictionaries
+from helpers import TATOEBA_ZIP, run, to_omegaconf, write_toy_corpus, write_toy_dictionaries
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +30,15 @@ def lm_dict_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("lmdict")
     (d / "dict.txt").write_text("".join(f"w{i} {100 - i}\n" for i in range(40)))
     return d
+
+
+@pytest.fixture
+def compose_once(monkeypatch):
+    """fairseq's convert_namespace_to_omegaconf as helpers.to_omegaconf (Hydra composes each distinct args
+    once, then a copy), for tests that build many trainers through code that looks it up at call time."""
+    import fairseq.dataclass.utils
+
+    monkeypatch.setattr(fairseq.dataclass.utils, "convert_namespace_to_omegaconf", to_omegaconf)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ from helpers import run
 from b2t_fairseq import layer_types
 from b2t_tools.analysis import bench, measure
 
+pytestmark = pytest.mark.usefixtures("compose_once")  # many trainers of the same args (conftest.py)
+
 QUICK_LAYERS = bench.DEFAULTS["quick"]["layers"]
 FIELDS = {"variant": str, "layers": int, "tokens_per_s": float, "peak_mem_bytes": int,
           "ratio_to_stock_post_ln": float, "mem_ratio_to_stock_post_ln": float,

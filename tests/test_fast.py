@@ -24,6 +24,8 @@ from helpers import REPO, run, train_args, train_losses
 from b2t_fairseq import fast
 from b2t_tools.analysis import bench, fast_curve
 
+pytestmark = pytest.mark.usefixtures("compose_once")  # many trainers of the same args (conftest.py)
+
 LAYER_TYPES = {"post": "plugin_post_ln", "pre": "plugin_pre_ln", "b2t": "plugin_b2t"}
 RTOL = 1e-5
 UPDATES = 20
