@@ -131,26 +131,25 @@ def saved_setting(state, section, key):
     return None
 
 
-def check_same_setup(state, where, lr_scheduler, admin_omega=None, reset_lr_scheduler=False,
+def check_same_setup(state, where, lr_scheduler, layer_type=None, admin_omega=None, reset_lr_scheduler=False,
                      reset_optimizer=False):
     """Raise a B2TError if resuming ``state`` with another --lr-scheduler, or an Admin run with another
-    --admin-omega (``admin_omega``: None unless the command trains Admin; its default if not given). fairseq would load the saved
-    schedule's state into the new one (KeyError: 'best') and the saved Adam state into parameters of
-    another shape (trainable omegas against fixed buffers): a traceback after the model is built."""
+    --admin-omega (the command trains ``layer_type``; an omega not given is the default one). fairseq would
+    load the saved schedule's state into the new one (KeyError: 'best') and the saved Adam state into
+    parameters of another shape (trainable omegas against fixed buffers): a traceback after the model is built."""
     have = saved_setting(state, "lr_scheduler", "_name") or saved_setting(state, "lr_scheduler", "lr_scheduler")
     if have and lr_scheduler and have != lr_scheduler and not reset_lr_scheduler:
         raise B2TError(f"{where} was trained with --lr-scheduler {have}, and this command asks for --lr-scheduler "
                        f"{lr_scheduler}; pass --lr-scheduler {have} to resume it, or add --reset-lr-scheduler to "
                        f"start the {lr_scheduler} schedule from this checkpoint")
-    if admin_omega is None or run_of_checkpoint(state).layer_type != "admin":
+    if layer_type != "admin" or run_of_checkpoint(state).layer_type != "admin":
         return
-    from .layer_types import OPTION_DEFAULTS  # an omega not given is the default one
-
-    have = saved_setting(state, "model", "admin_omega") or OPTION_DEFAULTS["admin_omega"]
-    admin_omega = str(admin_omega)
-    if have != admin_omega and not reset_optimizer:
+    default = layer_types.OPTION_DEFAULTS["admin_omega"]
+    have = saved_setting(state, "model", "admin_omega") or default
+    want = str(admin_omega or default)
+    if have != want and not reset_optimizer:
         raise B2TError(f"{where} was trained with --admin-omega {have}, and this command asks for --admin-omega "
-                       f"{admin_omega} (other parameters: the saved optimizer state does not fit); pass "
+                       f"{want} (other parameters: the saved optimizer state does not fit); pass "
                        f"--admin-omega {have} to resume it, or start afresh in another --save-dir")
 
 

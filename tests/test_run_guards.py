@@ -120,14 +120,14 @@ def test_another_schedule_or_admin_omega_is_refused_unless_reset():
     run_guards.check_same_setup(_state("fixed"), "c.pt", "inverse_sqrt", reset_lr_scheduler=True)
 
     admin = _state("fixed", arch="transformer_admin", ln_position="admin", admin_omega="fixed")
-    run_guards.check_same_setup(admin, "c.pt", "fixed", admin_omega="fixed")
+    run_guards.check_same_setup(admin, "c.pt", "fixed", "admin", admin_omega="fixed")
     with pytest.raises(B2TError, match="trained with --admin-omega fixed, .* asks for --admin-omega trainable"):
-        run_guards.check_same_setup(admin, "c.pt", "fixed", admin_omega="trainable")
-    run_guards.check_same_setup(admin, "c.pt", "fixed", admin_omega="trainable", reset_optimizer=True)
+        run_guards.check_same_setup(admin, "c.pt", "fixed", "admin", admin_omega="trainable")
+    run_guards.check_same_setup(admin, "c.pt", "fixed", "admin", admin_omega="trainable", reset_optimizer=True)
     # an Admin run saved before the option was written down ran with the default omega (trainable)
     unnamed = _state("fixed", arch="transformer_admin", ln_position="admin")
     with pytest.raises(B2TError, match="trained with --admin-omega trainable"):
-        run_guards.check_same_setup(unnamed, "c.pt", "fixed", admin_omega="fixed")
+        run_guards.check_same_setup(unnamed, "c.pt", "fixed", "admin", admin_omega="fixed")
     # Post-LN weights starting an Admin run are not an Admin run resumed
     post = _state("fixed", arch="transformer_post_ln", ln_position="post")
-    run_guards.check_same_setup(post, "c.pt", "fixed", admin_omega="fixed")
+    run_guards.check_same_setup(post, "c.pt", "fixed", "admin", admin_omega="fixed")

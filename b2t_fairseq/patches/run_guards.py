@@ -50,11 +50,9 @@ def decide(ckpt_cfg, trainer):
             want = run_guards.Run(t.key if t is not None else None, cfg.task._name, task_data(trainer.task))
             run_guards.check_same_run(state, want, path)
         # another schedule or Admin omega: fairseq would fail on loading the saved state, with a traceback
-        admin_omega = None
-        if t is not None and t.key == "admin":
-            admin_omega = getattr(cfg.model, "admin_omega", None) or layer_types.OPTION_DEFAULTS["admin_omega"]
-        run_guards.check_same_setup(state, path, getattr(cfg.lr_scheduler, "_name", None), admin_omega,
-                                    ckpt_cfg.reset_lr_scheduler, ckpt_cfg.reset_optimizer)
+        run_guards.check_same_setup(state, path, getattr(cfg.lr_scheduler, "_name", None), t.key if t else None,
+                                    getattr(cfg.model, "admin_omega", None), ckpt_cfg.reset_lr_scheduler,
+                                    ckpt_cfg.reset_optimizer)
         if resets or ckpt_cfg.finetune_from_model is not None or getattr(ckpt_cfg, "continue_once", None):
             return None
         note = run_guards.finished(state, path, cfg.optimization.max_update, cfg.optimization.max_epoch)

@@ -109,11 +109,9 @@ def check_resume_setup(args):
     state = peek(path) if os.path.isfile(path) else None
     if not isinstance(state, dict):
         return
-    admin = getattr(args, "ln_position", None) == "admin"
-    run_guards.check_same_setup(state, path, getattr(args, "lr_scheduler", None),
-                                (getattr(args, "admin_omega", None) or layer_types.OPTION_DEFAULTS["admin_omega"])
-                                if admin else None,
-                                getattr(args, "reset_lr_scheduler", False), getattr(args, "reset_optimizer", False))
+    run_guards.check_same_setup(state, path, getattr(args, "lr_scheduler", None), getattr(args, "ln_position", None),
+                                getattr(args, "admin_omega", None), getattr(args, "reset_lr_scheduler", False),
+                                getattr(args, "reset_optimizer", False))
 
 
 def finished_run(args):
