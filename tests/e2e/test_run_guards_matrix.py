@@ -208,16 +208,21 @@ def _refused(entry, capsys, rc, *fragments):
     return err
 
 
+def _refused_untouched(entry, save, data, capsys, fragments, **run):
+    """The entry point's run over ``save`` is refused, naming ``fragments``, and writes nothing there."""
+    before = _pts(save)
+    capsys.readouterr()
+    rc = entry.run(data, save, 3, **run)
+    _refused(entry, capsys, rc, *fragments)
+    assert _pts(save) == before
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_another_layer_type_is_refused(runs, data, name, capsys):
     entry = ENTRIES[name]
-    save = runs(name)
-    before = _pts(save)
-    capsys.readouterr()
-    rc = entry.run(data[entry.kind], save, 3, arch=entry.other_arch)
     have = "Post-LN" if "post" in entry.arch else "B2T"
-    _refused(entry, capsys, rc, f"holds a {have} run", "--reset-optimizer")
-    assert _pts(save) == before
+    _refused_untouched(entry, runs(name), data[entry.kind], capsys, (f"holds a {have} run", "--reset-optimizer"),
+                       arch=entry.other_arch)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -225,28 +230,18 @@ def test_another_task_is_refused(runs, data, copy_of, name, capsys):
     """A folder of an LM run resumed by a translation command, and the reverse."""
     entry = ENTRIES[name]
     other = "b2t-train --arch transformer_lm_b2t" if entry.kind == "translation" else "b2t-train"
-    save = copy_of(runs(other))
-    before = _pts(save)
-    capsys.readouterr()
-    rc = entry.run(data[entry.kind], save, 3)
     have, want = ("language model", "translation") if entry.kind == "translation" else ("translation", "language model")
-    _refused(entry, capsys, rc, f"holds a {have}", f"trains a {want}")
-    assert _pts(save) == before
+    _refused_untouched(entry, copy_of(runs(other)), data[entry.kind], capsys, (f"holds a {have}", f"trains a {want}"))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_other_data_is_refused(runs, data, name, capsys):
     entry = ENTRIES[name]
-    save = runs(name)
-    before = _pts(save)
-    capsys.readouterr()
     if entry.kind == "translation":  # the same folder read de->en
-        rc = entry.run(data["translation"], save, 3, other_data=True)
-        _refused(entry, capsys, rc, "translates en->de", "de->en")
+        _refused_untouched(entry, runs(name), data["translation"], capsys, ("translates en->de", "de->en"),
+                           other_data=True)
     else:  # a dictionary of other words
-        rc = entry.run(data["lm-other"], save, 3)
-        _refused(entry, capsys, rc, "was trained with another", "dictionary")
-    assert _pts(save) == before
+        _refused_untouched(entry, runs(name), data["lm-other"], capsys, ("was trained with another", "dictionary"))
 
 
 # the 2-update runs use fairseq's default schedule (fixed), b2t-hydra-train its config's (inverse_sqrt,
@@ -258,13 +253,9 @@ OTHER_SCHEDULE = {"b2t-hydra-train": ["lr_scheduler._name=fixed", "~lr_scheduler
 def test_another_lr_scheduler_is_refused(runs, data, name, capsys):
     """fairseq would load the saved schedule's state into the new one: KeyError 'best', a traceback."""
     entry = ENTRIES[name]
-    save = runs(name)
-    before = _pts(save)
-    capsys.readouterr()
     extra = OTHER_SCHEDULE.get(name, ["--lr-scheduler", "inverse_sqrt", "--warmup-updates", "2"])
-    rc = entry.run(data[entry.kind], save, 3, extra=extra)
-    _refused(entry, capsys, rc, "was trained with --lr-scheduler", "--reset-lr-scheduler")
-    assert _pts(save) == before
+    _refused_untouched(entry, runs(name), data[entry.kind], capsys,
+                       ("was trained with --lr-scheduler", "--reset-lr-scheduler"), extra=extra)
 
 
 HOLD = ("import fcntl, os, sys, time\nf = open(sys.argv[1], 'a+')\nfcntl.flock(f, fcntl.LOCK_EX)\n"
